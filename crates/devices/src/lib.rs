@@ -1,0 +1,1 @@
+//! Devices: legacy (serial, i8042, boot timer) and virtio-mmio (block, rng).
