@@ -1,0 +1,224 @@
+//! Linear-memory access: the TLB fast path, page walks, page-crossing and MMIO slow paths.
+
+use super::{Cpu, Event};
+use crate::memory::{PAGE_OFFSET_MASK, PAGE_SIZE};
+use crate::mmu::{self, AccessKind};
+use crate::tlb::PageRights;
+
+/// Where a read-modify-write operand lives.
+#[derive(Clone, Copy, Debug)]
+pub enum Place {
+    /// Host address of the operand (RAM, inside one page).
+    Host(usize),
+    /// Anything else: accessed through the slow path, already checked for writing.
+    Slow(u64),
+}
+
+/// Reads `B` bytes (1, 2, 4 or 8) at a host address.
+///
+/// # Safety
+/// `host..host + B` must lie inside a mapped guest RAM page.
+#[inline(always)]
+unsafe fn host_load<const B: usize>(host: usize) -> u64 {
+    // Guest memory is shared with device threads and the guest itself; it is plain bytes
+    // with no Rust invariants, so unaligned raw reads are the right primitive.
+    unsafe {
+        match B {
+            1 => u64::from(std::ptr::read(host as *const u8)),
+            2 => u64::from(std::ptr::read_unaligned(host as *const u16)),
+            4 => u64::from(std::ptr::read_unaligned(host as *const u32)),
+            _ => std::ptr::read_unaligned(host as *const u64),
+        }
+    }
+}
+
+/// Writes the low `B` bytes of `value` at a host address.
+///
+/// # Safety
+/// `host..host + B` must lie inside a mapped guest RAM page.
+#[inline(always)]
+unsafe fn host_store<const B: usize>(host: usize, value: u64) {
+    unsafe {
+        match B {
+            1 => std::ptr::write(host as *mut u8, value as u8),
+            2 => std::ptr::write_unaligned(host as *mut u16, value as u16),
+            4 => std::ptr::write_unaligned(host as *mut u32, value as u32),
+            _ => std::ptr::write_unaligned(host as *mut u64, value),
+        }
+    }
+}
+
+impl Cpu {
+    /// Reads `B` bytes at `linear` with the current privilege.
+    #[inline(always)]
+    pub fn read<const B: usize>(&mut self, linear: u64) -> Result<u64, Event> {
+        let entry = self.tlb.entry(linear, self.user);
+        if entry.read == self.tlb.tag(linear) && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B {
+            let host = linear.wrapping_add(entry.addend) as usize;
+            // SAFETY: a fast read tag is only set for a linear page whose physical page is RAM
+            // entirely inside one region (`PhysicalMemory::host_page`), `addend` maps the
+            // linear page onto that host page, and the access stays inside the page.
+            return Ok(unsafe { host_load::<B>(host) });
+        }
+        self.read_slow(linear, B, self.user)
+    }
+
+    /// Writes the low `B` bytes of `value` at `linear` with the current privilege.
+    #[inline(always)]
+    pub fn write<const B: usize>(&mut self, linear: u64, value: u64) -> Result<(), Event> {
+        let entry = self.tlb.entry(linear, self.user);
+        if entry.write == self.tlb.tag(linear) && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B {
+            let host = linear.wrapping_add(entry.addend) as usize;
+            // SAFETY: as in `read`; fast write tags are additionally withheld from pages
+            // holding decoded code, so no invalidation is missed.
+            unsafe { host_store::<B>(host, value) };
+            return Ok(());
+        }
+        self.write_slow(linear, &value.to_le_bytes()[..B], self.user)
+    }
+
+    /// Finds a read-modify-write operand, checking write access first.
+    #[inline(always)]
+    pub fn locate<const B: usize>(&mut self, linear: u64) -> Result<Place, Event> {
+        let entry = self.tlb.entry(linear, self.user);
+        if entry.write == self.tlb.tag(linear) && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B {
+            return Ok(Place::Host(linear.wrapping_add(entry.addend) as usize));
+        }
+        self.check_writable(linear, B, self.user)?;
+        Ok(Place::Slow(linear))
+    }
+
+    /// Reads a located operand.
+    #[inline(always)]
+    pub fn place_read<const B: usize>(&mut self, place: Place) -> Result<u64, Event> {
+        match place {
+            // SAFETY: `Place::Host` comes from `locate`, which checked a fast write tag (RAM,
+            // inside one page) exactly as `write` does.
+            Place::Host(host) => Ok(unsafe { host_load::<B>(host) }),
+            Place::Slow(linear) => self.read_slow(linear, B, self.user),
+        }
+    }
+
+    /// Writes a located operand.
+    #[inline(always)]
+    pub fn place_write<const B: usize>(&mut self, place: Place, value: u64) -> Result<(), Event> {
+        match place {
+            // SAFETY: as in `place_read`.
+            Place::Host(host) => {
+                unsafe { host_store::<B>(host, value) };
+                Ok(())
+            }
+            Place::Slow(linear) => self.write_slow(linear, &value.to_le_bytes()[..B], self.user),
+        }
+    }
+
+    /// Reads with supervisor privilege regardless of CPL (descriptor tables, TSS, IDT).
+    pub fn read_system<const B: usize>(&mut self, linear: u64) -> Result<u64, Event> {
+        self.read_slow(linear, B, false)
+    }
+
+    /// Reads `size` (at most 8) bytes through the slow path.
+    #[cold]
+    #[inline(never)]
+    pub fn read_slow(&mut self, linear: u64, size: usize, user: bool) -> Result<u64, Event> {
+        let mut buf = [0u8; 8];
+        self.read_bytes(linear, &mut buf[..size], user)?;
+        Ok(u64::from_le_bytes(buf))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn write_slow(&mut self, linear: u64, data: &[u8], user: bool) -> Result<(), Event> {
+        self.write_bytes(linear, data, user)
+    }
+
+    /// Reads any number of bytes (each page translated separately).
+    pub fn read_bytes(&mut self, linear: u64, buf: &mut [u8], user: bool) -> Result<(), Event> {
+        let mut done = 0;
+        while done < buf.len() {
+            let addr = linear.wrapping_add(done as u64);
+            let chunk = (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((buf.len() - done) as u64) as usize;
+            let phys = self.translate(addr, AccessKind::Read, user)?;
+            self.mem.read(phys, &mut buf[done..done + chunk]);
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// Writes any number of bytes; every page is checked before anything is written.
+    pub fn write_bytes(&mut self, linear: u64, data: &[u8], user: bool) -> Result<(), Event> {
+        self.check_writable(linear, data.len(), user)?;
+        let mut done = 0;
+        while done < data.len() {
+            let addr = linear.wrapping_add(done as u64);
+            let chunk = (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((data.len() - done) as u64) as usize;
+            let phys = self.translate(addr, AccessKind::Write, user)?;
+            self.write_phys(phys, &data[done..done + chunk]);
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// Checks that every page of `linear..linear + len` may be written.
+    fn check_writable(&mut self, linear: u64, len: usize, user: bool) -> Result<(), Event> {
+        let mut page = linear & !PAGE_OFFSET_MASK;
+        let last = linear.wrapping_add(len.max(1) as u64 - 1) & !PAGE_OFFSET_MASK;
+        loop {
+            let addr = if page == linear & !PAGE_OFFSET_MASK { linear } else { page };
+            self.translate(addr, AccessKind::Write, user)?;
+            if page == last {
+                return Ok(());
+            }
+            page = page.wrapping_add(PAGE_SIZE);
+        }
+    }
+
+    /// Writes guest-physical memory, noting writes to pages with decoded code.
+    pub fn write_phys(&mut self, phys: u64, data: &[u8]) {
+        if !self.code_pages.is_empty() && self.code_pages.contains(&(phys & !PAGE_OFFSET_MASK)) {
+            self.code_writes.push((phys, data.len() as u64));
+            self.break_block = true;
+        }
+        self.mem.write(phys, data);
+    }
+
+    /// Translates `linear` for `kind` at privilege `user`, filling the TLB.
+    pub fn translate(&mut self, linear: u64, kind: AccessKind, user: bool) -> Result<u64, Event> {
+        let entry = self.tlb.entry(linear, user);
+        let tag = match kind {
+            AccessKind::Read => entry.read,
+            AccessKind::Write => entry.write,
+            AccessKind::Execute => entry.exec,
+        };
+        if self.tlb.matches_slow(tag, linear) {
+            return Ok(entry.phys | (linear & PAGE_OFFSET_MASK));
+        }
+        self.translate_miss(linear, kind, user)
+    }
+
+    #[cold]
+    fn translate_miss(&mut self, linear: u64, kind: AccessKind, user: bool) -> Result<u64, Event> {
+        if !mmu::is_canonical(linear) {
+            return Err(Event::gp(0));
+        }
+        let translation = if self.paging_enabled() {
+            match mmu::walk(&self.mem, &self.paging, linear, kind, user) {
+                Ok(t) => t,
+                Err(code) => return Err(Event::page_fault(linear, code)),
+            }
+        } else {
+            mmu::Translation { phys: linear, page_size: PAGE_SIZE, writable: true, executable: true, global: false }
+        };
+        let phys_page = translation.phys & !PAGE_OFFSET_MASK;
+        let host = self.mem.host_page(phys_page);
+        let rights = PageRights {
+            read: true,
+            write: translation.writable,
+            exec: translation.executable,
+            fast_read: true,
+            fast_write: !self.code_pages.contains(&phys_page),
+        };
+        self.tlb.insert(linear, user, phys_page, host, rights, translation.page_size);
+        Ok(translation.phys)
+    }
+}

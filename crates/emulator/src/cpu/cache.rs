@@ -1,0 +1,223 @@
+//! Decoded-code cache: blocks of decoded instructions keyed by (linear, physical) address of
+//! their first instruction, invalidated by physical page when the guest writes there.
+
+use std::collections::HashMap;
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
+
+use super::decode;
+use super::op::Op;
+use super::{Cpu, Event};
+use crate::memory::{PAGE_OFFSET_MASK, PAGE_SIZE};
+use crate::mmu::AccessKind;
+
+/// Longest block, in instructions.
+const MAX_BLOCK: usize = 64;
+/// Bytes read from guest memory to decode one block.
+const WINDOW: u64 = 1024;
+/// Entries of the linear-address jump cache.
+const JUMP_ENTRIES: usize = 4096;
+
+/// Decoded straight-line code ending at a control transfer (or a page or size limit).
+pub struct Block {
+    pub ops: Box<[Op]>,
+    pub linear: u64,
+    pub phys: u64,
+    /// Physical end of the bytes decoded.
+    pub phys_end: u64,
+}
+
+/// A block to execute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockRef {
+    Cached(u32),
+    /// The scratch block: an instruction crossing a page boundary, decoded every time.
+    Scratch,
+}
+
+/// All decoded blocks of one vCPU.
+pub struct CodeCache {
+    blocks: Vec<Option<Block>>,
+    free: Vec<u32>,
+    map: HashMap<(u64, u64), u32>,
+    pages: HashMap<u64, Vec<u32>>,
+    jump: Box<[(u64, u32)]>,
+    scratch: Option<Block>,
+}
+
+impl Default for CodeCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CodeCache {
+    pub fn new() -> Self {
+        CodeCache {
+            blocks: Vec::new(),
+            free: Vec::new(),
+            map: HashMap::new(),
+            pages: HashMap::new(),
+            jump: vec![(u64::MAX, 0); JUMP_ENTRIES].into_boxed_slice(),
+            scratch: None,
+        }
+    }
+
+    fn jump_slot(linear: u64) -> usize {
+        ((linear ^ (linear >> 12)) as usize) & (JUMP_ENTRIES - 1)
+    }
+
+    /// The block starting at `linear` (physical `phys`), decoding it if needed.
+    #[inline]
+    pub fn find(&mut self, cpu: &mut Cpu, linear: u64, phys: u64) -> Result<BlockRef, Event> {
+        let slot = Self::jump_slot(linear);
+        let (cached_linear, index) = self.jump[slot];
+        if cached_linear == linear {
+            if let Some(Some(block)) = self.blocks.get(index as usize) {
+                if block.phys == phys && block.linear == linear {
+                    return Ok(BlockRef::Cached(index));
+                }
+            }
+        }
+        if let Some(&index) = self.map.get(&(linear, phys)) {
+            self.jump[slot] = (linear, index);
+            return Ok(BlockRef::Cached(index));
+        }
+        self.translate(cpu, linear, phys)
+    }
+
+    /// The block behind `r`.
+    #[inline]
+    pub fn block(&self, r: BlockRef) -> Option<&Block> {
+        match r {
+            BlockRef::Cached(i) => self.blocks.get(i as usize).and_then(Option::as_ref),
+            BlockRef::Scratch => self.scratch.as_ref(),
+        }
+    }
+
+    /// Number of cached blocks.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no block is cached.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn translate(&mut self, cpu: &mut Cpu, linear: u64, phys: u64) -> Result<BlockRef, Event> {
+        if !cpu.mem.is_ram(phys) {
+            return Err(Event::fatal(format!("Executing outside RAM at {linear:#x} (physical {phys:#x})")));
+        }
+        let in_page = PAGE_SIZE - (phys & PAGE_OFFSET_MASK);
+        let window = in_page.min(WINDOW);
+        let mut bytes = vec![0u8; window as usize];
+        cpu.mem.read(phys, &mut bytes);
+        let mut decoder = Decoder::with_ip(64, &bytes, linear, DecoderOptions::NONE);
+        let mut ops = Vec::new();
+        let mut inst = Instruction::default();
+        loop {
+            let position = decoder.position();
+            decoder.decode_out(&mut inst);
+            if inst.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
+                if !ops.is_empty() || window < in_page {
+                    // Stop before it; the next block starts there.
+                    if ops.is_empty() {
+                        return Err(Event::fatal("Instruction longer than the decode window"));
+                    }
+                    break;
+                }
+                // The first instruction crosses into the next page.
+                return self.translate_crossing(cpu, linear, &bytes[position..]);
+            }
+            ops.push(decode::prepare(&inst));
+            if decode::ends_block(&inst) || ops.len() >= MAX_BLOCK || decoder.position() >= bytes.len() {
+                break;
+            }
+        }
+        let length = decoder.position() as u64;
+        let ends = ops.last().map_or(0, |op: &Op| op.inst.next_ip().wrapping_sub(linear));
+        let phys_end = phys + ends.min(length);
+        let block = Block { ops: ops.into_boxed_slice(), linear, phys, phys_end };
+        let index = match self.free.pop() {
+            Some(i) => {
+                self.blocks[i as usize] = Some(block);
+                i
+            }
+            None => {
+                self.blocks.push(Some(block));
+                (self.blocks.len() - 1) as u32
+            }
+        };
+        self.map.insert((linear, phys), index);
+        let page = phys & !PAGE_OFFSET_MASK;
+        self.pages.entry(page).or_default().push(index);
+        if cpu.code_pages.insert(page) {
+            cpu.tlb.protect_code_page(page);
+        }
+        self.jump[Self::jump_slot(linear)] = (linear, index);
+        Ok(BlockRef::Cached(index))
+    }
+
+    /// Decodes one instruction that starts in one page and ends in the next (not cached).
+    fn translate_crossing(&mut self, cpu: &mut Cpu, linear: u64, head: &[u8]) -> Result<BlockRef, Event> {
+        let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
+        let next_phys = cpu.translate(next_page, AccessKind::Execute, cpu.user)?;
+        let mut bytes = head.to_vec();
+        let mut tail = [0u8; 15];
+        cpu.mem.read(next_phys, &mut tail);
+        bytes.extend_from_slice(&tail);
+        let mut decoder = Decoder::with_ip(64, &bytes, linear, DecoderOptions::NONE);
+        let inst = decoder.decode();
+        let phys = cpu.translate(linear, AccessKind::Execute, cpu.user)?;
+        self.scratch = Some(Block { ops: vec![decode::prepare(&inst)].into_boxed_slice(), linear, phys, phys_end: phys });
+        Ok(BlockRef::Scratch)
+    }
+
+    /// Drops blocks overlapping the physical ranges the guest wrote (`cpu.code_writes`).
+    pub fn invalidate_writes(&mut self, cpu: &mut Cpu) {
+        let writes = std::mem::take(&mut cpu.code_writes);
+        for &(addr, len) in &writes {
+            let page = addr & !PAGE_OFFSET_MASK;
+            let Some(list) = self.pages.get_mut(&page) else {
+                continue;
+            };
+            let end = addr + len;
+            let blocks = &mut self.blocks;
+            let map = &mut self.map;
+            let free = &mut self.free;
+            list.retain(|&index| {
+                let Some(block) = blocks.get(index as usize).and_then(Option::as_ref) else {
+                    return false;
+                };
+                // The last instruction may extend a little past phys_end's page; compare ranges.
+                let overlaps = addr < block.phys_end.max(block.phys + 1) && end > block.phys;
+                if overlaps {
+                    map.remove(&(block.linear, block.phys));
+                    blocks[index as usize] = None;
+                    free.push(index);
+                }
+                !overlaps
+            });
+            if list.is_empty() {
+                self.pages.remove(&page);
+                cpu.code_pages.remove(&page);
+            }
+        }
+        cpu.code_writes = writes;
+        cpu.code_writes.clear();
+    }
+
+    /// Drops everything.
+    pub fn clear(&mut self, cpu: &mut Cpu) {
+        self.blocks.clear();
+        self.free.clear();
+        self.map.clear();
+        self.pages.clear();
+        self.jump.fill((u64::MAX, 0));
+        self.scratch = None;
+        cpu.code_pages.clear();
+        cpu.code_writes.clear();
+        cpu.tlb.flush();
+    }
+}

@@ -1,0 +1,273 @@
+//! Control transfers: JMP, Jcc, CALL, RET, LOOP/JRCXZ, INT n/INT3/INT1, IRET, SYSCALL/SYSRET,
+//! far RET/JMP/CALL.
+
+use iced_x86::{Instruction, Mnemonic, OpKind};
+
+use super::op::{kind, Handler, Op, MEM, REG};
+use super::{gpr, vector, Cpu, Event};
+
+/// JMP rel.
+pub fn jmp(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    cpu.rip = op.inst.near_branch_target();
+    Ok(())
+}
+
+/// Jcc rel.
+pub fn jcc(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let cc = op.inst.condition_code() as u8 - 1;
+    if cpu.flags.condition(cc) {
+        cpu.rip = op.inst.near_branch_target();
+    }
+    Ok(())
+}
+
+/// Reads an indirect branch target (r/m64).
+#[inline(always)]
+fn indirect_target<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<u64, Event> {
+    if SRC == REG {
+        Ok(cpu.gpr::<8>(op.r[0]))
+    } else {
+        let addr = cpu.ea(op);
+        cpu.read::<8>(addr)
+    }
+}
+
+/// JMP r/m64.
+pub fn jmp_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let target = indirect_target::<SRC>(cpu, op)?;
+    if !crate::mmu::is_canonical(target) {
+        return Err(Event::gp(0));
+    }
+    cpu.rip = target;
+    Ok(())
+}
+
+/// CALL rel.
+pub fn call(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let ret = cpu.rip;
+    cpu.push::<8>(ret)?;
+    cpu.rip = op.inst.near_branch_target();
+    Ok(())
+}
+
+/// CALL r/m64.
+pub fn call_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let target = indirect_target::<SRC>(cpu, op)?;
+    if !crate::mmu::is_canonical(target) {
+        return Err(Event::gp(0));
+    }
+    let ret = cpu.rip;
+    cpu.push::<8>(ret)?;
+    cpu.rip = target;
+    Ok(())
+}
+
+/// RET / RET imm16.
+pub fn ret<const IMM: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let rsp = cpu.regs[gpr::RSP];
+    let target = cpu.read::<8>(rsp)?;
+    if !crate::mmu::is_canonical(target) {
+        return Err(Event::gp(0));
+    }
+    let extra = if IMM { op.inst.immediate(0) & 0xffff } else { 0 };
+    cpu.regs[gpr::RSP] = rsp.wrapping_add(8 + extra);
+    cpu.rip = target;
+    Ok(())
+}
+
+/// LOOP/LOOPE/LOOPNE/JRCXZ (`ADDR32`: ECX is the counter).
+pub fn loop_<const KIND: u8, const ADDR32: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let mask = if ADDR32 { 0xffff_ffff } else { u64::MAX };
+    let count = cpu.regs[gpr::RCX] & mask;
+    let taken = if KIND == 3 {
+        count == 0
+    } else {
+        let count = count.wrapping_sub(1) & mask;
+        if ADDR32 {
+            cpu.regs[gpr::RCX] = count;
+        } else {
+            cpu.regs[gpr::RCX] = count;
+        }
+        let zf = cpu.flags.condition(4);
+        count != 0
+            && match KIND {
+                1 => zf,
+                2 => !zf,
+                _ => true,
+            }
+    };
+    if taken {
+        cpu.rip = op.inst.near_branch_target();
+    }
+    Ok(())
+}
+
+/// INT imm8.
+pub fn int(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    cpu.raise_software(op.inst.immediate(0) as u8)
+}
+
+/// INT3.
+pub fn int3(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
+    cpu.raise_software(vector::BP)
+}
+
+/// INT1 (ICEBP): a #DB trap without the gate privilege check.
+pub fn int1(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
+    match cpu.raise(super::Exception { vector: vector::DB, error_code: None, address: 0 }) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// IRET with operand size `B`.
+pub fn iret<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
+    cpu.iret(B)
+}
+
+/// SYSCALL.
+pub fn syscall(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
+    cpu.syscall()
+}
+
+/// SYSRET / SYSRETQ.
+pub fn sysret<const TO_64: bool>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
+    cpu.sysret(TO_64)
+}
+
+/// RETF / RETF imm16 with operand size `B`.
+pub fn retf<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let extra = if op.inst.op_count() > 0 { op.inst.immediate(0) & 0xffff } else { 0 };
+    cpu.far_return(B, extra)
+}
+
+/// JMP FAR m16:64 / m16:32.
+pub fn jmp_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let addr = cpu.ea(op);
+    let offset = if B == 8 { cpu.read::<8>(addr)? } else { cpu.read::<4>(addr)? };
+    let selector = cpu.read::<2>(addr.wrapping_add(B as u64))? as u16;
+    cpu.far_jump(selector, offset)
+}
+
+/// CALL FAR m16:64 / m16:32 (same privilege).
+pub fn call_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let addr = cpu.ea(op);
+    let offset = if B == 8 { cpu.read::<8>(addr)? } else { cpu.read::<4>(addr)? };
+    let selector = cpu.read::<2>(addr.wrapping_add(B as u64))? as u16;
+    let cs = u64::from(cpu.segs[super::seg::CS].selector);
+    let ret = cpu.rip;
+    let rsp = cpu.regs[gpr::RSP];
+    let saved_cs = cpu.segs[super::seg::CS];
+    let saved_user = cpu.user;
+    cpu.far_jump(selector, offset)?;
+    let pushed = if B == 8 {
+        cpu.push::<8>(cs).and_then(|_| cpu.push::<8>(ret))
+    } else {
+        cpu.push::<4>(cs).and_then(|_| cpu.push::<4>(ret))
+    };
+    if let Err(e) = pushed {
+        cpu.regs[gpr::RSP] = rsp;
+        cpu.segs[super::seg::CS] = saved_cs;
+        cpu.user = saved_user;
+        cpu.update_segment_bases();
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The handler for a control transfer, if `inst` is one.
+pub fn select(inst: &Instruction) -> Option<Handler> {
+    let h = match inst.mnemonic() {
+        Mnemonic::Jmp => match inst.op_kind(0) {
+            OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16 => jmp as Handler,
+            OpKind::Register => jmp_indirect::<REG>,
+            OpKind::Memory if inst.is_jmp_far_indirect() => {
+                if inst.memory_size().size() == 10 {
+                    jmp_far::<8>
+                } else {
+                    jmp_far::<4>
+                }
+            }
+            OpKind::Memory => jmp_indirect::<MEM>,
+            _ => return None,
+        },
+        Mnemonic::Call => match inst.op_kind(0) {
+            OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16 => call as Handler,
+            OpKind::Register => call_indirect::<REG>,
+            OpKind::Memory if inst.is_call_far_indirect() => {
+                if inst.memory_size().size() == 10 {
+                    call_far::<8>
+                } else {
+                    call_far::<4>
+                }
+            }
+            OpKind::Memory => call_indirect::<MEM>,
+            _ => return None,
+        },
+        Mnemonic::Ret => {
+            if inst.op_count() == 1 {
+                ret::<true>
+            } else {
+                ret::<false>
+            }
+        }
+        Mnemonic::Retf => match inst.code() {
+            iced_x86::Code::Retfq | iced_x86::Code::Retfq_imm16 => retf::<8> as Handler,
+            iced_x86::Code::Retfd | iced_x86::Code::Retfd_imm16 => retf::<4>,
+            _ => retf::<2>,
+        },
+        Mnemonic::Jo
+        | Mnemonic::Jno
+        | Mnemonic::Jb
+        | Mnemonic::Jae
+        | Mnemonic::Je
+        | Mnemonic::Jne
+        | Mnemonic::Jbe
+        | Mnemonic::Ja
+        | Mnemonic::Js
+        | Mnemonic::Jns
+        | Mnemonic::Jp
+        | Mnemonic::Jnp
+        | Mnemonic::Jl
+        | Mnemonic::Jge
+        | Mnemonic::Jle
+        | Mnemonic::Jg => jcc,
+        Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne | Mnemonic::Jrcxz | Mnemonic::Jecxz => {
+            let addr32 = is_ecx_form(inst);
+            let k = match inst.mnemonic() {
+                Mnemonic::Loope => 1,
+                Mnemonic::Loopne => 2,
+                Mnemonic::Jrcxz | Mnemonic::Jecxz => 3,
+                _ => 0,
+            };
+            match (k, addr32) {
+                (0, false) => loop_::<0, false> as Handler,
+                (1, false) => loop_::<1, false>,
+                (2, false) => loop_::<2, false>,
+                (3, false) => loop_::<3, false>,
+                (0, true) => loop_::<0, true>,
+                (1, true) => loop_::<1, true>,
+                (2, true) => loop_::<2, true>,
+                (_, _) => loop_::<3, true>,
+            }
+        }
+        Mnemonic::Int => int,
+        Mnemonic::Int3 => int3,
+        Mnemonic::Int1 => int1,
+        Mnemonic::Iretq => iret::<8>,
+        Mnemonic::Iretd => iret::<4>,
+        Mnemonic::Iret => iret::<2>,
+        Mnemonic::Syscall => syscall,
+        Mnemonic::Sysretq => sysret::<true>,
+        Mnemonic::Sysret => sysret::<false>,
+        _ => return None,
+    };
+    let _ = kind;
+    Some(h)
+}
+
+/// Whether a LOOP/JRCXZ uses ECX (a 0x67 prefix in 64-bit mode).
+fn is_ecx_form(inst: &Instruction) -> bool {
+    use iced_x86::Code::*;
+    matches!(inst.code(), Loopne_rel8_64_ECX | Loope_rel8_64_ECX | Loop_rel8_64_ECX | Jecxz_rel8_64)
+}

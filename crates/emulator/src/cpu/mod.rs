@@ -1,0 +1,329 @@
+//! The interpreter: architectural state, memory access, decoding and execution.
+
+mod access;
+mod alu;
+mod bits;
+mod cache;
+mod control;
+mod data;
+mod decode;
+mod exception;
+pub mod flags;
+mod fpu;
+mod muldiv;
+mod op;
+mod run;
+mod segment;
+mod shift;
+mod sse;
+mod sse_float;
+mod string;
+mod system;
+mod x87;
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use lodge_engine::{CpuState, DescriptorTable, Registers, Segment, SpecialRegisters};
+
+pub use cache::CodeCache;
+pub use exception::{vector, Event, Exception};
+pub use run::RunExit;
+
+use crate::memory::PhysicalMemory;
+use crate::mmu::PagingMode;
+use crate::msr::{efer, Msrs};
+use crate::pic::Pic;
+use crate::pit::Pit;
+use crate::tlb::Tlb;
+use flags::Flags;
+use fpu::Fpu;
+
+/// Indices of the segment registers (the x86 encoding).
+pub mod seg {
+    pub const ES: usize = 0;
+    pub const CS: usize = 1;
+    pub const SS: usize = 2;
+    pub const DS: usize = 3;
+    pub const FS: usize = 4;
+    pub const GS: usize = 5;
+}
+
+/// Indices of general-purpose registers.
+pub mod gpr {
+    pub const RAX: usize = 0;
+    pub const RCX: usize = 1;
+    pub const RDX: usize = 2;
+    pub const RBX: usize = 3;
+    pub const RSP: usize = 4;
+    pub const RBP: usize = 5;
+    pub const RSI: usize = 6;
+    pub const RDI: usize = 7;
+    pub const R11: usize = 11;
+}
+
+/// CR0 bits.
+pub mod cr0 {
+    pub const PE: u64 = 1 << 0;
+    pub const MP: u64 = 1 << 1;
+    pub const EM: u64 = 1 << 2;
+    pub const TS: u64 = 1 << 3;
+    pub const ET: u64 = 1 << 4;
+    pub const NE: u64 = 1 << 5;
+    pub const WP: u64 = 1 << 16;
+    pub const AM: u64 = 1 << 18;
+    pub const NW: u64 = 1 << 29;
+    pub const CD: u64 = 1 << 30;
+    pub const PG: u64 = 1 << 31;
+}
+
+/// CR4 bits.
+pub mod cr4 {
+    pub const TSD: u64 = 1 << 2;
+    pub const DE: u64 = 1 << 3;
+    pub const PSE: u64 = 1 << 4;
+    pub const PAE: u64 = 1 << 5;
+    pub const MCE: u64 = 1 << 6;
+    pub const PGE: u64 = 1 << 7;
+    pub const PCE: u64 = 1 << 8;
+    pub const OSFXSR: u64 = 1 << 9;
+    pub const OSXMMEXCPT: u64 = 1 << 10;
+    /// Bits the guest may set: everything the reported CPU supports.
+    pub const WRITABLE: u64 = (1 << 0) | (1 << 1) | TSD | DE | PSE | PAE | MCE | PGE | PCE | OSFXSR | OSXMMEXCPT;
+}
+
+/// Host monotonic time since the VM started.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock { start: Instant::now() }
+    }
+
+    /// Nanoseconds since the clock was created.
+    #[inline]
+    pub fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One vCPU's architectural and emulation state.
+pub struct Cpu {
+    /// RAX..R15 in 0..16; 16..32 read as zero (an absent base or index register).
+    pub regs: [u64; 32],
+    pub rip: u64,
+    pub flags: Flags,
+    /// Segment base applied to effective addresses, by segment index (only FS and GS are
+    /// non-zero in 64-bit mode; 6 and 7 stay zero).
+    pub seg_base: [u64; 8],
+    /// CPL is 3.
+    pub user: bool,
+    /// Set by a write to a page with decoded code: stop the block after this instruction.
+    pub break_block: bool,
+    pub tlb: Tlb,
+    pub mem: PhysicalMemory,
+    /// Physical pages holding decoded instructions (writes there take the slow path).
+    pub code_pages: HashSet<u64>,
+    /// Physical ranges written on code pages since the last block.
+    pub code_writes: Vec<(u64, u64)>,
+
+    pub segs: [Segment; 6],
+    pub ldtr: Segment,
+    pub tr: Segment,
+    pub gdtr: DescriptorTable,
+    pub idtr: DescriptorTable,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub paging: PagingMode,
+    pub dr: [u64; 8],
+    pub msr: Msrs,
+    pub fpu: Fpu,
+    pub pic: Pic,
+    pub pit: Pit,
+    pub clock: Clock,
+    /// Added to host nanoseconds to give the TSC.
+    pub tsc_offset: u64,
+    /// Interrupts are inhibited until the next block (after STI).
+    pub interrupt_shadow: bool,
+    /// Instructions retired.
+    pub icount: u64,
+    /// Instructions already reported as unimplemented.
+    pub warned: HashSet<u16>,
+}
+
+impl Cpu {
+    pub fn new(mem: PhysicalMemory) -> Self {
+        let mut cpu = Cpu {
+            regs: [0; 32],
+            rip: 0xfff0,
+            flags: Flags::default(),
+            seg_base: [0; 8],
+            user: false,
+            break_block: false,
+            tlb: Tlb::new(),
+            mem,
+            code_pages: HashSet::new(),
+            code_writes: Vec::new(),
+            segs: [Segment::default(); 6],
+            ldtr: Segment::default(),
+            tr: Segment::default(),
+            gdtr: DescriptorTable::default(),
+            idtr: DescriptorTable { base: 0, limit: 0xffff },
+            cr0: cr0::ET | cr0::NW | cr0::CD,
+            cr2: 0,
+            cr3: 0,
+            cr4: 0,
+            cr8: 0,
+            efer: 0,
+            paging: PagingMode::default(),
+            dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
+            msr: Msrs::default(),
+            fpu: Fpu::default(),
+            pic: Pic::new(),
+            pit: Pit::new(),
+            clock: Clock::new(),
+            tsc_offset: 0,
+            interrupt_shadow: false,
+            icount: 0,
+            warned: HashSet::new(),
+        };
+        cpu.update_modes();
+        cpu
+    }
+
+    /// The current privilege level.
+    #[inline]
+    pub fn cpl(&self) -> u8 {
+        self.segs[seg::CS].dpl
+    }
+
+    /// Whether the CPU executes 64-bit code.
+    pub fn long_mode_code(&self) -> bool {
+        self.efer & efer::LMA != 0 && self.segs[seg::CS].l
+    }
+
+    /// Recomputes what is derived from control registers and segments: paging controls,
+    /// effective-address segment bases, the privilege. Flushes the TLB.
+    pub fn update_modes(&mut self) {
+        self.paging = PagingMode {
+            cr3: self.cr3,
+            write_protect: self.cr0 & cr0::WP != 0,
+            no_execute: self.efer & efer::NXE != 0,
+        };
+        self.update_segment_bases();
+        self.user = self.cpl() == 3;
+        self.tlb.flush();
+    }
+
+    /// Refreshes the effective-address bases after a segment or base MSR change.
+    pub fn update_segment_bases(&mut self) {
+        self.seg_base = [0; 8];
+        if self.efer & efer::LMA != 0 && self.segs[seg::CS].l {
+            self.seg_base[seg::FS] = self.segs[seg::FS].base;
+            self.seg_base[seg::GS] = self.segs[seg::GS].base;
+        } else {
+            for (i, s) in self.segs.iter().enumerate() {
+                self.seg_base[i] = s.base;
+            }
+        }
+    }
+
+    /// Whether paging translates addresses.
+    #[inline]
+    pub fn paging_enabled(&self) -> bool {
+        self.cr0 & cr0::PG != 0
+    }
+
+    /// The time-stamp counter.
+    pub fn tsc(&self) -> u64 {
+        self.clock.now().wrapping_add(self.tsc_offset)
+    }
+
+    /// The engine-neutral register state.
+    pub fn state(&self) -> CpuState {
+        let r = &self.regs;
+        CpuState {
+            regs: Registers {
+                rax: r[0],
+                rcx: r[1],
+                rdx: r[2],
+                rbx: r[3],
+                rsp: r[4],
+                rbp: r[5],
+                rsi: r[6],
+                rdi: r[7],
+                r8: r[8],
+                r9: r[9],
+                r10: r[10],
+                r11: r[11],
+                r12: r[12],
+                r13: r[13],
+                r14: r[14],
+                r15: r[15],
+                rip: self.rip,
+                rflags: self.flags.get(),
+            },
+            sregs: SpecialRegisters {
+                es: self.segs[seg::ES],
+                cs: self.segs[seg::CS],
+                ss: self.segs[seg::SS],
+                ds: self.segs[seg::DS],
+                fs: self.segs[seg::FS],
+                gs: self.segs[seg::GS],
+                tr: self.tr,
+                ldt: self.ldtr,
+                gdt: self.gdtr,
+                idt: self.idtr,
+                cr0: self.cr0,
+                cr2: self.cr2,
+                cr3: self.cr3,
+                cr4: self.cr4,
+                cr8: self.cr8,
+                efer: self.efer,
+            },
+        }
+    }
+
+    /// Replaces the register state (the TLB is flushed; decoded code is the caller's to drop).
+    pub fn set_state(&mut self, state: &CpuState) {
+        let r = &state.regs;
+        self.regs = [0; 32];
+        self.regs[..16].copy_from_slice(&[
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
+            r.r14, r.r15,
+        ]);
+        self.rip = r.rip;
+        self.flags.set(r.rflags);
+        let s = &state.sregs;
+        self.segs = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs];
+        self.tr = s.tr;
+        self.ldtr = s.ldt;
+        self.gdtr = s.gdt;
+        self.idtr = s.idt;
+        self.cr0 = s.cr0 | cr0::ET;
+        self.cr2 = s.cr2;
+        self.cr3 = s.cr3;
+        self.cr4 = s.cr4;
+        self.cr8 = s.cr8;
+        self.efer = s.efer;
+        if self.efer & efer::LME != 0 && self.cr0 & cr0::PG != 0 {
+            self.efer |= efer::LMA;
+        }
+        self.interrupt_shadow = false;
+        self.update_modes();
+    }
+}
+

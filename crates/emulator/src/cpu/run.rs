@@ -1,0 +1,148 @@
+//! The execution loop: interrupts and timers between blocks, block execution, HLT.
+
+use std::time::Duration;
+
+use super::cache::{Block, CodeCache};
+use super::flags::IF;
+use super::{Cpu, Event};
+use crate::mmu::AccessKind;
+use crate::signals::Signals;
+
+/// Instructions between polls of the host clock for the PIT.
+const TIMER_POLL_INTERVAL: u64 = 16 * 1024;
+
+/// Why the loop returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunExit {
+    Stopped,
+    Halted,
+    TripleFault,
+    Fatal(String),
+}
+
+impl Cpu {
+    /// Runs the instructions of `block`.
+    #[inline]
+    fn execute(&mut self, block: &Block) -> Result<(), Event> {
+        for (i, op) in block.ops.iter().enumerate() {
+            self.rip = op.inst.next_ip();
+            if let Err(e) = (op.handler)(self, op) {
+                if !matches!(e, Event::Halt) {
+                    self.rip = op.inst.ip();
+                }
+                self.icount += i as u64 + u64::from(matches!(e, Event::Halt));
+                return Err(e);
+            }
+            if self.break_block {
+                self.break_block = false;
+                self.icount += i as u64 + 1;
+                return Ok(());
+            }
+        }
+        self.icount += block.ops.len() as u64;
+        Ok(())
+    }
+
+    /// Takes interrupt edges from other threads into the PIC and polls the PIT.
+    fn collect_interrupts(&mut self, signals: &Signals) {
+        let lines = signals.take_lines();
+        if lines != 0 {
+            for irq in 0..16 {
+                if lines & (1 << irq) != 0 {
+                    self.pic.raise(irq);
+                }
+            }
+        }
+    }
+
+    fn poll_timer(&mut self) {
+        let now = self.clock.now();
+        if self.pit.poll(now) {
+            self.pic.raise(0);
+        }
+    }
+
+    /// Runs until a stop request, a halt with interrupts disabled, a triple fault or a fatal
+    /// emulation error.
+    pub fn run(&mut self, cache: &mut CodeCache, signals: &Signals) -> RunExit {
+        let mut next_poll = self.icount;
+        loop {
+            if signals.any() {
+                if signals.stop_requested() {
+                    return RunExit::Stopped;
+                }
+                self.collect_interrupts(signals);
+            }
+            if self.icount >= next_poll {
+                self.poll_timer();
+                next_poll = self.icount + TIMER_POLL_INTERVAL;
+            }
+            if self.pic.has_interrupt() && !self.interrupt_shadow && self.flags.system(IF) {
+                if let Some(vector) = self.pic.acknowledge() {
+                    if let Err(e) = self.raise_external(vector) {
+                        return exit_for(e);
+                    }
+                }
+            }
+            self.interrupt_shadow = false;
+
+            let rip = self.rip;
+            let result = match self.translate(rip, AccessKind::Execute, self.user) {
+                Ok(phys) => match cache.find(self, rip, phys) {
+                    Ok(r) => match cache.block(r) {
+                        Some(block) => self.execute(block),
+                        None => Err(Event::fatal("Decoded block vanished")),
+                    },
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            if !self.code_writes.is_empty() {
+                cache.invalidate_writes(self);
+            }
+            match result {
+                Ok(()) => {}
+                Err(Event::Exception(e)) => {
+                    if let Err(e) = self.raise(e) {
+                        return exit_for(e);
+                    }
+                }
+                Err(Event::Halt) => {
+                    if !self.flags.system(IF) {
+                        return RunExit::Halted;
+                    }
+                    if let Some(exit) = self.halt(signals) {
+                        return exit;
+                    }
+                    next_poll = self.icount;
+                }
+                Err(e) => return exit_for(e),
+            }
+        }
+    }
+
+    /// Sleeps in HLT until an interrupt is deliverable or a stop is requested.
+    fn halt(&mut self, signals: &Signals) -> Option<RunExit> {
+        loop {
+            if signals.stop_requested() {
+                return Some(RunExit::Stopped);
+            }
+            self.collect_interrupts(signals);
+            self.poll_timer();
+            if self.pic.has_interrupt() {
+                return None;
+            }
+            let timeout = self.pit.deadline().map(|due| Duration::from_nanos(due.saturating_sub(self.clock.now())));
+            signals.wait(timeout);
+        }
+    }
+}
+
+fn exit_for(event: Event) -> RunExit {
+    match event {
+        Event::TripleFault => RunExit::TripleFault,
+        Event::Fatal(reason) => RunExit::Fatal(reason.into()),
+        Event::Halt => RunExit::Halted,
+        Event::Exception(e) => RunExit::Fatal(format!("Undeliverable exception {e:?}")),
+    }
+}

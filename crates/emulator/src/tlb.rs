@@ -1,0 +1,203 @@
+//! The software TLB: linear page → physical page and, for RAM, host address.
+//!
+//! Direct-mapped, one table per privilege (supervisor and user see different permissions).
+//! Each entry holds one tag per access kind; a tag matches only when the page may be accessed
+//! that way *and* a plain host memory access is correct. Pages that must take the slow path
+//! every time (MMIO, and writes to pages holding decoded code) keep a tag with [`SLOW`] set: the
+//! fast comparison fails, but the slow path still finds the cached translation without walking.
+//!
+//! Flushing everything is O(1): tags carry a generation number that a flush increments.
+
+/// Entries per table.
+pub const TLB_ENTRIES: usize = 1024;
+const TAG_GENERATION_MASK: u64 = 0x7ff;
+/// Set in a tag whose page is valid but must not be accessed through the host address.
+pub const SLOW: u64 = 0x800;
+/// A tag no lookup matches (non-canonical page with generation 0, which is never used).
+const INVALID: u64 = 0x0000_8000_0000_0000;
+
+/// One cached translation.
+#[derive(Clone, Copy, Debug)]
+pub struct TlbEntry {
+    pub read: u64,
+    pub write: u64,
+    pub exec: u64,
+    /// Host address minus linear page address (wrapping); meaningful for RAM pages.
+    pub addend: u64,
+    /// Physical address of the page.
+    pub phys: u64,
+}
+
+impl TlbEntry {
+    const EMPTY: TlbEntry = TlbEntry { read: INVALID, write: INVALID, exec: INVALID, addend: 0, phys: 0 };
+}
+
+/// Permissions of a page being inserted.
+#[derive(Clone, Copy, Debug)]
+pub struct PageRights {
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    /// Reads may use the host address (RAM).
+    pub fast_read: bool,
+    /// Writes may use the host address (RAM without decoded code).
+    pub fast_write: bool,
+}
+
+/// Both privilege levels' tables.
+pub struct Tlb {
+    entries: Box<[TlbEntry]>,
+    generation: u64,
+    /// 2 MiB / 1 GiB mappings cached as 4 KiB entries: an INVLPG inside one flushes everything.
+    large_pages: Vec<(u64, u64)>,
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tlb {
+    pub fn new() -> Self {
+        Tlb {
+            entries: vec![TlbEntry::EMPTY; 2 * TLB_ENTRIES].into_boxed_slice(),
+            generation: 1,
+            large_pages: Vec::new(),
+        }
+    }
+
+    /// The tag a valid entry for `linear` has in the current generation.
+    #[inline(always)]
+    pub fn tag(&self, linear: u64) -> u64 {
+        (linear & !0xfff) | self.generation
+    }
+
+    /// The slot for `linear` at privilege `user`.
+    #[inline(always)]
+    pub fn index(linear: u64, user: bool) -> usize {
+        ((linear >> 12) as usize & (TLB_ENTRIES - 1)) | ((user as usize) * TLB_ENTRIES)
+    }
+
+    /// The entry for `linear` (whether or not it matches).
+    #[inline(always)]
+    pub fn entry(&self, linear: u64, user: bool) -> &TlbEntry {
+        // The index is masked to the table size.
+        &self.entries[Self::index(linear, user)]
+    }
+
+    /// Caches a translation of the page holding `linear`.
+    pub fn insert(&mut self, linear: u64, user: bool, phys_page: u64, host_page: Option<usize>, rights: PageRights, page_size: u64) {
+        let tag = self.tag(linear);
+        let slow = |allowed: bool, fast: bool| match (allowed, fast) {
+            (false, _) => INVALID,
+            (true, true) => tag,
+            (true, false) => tag | SLOW,
+        };
+        let has_host = host_page.is_some();
+        let entry = TlbEntry {
+            read: slow(rights.read, rights.fast_read && has_host),
+            write: slow(rights.write, rights.fast_write && has_host),
+            exec: slow(rights.exec, has_host),
+            addend: host_page.map_or(0, |h| (h as u64).wrapping_sub(linear & !0xfff)),
+            phys: phys_page,
+        };
+        self.entries[Self::index(linear, user)] = entry;
+        if page_size > 4096 {
+            let base = linear & !(page_size - 1);
+            if !self.large_pages.contains(&(base, page_size)) {
+                self.large_pages.push((base, page_size));
+            }
+        }
+    }
+
+    /// Whether `tag` (from an entry) is valid for `linear`, fast or slow.
+    #[inline(always)]
+    pub fn matches_slow(&self, tag: u64, linear: u64) -> bool {
+        tag & !SLOW == self.tag(linear)
+    }
+
+    /// Drops every entry.
+    pub fn flush(&mut self) {
+        self.large_pages.clear();
+        self.generation += 1;
+        if self.generation > TAG_GENERATION_MASK {
+            self.entries.fill(TlbEntry::EMPTY);
+            self.generation = 1;
+        }
+    }
+
+    /// Drops the translation of the page holding `linear` (INVLPG).
+    pub fn flush_page(&mut self, linear: u64) {
+        if self.large_pages.iter().any(|&(base, size)| linear.wrapping_sub(base) < size) {
+            self.flush();
+            return;
+        }
+        for user in [false, true] {
+            self.entries[Self::index(linear, user)] = TlbEntry::EMPTY;
+        }
+    }
+
+    /// Removes fast write access to physical page `phys_page` (it now holds decoded code).
+    pub fn protect_code_page(&mut self, phys_page: u64) {
+        for e in self.entries.iter_mut() {
+            if e.phys == phys_page && e.write & SLOW == 0 && e.write != INVALID {
+                e.write |= SLOW;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RW: PageRights = PageRights { read: true, write: true, exec: false, fast_read: true, fast_write: true };
+
+    #[test]
+    fn hits_until_flushed() {
+        let mut tlb = Tlb::new();
+        tlb.insert(0x7000_1234, false, 0x5000, Some(0x1_0000), RW, 4096);
+        let e = *tlb.entry(0x7000_1ff8, false);
+        assert_eq!(e.read, tlb.tag(0x7000_1ff8));
+        assert_eq!(e.exec & !SLOW, INVALID & !SLOW);
+        assert_eq!(0x7000_1ff8u64.wrapping_add(e.addend), 0x1_0ff8);
+        assert_ne!(tlb.entry(0x7000_1000, true).read, tlb.tag(0x7000_1000), "user table is separate");
+        tlb.flush();
+        assert_ne!(tlb.entry(0x7000_1000, false).read, tlb.tag(0x7000_1000));
+    }
+
+    #[test]
+    fn invlpg_in_a_large_page_flushes_all() {
+        let mut tlb = Tlb::new();
+        tlb.insert(0x20_3000, false, 0x3000, Some(0x1000), RW, 0x20_0000);
+        tlb.insert(0x80_0000, false, 0x9000, Some(0x2000), RW, 4096);
+        tlb.flush_page(0x80_0000);
+        assert_ne!(tlb.entry(0x80_0000, false).read, tlb.tag(0x80_0000));
+        assert_eq!(tlb.entry(0x20_3000, false).read, tlb.tag(0x20_3000));
+        tlb.flush_page(0x21_0000);
+        assert_ne!(tlb.entry(0x20_3000, false).read, tlb.tag(0x20_3000));
+    }
+
+    #[test]
+    fn code_pages_lose_fast_writes() {
+        let mut tlb = Tlb::new();
+        tlb.insert(0x1000, true, 0x8000, Some(0x1000), RW, 4096);
+        tlb.protect_code_page(0x8000);
+        let e = *tlb.entry(0x1000, true);
+        assert_ne!(e.write, tlb.tag(0x1000));
+        assert!(tlb.matches_slow(e.write, 0x1000));
+        assert_eq!(e.read, tlb.tag(0x1000));
+    }
+
+    #[test]
+    fn generations_wrap() {
+        let mut tlb = Tlb::new();
+        for _ in 0..5000 {
+            tlb.insert(0x1000, false, 0, Some(0x1000), RW, 4096);
+            assert_eq!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
+            tlb.flush();
+            assert_ne!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
+        }
+    }
+}
