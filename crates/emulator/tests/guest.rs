@@ -1,0 +1,450 @@
+//! Small hand-assembled long-mode guests run through the public engine API.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use iced_x86::code_asm::*;
+use lodge_engine::VcpuExit;
+
+#[test]
+fn computes_and_halts() {
+    let mut m = Machine::new(16 << 20);
+    m.assemble(CODE, |a| {
+        a.mov(rax, 40u64).unwrap();
+        a.mov(rcx, 2u64).unwrap();
+        a.add(rax, rcx).unwrap();
+        a.mov(qword_ptr(0x20000), rax).unwrap();
+        a.mov(rbx, qword_ptr(0x20000)).unwrap();
+        a.push(rbx).unwrap();
+        a.pop(rdx).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rax, 42);
+    assert_eq!(s.regs.rdx, 42);
+    assert_eq!(m.read_u64(0x20000), 42);
+    assert_eq!(s.regs.rsp, STACK_TOP);
+}
+
+#[test]
+fn loops_and_calls() {
+    let mut m = Machine::new(16 << 20);
+    m.assemble(CODE, |a| {
+        let mut top = a.create_label();
+        let mut func = a.create_label();
+        let mut done = a.create_label();
+        a.xor(eax, eax).unwrap();
+        a.mov(ecx, 1000).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(func).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.jmp(done).unwrap();
+        a.set_label(&mut func).unwrap();
+        a.add(rax, 3).unwrap();
+        a.ret().unwrap();
+        a.set_label(&mut done).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(m.state().regs.rax, 3000);
+}
+
+#[test]
+fn port_io_reaches_the_bus() {
+    let mut m = Machine::new(16 << 20);
+    let dev = m.add_pio(0x3f8, 8);
+    dev.lock().unwrap().read_value = 0x10;
+    m.assemble(CODE, |a| {
+        a.mov(dx, 0x3f8u32).unwrap();
+        a.mov(al, 0x41u32).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(dx, 0x3fdu32).unwrap();
+        a.in_(al, dx).unwrap();
+        a.mov(bl, al).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(dev.lock().unwrap().writes, vec![(0, vec![0x41])]);
+    assert_eq!(m.state().regs.rbx & 0xff, 0x15);
+}
+
+#[test]
+fn mmio_outside_ram_reaches_the_bus() {
+    let mut m = Machine::new(16 << 20);
+    let dev = m.add_mmio(0xd000_0000, 0x1000);
+    dev.lock().unwrap().read_value = 0x20;
+    // Identity map 0xd0000000 (3.25 GiB): add a PDPT entry with a 1 GiB page.
+    m.write_u64(PDPT + 3 * 8, (3 << 30) | 0x83);
+    m.assemble(CODE, |a| {
+        a.mov(rdi, 0xd000_0000u64).unwrap();
+        a.mov(dword_ptr(rdi + 0x10), 0x1234_5678).unwrap();
+        a.mov(eax, dword_ptr(rdi + 4)).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(dev.lock().unwrap().writes, vec![(0x10, 0x1234_5678u32.to_le_bytes().to_vec())]);
+    assert_eq!(m.state().regs.rax, 0x2726_2524);
+}
+
+/// Programs the PIC like Linux (vectors 0x30/0x38) and unmasks `mask` (master, slave).
+fn init_pic(a: &mut CodeAssembler, master_mask: u8, slave_mask: u8) {
+    for (port, value) in [
+        (0x20u8, 0x11u8),
+        (0x21, 0x30),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0xa0, 0x11),
+        (0xa1, 0x38),
+        (0xa1, 0x02),
+        (0xa1, 0x01),
+        (0x21, master_mask),
+        (0xa1, slave_mask),
+    ] {
+        a.mov(al, u32::from(value)).unwrap();
+        a.out(i32::from(port), al).unwrap();
+    }
+}
+
+#[test]
+fn device_interrupt_wakes_hlt() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(0x34, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.inc(qword_ptr(0x20000)).unwrap();
+        a.mov(al, 0x20u32).unwrap();
+        a.out(0x20, al).unwrap();
+        a.iretq().unwrap();
+    });
+    m.assemble(CODE, |a| {
+        init_pic(a, !0x10, 0xff);
+        let mut wait = a.create_label();
+        a.sti().unwrap();
+        a.set_label(&mut wait).unwrap();
+        a.hlt().unwrap();
+        a.cmp(qword_ptr(0x20000), 3).unwrap();
+        a.jb(wait).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let line = m.vm.interrupt_line(4).unwrap();
+    let t = std::thread::spawn(move || {
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(20));
+            line.trigger().unwrap();
+        }
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    t.join().unwrap();
+    assert_eq!(m.read_u64(0x20000), 3);
+}
+
+#[test]
+fn pit_ticks_at_its_programmed_rate() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(0x30, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.inc(qword_ptr(0x20000)).unwrap();
+        a.mov(al, 0x20u32).unwrap();
+        a.out(0x20, al).unwrap();
+        a.iretq().unwrap();
+    });
+    m.assemble(CODE, |a| {
+        init_pic(a, !0x01, 0xff);
+        // Mode 2, 1193 ticks: 1 kHz.
+        a.mov(al, 0x34u32).unwrap();
+        a.out(0x43, al).unwrap();
+        a.mov(al, (1193u32 & 0xff) as u32).unwrap();
+        a.out(0x40, al).unwrap();
+        a.mov(al, 1193u32 >> 8).unwrap();
+        a.out(0x40, al).unwrap();
+        let mut wait = a.create_label();
+        a.sti().unwrap();
+        a.set_label(&mut wait).unwrap();
+        a.hlt().unwrap();
+        a.cmp(qword_ptr(0x20000), 50).unwrap();
+        a.jb(wait).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let start = Instant::now();
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let elapsed = start.elapsed();
+    assert!(elapsed >= Duration::from_millis(45), "50 ticks at 1 kHz took {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "50 ticks at 1 kHz took {elapsed:?}");
+}
+
+#[test]
+fn stop_interrupts_a_busy_loop_and_a_halt() {
+    let mut m = Machine::new(16 << 20);
+    m.assemble(CODE, |a| {
+        let mut spin = a.create_label();
+        a.set_label(&mut spin).unwrap();
+        a.inc(rax).unwrap();
+        a.jmp(spin).unwrap();
+    });
+    let stopper = m.vcpu.stopper();
+    let s2 = stopper.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        s2.stop();
+    });
+    assert_eq!(m.run(), VcpuExit::Stopped);
+    t.join().unwrap();
+    assert!(m.state().regs.rax > 1000);
+    // Still stopped until resumed.
+    assert_eq!(m.run(), VcpuExit::Stopped);
+    stopper.resume();
+
+    // Halted with interrupts enabled and nothing to wake it: only stop ends the run.
+    m.assemble(CODE + 0x100, |a| {
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.jmp(CODE + 0x101).unwrap();
+    });
+    m.set_state(CODE + 0x100);
+    let s3 = stopper.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        s3.stop();
+    });
+    let start = Instant::now();
+    assert_eq!(m.run(), VcpuExit::Stopped);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    t.join().unwrap();
+}
+
+#[test]
+fn divide_error_goes_through_the_idt() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(0, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.mov(rbx, qword_ptr(rsp)).unwrap(); // faulting RIP
+        a.hlt().unwrap();
+    });
+    m.assemble(CODE, |a| {
+        a.xor(ecx, ecx).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.div(ecx).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, CODE + 7, "pushed RIP is the DIV");
+    assert_eq!(s.regs.rip, handler + 5);
+}
+
+#[test]
+fn page_fault_reports_address_and_error_code() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(14, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rbx).unwrap(); // error code
+        a.mov(rcx, cr2).unwrap();
+        a.hlt().unwrap();
+    });
+    // 0x40_0000 read-only, 0x40_1000 not present.
+    m.map_page(0x40_0000, 0x40_0000, 0x5);
+    m.map_page(0x40_1000, 0x40_1000, 0x0);
+    m.write_u64(0x40_0ff8, 0x1122_3344_5566_7788);
+    m.assemble(CODE, |a| {
+        a.mov(rax, qword_ptr(0x40_0ff8)).unwrap();
+        a.mov(qword_ptr(0x40_0ff0), rax).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rax, 0x1122_3344_5566_7788);
+    assert_eq!(s.regs.rbx, 0b011, "present, write, supervisor");
+    assert_eq!(s.regs.rcx, 0x40_0ff0);
+    assert_eq!(s.sregs.cr2, 0x40_0ff0);
+
+    // An access crossing into the non-present page faults on the second page.
+    m.set_state(CODE + 0x100);
+    m.assemble(CODE + 0x100, |a| {
+        a.mov(rax, qword_ptr(0x40_0ffc)).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, 0b000);
+    assert_eq!(s.regs.rcx, 0x40_1000);
+}
+
+#[test]
+fn user_mode_round_trip_with_syscall_and_interrupt() {
+    let mut m = Machine::new(16 << 20);
+    let user = CODE + 0x2000;
+    let syscall_entry = CODE + 0x3000;
+    let int_handler = CODE + 0x4000;
+    m.set_gate(0x80, int_handler, 0, 3);
+    // Kernel: STAR/LSTAR, then iretq to user mode.
+    m.assemble(CODE, |a| {
+        a.mov(ecx, 0xc000_0081u32).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.mov(edx, (u32::from(USER_DS - 8 - 3) << 16) | u32::from(KERNEL_CS)).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0xc000_0082u32).unwrap();
+        a.mov(eax, syscall_entry as u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.push(i32::from(USER_DS)).unwrap();
+        a.push(0x7_0000i32).unwrap();
+        a.push(0x202i32).unwrap();
+        a.push(i32::from(USER_CS)).unwrap();
+        a.push(user as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    // User: int 0x80, then syscall.
+    m.assemble(user, |a| {
+        a.mov(eax, 7).unwrap();
+        a.int(0x80).unwrap();
+        a.syscall().unwrap();
+        a.hlt().unwrap(); // #GP at CPL 3 (no handler: triple fault if reached)
+    });
+    // int 0x80 handler: records CPL of the interrupted context and the stack it used.
+    m.assemble(int_handler, |a| {
+        a.mov(rbx, qword_ptr(rsp + 8)).unwrap(); // CS
+        a.mov(rdx, rsp).unwrap();
+        a.iretq().unwrap();
+    });
+    // syscall: check we are at CPL 0, then halt.
+    m.assemble(syscall_entry, |a| {
+        a.mov(rsi, rcx).unwrap();
+        a.mov(rdi, r11).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, u64::from(USER_CS));
+    assert_eq!(s.regs.rdx, KERNEL_STACK_TOP - 40, "interrupt from CPL 3 switches to RSP0");
+    assert_eq!(s.regs.rsi, user + 5 + 2 + 2, "RCX = return address after syscall");
+    assert_eq!(s.regs.rdi & 0x200, 0x200, "R11 = RFLAGS with IF");
+    assert_eq!(s.sregs.cs.selector, KERNEL_CS);
+    assert_eq!(s.regs.rsp, 0x7_0000, "SYSCALL keeps the user stack");
+}
+
+#[test]
+fn ist_stack_and_double_fault_and_triple_fault() {
+    let mut m = Machine::new(16 << 20);
+    let df_handler = CODE + 0x1000;
+    m.set_gate(8, df_handler, 1, 0);
+    m.assemble(df_handler, |a| {
+        a.mov(rbx, rsp).unwrap();
+        a.hlt().unwrap();
+    });
+    // #GP gate not present: #NP while delivering #GP -> double fault on IST1.
+    m.assemble(CODE, |a| {
+        a.mov(rax, 0x8000_0000_0000_0000u64).unwrap();
+        a.mov(rax, qword_ptr(rax)).unwrap(); // non-canonical: #GP
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, IST_STACK_TOP - 48, "#DF pushes an error code on IST1");
+
+    // With an empty IDT the first fault becomes a triple fault.
+    m.modify_state(|s| {
+        s.sregs.idt.limit = 0;
+        s.regs.rip = CODE;
+    });
+    assert_eq!(m.run(), VcpuExit::TripleFault);
+}
+
+#[test]
+fn self_modifying_code_through_an_alias_mapping() {
+    let mut m = Machine::new(16 << 20);
+    let code_page = 0x40_0000u64;
+    let alias = 0x50_0000u64;
+    m.map_page(alias, code_page, 0x3);
+    m.assemble(code_page, |a| {
+        a.mov(eax, 1).unwrap();
+        a.ret().unwrap();
+    });
+    m.assemble(CODE, |a| {
+        a.call(code_page).unwrap();
+        a.mov(ebx, eax).unwrap();
+        // Patch "mov eax, 1" into "mov eax, 2" through the alias.
+        a.mov(byte_ptr(alias + 1), 2).unwrap();
+        a.call(code_page).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, 1);
+    assert_eq!(s.regs.rax, 2);
+}
+
+#[test]
+fn self_modifying_code_in_the_same_block() {
+    let mut m = Machine::new(16 << 20);
+    m.assemble(CODE, |a| {
+        a.mov(byte_ptr(CODE + 0x20 + 1), 9).unwrap();
+        a.nop().unwrap();
+        a.nop().unwrap();
+    });
+    // At CODE+0x20: mov eax, 5; hlt — reached by falling through NOPs.
+    let len = m.assemble(CODE, |a| {
+        a.mov(byte_ptr(CODE + 0x20 + 1), 9).unwrap();
+    });
+    for i in len as u64..0x20 {
+        m.write(CODE + i, &[0x90]);
+    }
+    m.assemble(CODE + 0x20, |a| {
+        a.mov(eax, 5).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(m.state().regs.rax, 9);
+}
+
+#[test]
+fn garbage_code_ends_cleanly() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..200 {
+        let mut m = Machine::new(16 << 20);
+        let mut junk = vec![0u8; 4096];
+        for b in junk.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *b = seed as u8;
+        }
+        m.write(CODE, &junk);
+        // Every vector points into the junk too.
+        for v in 0..=255u8 {
+            m.set_gate(v, CODE + u64::from(v) * 13, 0, 3);
+        }
+        let stopper = m.vcpu.stopper();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            stopper.stop();
+        });
+        match m.vcpu.run() {
+            Ok(_) => {}
+            Err(lodge_engine::EngineError::Guest { reason, .. }) => assert!(!reason.is_empty(), "round {round}"),
+            Err(e) => panic!("round {round}: unexpected error {e}"),
+        }
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn interrupt_lines_and_vcpus_are_validated() {
+    let m = Machine::new(16 << 20);
+    assert!(m.vm.interrupt_line(2).is_err());
+    assert!(m.vm.interrupt_line(16).is_err());
+    assert!(m.vm.interrupt_line(15).is_ok());
+    assert!(m.vm.create_vcpu(0).is_err(), "one vCPU only");
+    assert!(!m.vm.register_mmio_notifier(0xd000_0000, 0, &vmm_sys_util::eventfd::EventFd::new(0).unwrap()).unwrap());
+    let _ = Arc::strong_count(&m.vm);
+}
