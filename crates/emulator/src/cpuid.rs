@@ -44,6 +44,7 @@ mod ext1 {
     pub const RDTSCP: u32 = 1 << 27;
     pub const LM: u32 = 1 << 29;
     pub const LAHF_LM: u32 = 1 << 0;
+    pub const LZCNT: u32 = 1 << 5;
 }
 
 /// Leaf 7 EBX/EDX: string-operation hints (no new instructions).
@@ -85,7 +86,7 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         // Base, maximum and bus frequencies in MHz.
         0x16 => [(TSC_HZ / 1_000_000) as u32, (TSC_HZ / 1_000_000) as u32, 100, 0],
         0x8000_0000 => [0x8000_0008, 0, 0, 0],
-        0x8000_0001 => [0, 0, ext1::LAHF_LM, ext1::SYSCALL | ext1::NX | ext1::PAGE_1GB | ext1::RDTSCP | ext1::LM],
+        0x8000_0001 => [0, 0, ext1::LAHF_LM | ext1::LZCNT, ext1::SYSCALL | ext1::NX | ext1::PAGE_1GB | ext1::RDTSCP | ext1::LM],
         0x8000_0002..=0x8000_0004 => brand(leaf - 0x8000_0002),
         // Invariant TSC.
         0x8000_0007 => [0, 0, 0, 1 << 8],
@@ -120,6 +121,7 @@ pub fn supports(feature: CpuidFeature) -> bool {
             | INTEL286
             | INTEL386
             | INTEL486
+            | LZCNT
             | X64
             | CPUID
             | CMOV

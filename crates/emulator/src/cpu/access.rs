@@ -112,6 +112,32 @@ impl Cpu {
         }
     }
 
+    /// Reads 16 bytes (XMM operands).
+    #[inline]
+    pub fn read_u128(&mut self, linear: u64) -> Result<u128, Event> {
+        if (linear & PAGE_OFFSET_MASK) <= PAGE_SIZE - 16 {
+            let low = self.read::<8>(linear)?;
+            let high = self.read::<8>(linear.wrapping_add(8))?;
+            return Ok(u128::from(low) | (u128::from(high) << 64));
+        }
+        let mut b = [0u8; 16];
+        let user = self.user;
+        self.read_bytes(linear, &mut b, user)?;
+        Ok(u128::from_le_bytes(b))
+    }
+
+    /// Writes 16 bytes; nothing is written if any byte faults.
+    #[inline]
+    pub fn write_u128(&mut self, linear: u64, value: u128) -> Result<(), Event> {
+        if (linear & PAGE_OFFSET_MASK) <= PAGE_SIZE - 16 {
+            // Both halves are in one page: if the first write succeeds the second does too.
+            self.write::<8>(linear, value as u64)?;
+            return self.write::<8>(linear.wrapping_add(8), (value >> 64) as u64);
+        }
+        let user = self.user;
+        self.write_bytes(linear, &value.to_le_bytes(), user)
+    }
+
     /// Reads with supervisor privilege regardless of CPL (descriptor tables, TSS, IDT).
     pub fn read_system<const B: usize>(&mut self, linear: u64) -> Result<u64, Event> {
         self.read_slow(linear, B, false)
@@ -199,7 +225,8 @@ impl Cpu {
     #[cold]
     fn translate_miss(&mut self, linear: u64, kind: AccessKind, user: bool) -> Result<u64, Event> {
         if !mmu::is_canonical(linear) {
-            return Err(Event::gp(0));
+            // The address rides along so that stack-segment accesses can become #SS.
+            return Err(Event::Exception(super::Exception { vector: super::vector::GP, error_code: Some(0), address: linear }));
         }
         let translation = if self.paging_enabled() {
             match mmu::walk(&self.mem, &self.paging, linear, kind, user) {

@@ -1,6 +1,6 @@
-//! Bit instructions: BT, BTS, BTR, BTC, BSF, BSR, POPCNT, and TZCNT/LZCNT (which run as
-//! BSF/BSR: CPUID reports neither BMI1 nor LZCNT, and those encodings are BSF/BSR with an
-//! ignored REP prefix on such CPUs).
+//! Bit instructions: BT, BTS, BTR, BTC, BSF, BSR, POPCNT, LZCNT, and TZCNT (which runs as
+//! BSF: CPUID reports no BMI1, and on such CPUs that encoding is BSF with an ignored REP
+//! prefix).
 
 use iced_x86::{Instruction, Mnemonic};
 
@@ -75,6 +75,20 @@ pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(cpu: &mut Cp
     Ok(())
 }
 
+/// LZCNT r, r/m: CF = (source == 0), ZF = (result == 0).
+pub fn lzcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let src = if SRC == REG {
+        cpu.gpr::<B>(op.r[1])
+    } else {
+        let addr = cpu.ea(op);
+        cpu.read::<B>(addr)?
+    };
+    let count = u64::from(src.leading_zeros()) - (64 - (B as u64) * 8);
+    cpu.set_gpr::<B>(op.r[0], count);
+    cpu.flags.set_arith(CF | ZF, if src == 0 { CF } else { 0 } | if count == 0 { ZF } else { 0 });
+    Ok(())
+}
+
 /// POPCNT r, r/m.
 pub fn popcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let src = if SRC == REG {
@@ -134,7 +148,15 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Btr => bt_forms!(BTR, size, kind(inst, 0), kind(inst, 1)),
         Mnemonic::Btc => bt_forms!(BTC, size, kind(inst, 0), kind(inst, 1)),
         Mnemonic::Bsf | Mnemonic::Tzcnt => scan_forms!(true, size, kind(inst, 1)),
-        Mnemonic::Bsr | Mnemonic::Lzcnt => scan_forms!(false, size, kind(inst, 1)),
+        Mnemonic::Bsr => scan_forms!(false, size, kind(inst, 1)),
+        Mnemonic::Lzcnt => match (size, kind(inst, 1)) {
+            (2, REG) => lzcnt::<2, REG> as Handler,
+            (2, _) => lzcnt::<2, MEM>,
+            (4, REG) => lzcnt::<4, REG>,
+            (4, _) => lzcnt::<4, MEM>,
+            (_, REG) => lzcnt::<8, REG>,
+            (_, _) => lzcnt::<8, MEM>,
+        },
         Mnemonic::Popcnt => match (size, kind(inst, 1)) {
             (2, REG) => popcnt::<2, REG> as Handler,
             (2, _) => popcnt::<2, MEM>,

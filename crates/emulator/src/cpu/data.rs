@@ -521,7 +521,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Cdq => sign_into_rdx::<4>,
         Mnemonic::Cqo => sign_into_rdx::<8>,
         Mnemonic::Leave => {
-            if inst.stack_pointer_increment() == 2 {
+            if inst.code() == iced_x86::Code::Leavew {
                 leave::<2>
             } else {
                 leave::<8>

@@ -12,16 +12,19 @@ pub fn prepare(inst: &Instruction) -> Op {
     if inst.mnemonic() == Mnemonic::Lea {
         // LEA computes an offset: no segment base.
         op.seg = 6;
+    } else if inst.is_stack_instruction() && !matches!(op.seg, 4 | 5) {
+        // Implicit stack accesses go through SS (only its fault type depends on it).
+        op.seg = super::seg::SS as u8;
     }
     op
 }
 
 /// Whether every CPUID feature `inst` needs is reported to the guest, counting encodings that
-/// older CPUs execute as something else (TZCNT as BSF, LZCNT as BSR) or as a NOP (ENDBR,
+/// older CPUs execute as something else (TZCNT as BSF) or as a NOP (ENDBR,
 /// PREFETCHW, hint NOPs).
 fn allowed(inst: &Instruction) -> bool {
     match inst.mnemonic() {
-        Mnemonic::Tzcnt | Mnemonic::Lzcnt | Mnemonic::Endbr32 | Mnemonic::Endbr64 | Mnemonic::Prefetchw => true,
+        Mnemonic::Tzcnt | Mnemonic::Endbr32 | Mnemonic::Endbr64 | Mnemonic::Prefetchw => true,
         _ => inst.cpuid_features().iter().all(|f| cpuid::supports(*f)),
     }
 }

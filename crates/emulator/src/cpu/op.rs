@@ -75,7 +75,7 @@ pub fn register_ref(reg: Register) -> u8 {
         let i = n - al;
         match i {
             4..=7 => (i - 4) | u32::from(HIGH_BYTE),
-            8..=11 => i - 4,
+            8..=19 => i - 4,
             _ => i,
         }
     } else if (ax..ax + 16).contains(&n) {
@@ -125,13 +125,7 @@ impl Op {
             Register::None => 6,
             other => register_ref(other),
         };
-        let addr_mask = match inst.memory_base() {
-            Register::EIP => 0xffff_ffff,
-            b if b.size() == 4 => 0xffff_ffff,
-            _ if inst.memory_index().size() == 4 => 0xffff_ffff,
-            _ => u64::MAX,
-        };
-        let addr_mask = if is_addr32(&inst) { 0xffff_ffff } else { addr_mask };
+        let addr_mask = if is_addr32(&inst) { 0xffff_ffff } else { u64::MAX };
         Op {
             handler,
             inst,
@@ -259,3 +253,22 @@ pub fn size0(inst: &Instruction) -> usize {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_registers_map_to_slots() {
+        assert_eq!(register_ref(Register::AL), 0);
+        assert_eq!(register_ref(Register::BH), 3 | HIGH_BYTE);
+        assert_eq!(register_ref(Register::SPL), 4);
+        assert_eq!(register_ref(Register::DIL), 7);
+        assert_eq!(register_ref(Register::R8L), 8);
+        assert_eq!(register_ref(Register::R15L), 15);
+        assert_eq!(register_ref(Register::R9W), 9);
+        assert_eq!(register_ref(Register::R10D), 10);
+        assert_eq!(register_ref(Register::R11), 11);
+        assert_eq!(register_ref(Register::XMM13), 13);
+    }
+}

@@ -26,9 +26,15 @@ impl Cpu {
     fn execute(&mut self, block: &Block) -> Result<(), Event> {
         for (i, op) in block.ops.iter().enumerate() {
             self.rip = op.inst.next_ip();
-            if let Err(e) = (op.handler)(self, op) {
+            if let Err(mut e) = (op.handler)(self, op) {
                 if !matches!(e, Event::Halt) {
                     self.rip = op.inst.ip();
+                }
+                if let Event::Exception(x) = &mut e {
+                    // A non-canonical address through the stack segment is #SS, not #GP.
+                    if x.vector == super::vector::GP && x.address != 0 && op.seg == super::seg::SS as u8 {
+                        x.vector = super::vector::SS;
+                    }
                 }
                 self.icount += i as u64 + u64::from(matches!(e, Event::Halt));
                 return Err(e);

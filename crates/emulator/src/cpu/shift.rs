@@ -57,14 +57,16 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
             r
         }
         _ => {
-            // Rotate through carry: a (bits+1)-bit rotation of CF:a.
+            // Rotate through carry: a (bits+1)-bit rotation of CF:a. A rotation by a multiple
+            // of bits+1 changes nothing, flags included.
             let c = count % (bits + 1);
+            if c == 0 {
+                return a;
+            }
             let carry = cpu.flags.carry();
             let wide = u128::from(a) | (u128::from(carry) << bits);
             let width_mask = (1u128 << (bits + 1)) - 1;
-            let rotated = if c == 0 {
-                wide
-            } else if OP == RCL {
+            let rotated = if OP == RCL {
                 ((wide << c) | (wide >> (bits + 1 - c))) & width_mask
             } else {
                 ((wide >> c) | (wide << (bits + 1 - c))) & width_mask
@@ -83,11 +85,10 @@ pub fn shift<const OP: u8, const B: usize, const DST: u8, const CNT: u8>(cpu: &m
     let raw = if CNT == REG { cpu.regs[1] as u32 } else { op.inst.immediate(1) as u32 };
     let count = raw & if B == 8 { 0x3f } else { 0x1f };
     if DST == REG {
-        if count != 0 {
-            let a = cpu.gpr::<B>(op.r[0]);
-            let r = compute::<OP, B>(cpu, a, count);
-            cpu.set_gpr::<B>(op.r[0], r);
-        }
+        let a = cpu.gpr::<B>(op.r[0]);
+        // A 32-bit destination is written (zero-extended) even when the count is 0.
+        let r = if count != 0 { compute::<OP, B>(cpu, a, count) } else { a };
+        cpu.set_gpr::<B>(op.r[0], r);
     } else {
         let addr = cpu.ea(op);
         let place = cpu.locate::<B>(addr)?;
@@ -112,6 +113,11 @@ pub fn double<const LEFT: bool, const B: usize, const DST: u8, const CNT: u8>(cp
         Some(cpu.locate::<B>(addr)?)
     };
     if count == 0 {
+        if DST == REG {
+            // A 32-bit destination is still written (zero-extended).
+            let v = cpu.gpr::<B>(op.r[0]);
+            cpu.set_gpr::<B>(op.r[0], v);
+        }
         return Ok(());
     }
     let dst = match place {

@@ -1,0 +1,411 @@
+//! Random test cases: an instruction form (iced `Code`) with random operands, and a random
+//! machine state that keeps its memory operands inside the test data (or just across the
+//! guard page, to test faults).
+
+use iced_x86::{Code, Encoder, EncodingKind, Instruction, MemorySize, Mnemonic, OpCodeOperandKind as K, OpKind, Register};
+
+use super::native::*;
+
+/// Deterministic xorshift64* generator.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    /// A value with the boundary cases instructions get wrong most often.
+    pub fn interesting(&mut self) -> u64 {
+        const SPECIAL: [u64; 14] = [
+            0,
+            1,
+            2,
+            0x7f,
+            0x80,
+            0xff,
+            0x7fff,
+            0x8000,
+            0xffff,
+            0x7fff_ffff,
+            0x8000_0000,
+            0xffff_ffff,
+            0x7fff_ffff_ffff_ffff,
+            0x8000_0000_0000_0000,
+        ];
+        match self.below(8) {
+            0 => SPECIAL[self.below(SPECIAL.len() as u64) as usize],
+            1 => u64::MAX - self.below(4),
+            2 => self.below(64),
+            3 => self.next() & 0xffff_ffff,
+            _ => self.next(),
+        }
+    }
+}
+
+/// A generated test.
+pub struct Case {
+    pub inst: Instruction,
+    pub bytes: Vec<u8>,
+    pub state: MachineState,
+}
+
+const GPR64: [Register; 16] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RBX,
+    Register::RSP,
+    Register::RBP,
+    Register::RSI,
+    Register::RDI,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+    Register::R15,
+];
+
+fn gpr(size: usize, index: usize, high: bool) -> Register {
+    let full = GPR64[index];
+    match size {
+        8 => full,
+        4 => full.full_register32(),
+        2 => reg_at(Register::AX as u32 as usize + index),
+        _ if high && index < 4 => reg_at(Register::AH as u32 as usize + index),
+        _ => match index {
+            0..=3 => reg_at(Register::AL as u32 as usize + index),
+            4..=7 => reg_at(Register::SPL as u32 as usize + index - 4),
+            _ => reg_at(Register::R8L as u32 as usize + index - 8),
+        },
+    }
+}
+
+fn reg_at(i: usize) -> Register {
+    Register::values().nth(i).unwrap()
+}
+
+
+/// Registers whose values the generator sets for addressing; not picked as random operands
+/// in a way that breaks that (RSP is never an explicit operand).
+struct Reserved {
+    regs: Vec<usize>,
+}
+
+fn random_gpr_index(rng: &mut Rng, reserved: &Reserved) -> usize {
+    loop {
+        let i = rng.below(16) as usize;
+        if i != 4 && !reserved.regs.contains(&i) {
+            return i;
+        }
+    }
+}
+
+/// Generates one case for `code`, or None if the form cannot be tested this way.
+pub fn generate(code: Code, rng: &mut Rng) -> Option<Case> {
+    for _ in 0..20 {
+        if let Some(case) = try_generate(code, rng) {
+            return Some(case);
+        }
+    }
+    None
+}
+
+fn is_string(mnemonic: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        mnemonic,
+        Movsb | Movsw | Movsq | Stosb | Stosw | Stosd | Stosq | Lodsb | Lodsw | Lodsd | Lodsq | Cmpsb | Cmpsw | Cmpsq | Scasb | Scasw | Scasd | Scasq
+    )
+}
+
+fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
+    let info = code.op_code();
+    if !info.mode64() || info.encoding() != EncodingKind::Legacy {
+        return None;
+    }
+    let mnemonic = code.mnemonic();
+    let string = is_string(mnemonic) || matches!(code, Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32);
+    let mut reserved = Reserved { regs: vec![] };
+    if string {
+        reserved.regs.extend([1, 6, 7]);
+    }
+    if mnemonic == Mnemonic::Xlatb {
+        reserved.regs.push(3);
+    }
+    // Registers the fixups below overwrite must not address memory.
+    if (0..info.op_count()).any(|n| info.op_kind(n) == K::cl) {
+        reserved.regs.push(1);
+    }
+    if matches!(mnemonic, Mnemonic::Div | Mnemonic::Idiv) {
+        reserved.regs.extend([0, 2]);
+    }
+    let mut inst = Instruction::default();
+    inst.set_code(code);
+    let mut memory: Option<(usize, Option<(usize, u32)>, i64)> = None;
+    let mut uses_high_byte = false;
+    let mut needs_rex = false;
+    for n in 0..info.op_count() {
+        let kind = info.op_kind(n);
+        let reg_size = match kind {
+            K::r8_reg | K::r8_opcode | K::r8_or_mem => Some(1),
+            K::r16_reg | K::r16_rm | K::r16_opcode | K::r16_reg_mem | K::r16_or_mem => Some(2),
+            K::r32_reg | K::r32_rm | K::r32_opcode | K::r32_reg_mem | K::r32_or_mem => Some(4),
+            K::r64_reg | K::r64_rm | K::r64_opcode | K::r64_reg_mem | K::r64_or_mem => Some(8),
+            _ => None,
+        };
+        let or_mem = matches!(kind, K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::xmm_or_mem);
+        if (or_mem && rng.chance(50)) || kind == K::mem {
+            // Memory operand.
+            let base = random_gpr_index(rng, &reserved);
+            reserved.regs.push(base);
+            let index = if rng.chance(40) {
+                let i = random_gpr_index(rng, &reserved);
+                reserved.regs.push(i);
+                Some((i, [1, 2, 4, 8][rng.below(4) as usize]))
+            } else {
+                None
+            };
+            let disp = match rng.below(3) {
+                0 => 0,
+                1 => rng.below(256) as i64 - 128,
+                _ => rng.below(0x1000) as i64 - 0x800,
+            };
+            inst.set_op_kind(n, OpKind::Memory);
+            inst.set_memory_base(GPR64[base]);
+            if let Some((i, scale)) = index {
+                inst.set_memory_index(GPR64[i]);
+                inst.set_memory_index_scale(scale);
+            }
+            inst.set_memory_displacement64(disp as u64);
+            inst.set_memory_displ_size(if disp == 0 { 0 } else if (-128..128).contains(&disp) { 1 } else { 4 });
+            memory = Some((base, index, disp));
+            continue;
+        }
+        if let Some(size) = reg_size {
+            let index = random_gpr_index(rng, &reserved);
+            let high = size == 1 && index < 4 && rng.chance(30);
+            uses_high_byte |= high;
+            needs_rex |= index >= 8 || (size == 1 && (4..8).contains(&index) && !high);
+            inst.set_op_kind(n, OpKind::Register);
+            inst.set_op_register(n, gpr(size, index, high));
+            continue;
+        }
+        match kind {
+            K::xmm_reg | K::xmm_rm | K::xmm_or_mem => {
+                inst.set_op_kind(n, OpKind::Register);
+                inst.set_op_register(n, reg_at(Register::XMM0 as u32 as usize + rng.below(16) as usize));
+            }
+            K::al | K::cl | K::ax | K::dx | K::eax | K::rax => {
+                let r = match kind {
+                    K::al => Register::AL,
+                    K::cl => Register::CL,
+                    K::ax => Register::AX,
+                    K::dx => Register::DX,
+                    K::eax => Register::EAX,
+                    _ => Register::RAX,
+                };
+                inst.set_op_kind(n, OpKind::Register);
+                inst.set_op_register(n, r);
+            }
+            K::imm8 => {
+                inst.set_op_kind(n, OpKind::Immediate8);
+                inst.set_immediate8(rng.next() as u8);
+            }
+            K::imm8_const_1 => {
+                inst.set_op_kind(n, OpKind::Immediate8);
+                inst.set_immediate8(1);
+            }
+            K::imm8sex16 => {
+                inst.set_op_kind(n, OpKind::Immediate8to16);
+                inst.set_immediate8to16(rng.next() as i8 as i16);
+            }
+            K::imm8sex32 => {
+                inst.set_op_kind(n, OpKind::Immediate8to32);
+                inst.set_immediate8to32(rng.next() as i8 as i32);
+            }
+            K::imm8sex64 => {
+                inst.set_op_kind(n, OpKind::Immediate8to64);
+                inst.set_immediate8to64(rng.next() as i8 as i64);
+            }
+            K::imm16 => {
+                inst.set_op_kind(n, OpKind::Immediate16);
+                inst.set_immediate16(rng.interesting() as u16);
+            }
+            K::imm32 => {
+                inst.set_op_kind(n, OpKind::Immediate32);
+                inst.set_immediate32(rng.interesting() as u32);
+            }
+            K::imm32sex64 => {
+                inst.set_op_kind(n, OpKind::Immediate32to64);
+                inst.set_immediate32to64(rng.interesting() as i32 as i64);
+            }
+            K::imm64 => {
+                inst.set_op_kind(n, OpKind::Immediate64);
+                inst.set_immediate64(rng.interesting());
+            }
+            K::seg_rSI => inst.set_op_kind(n, OpKind::MemorySegRSI),
+            K::es_rDI => inst.set_op_kind(n, OpKind::MemoryESRDI),
+            K::seg_rDI => inst.set_op_kind(n, OpKind::MemorySegRDI),
+            K::seg_rBX_al => {
+                inst.set_op_kind(n, OpKind::Memory);
+                inst.set_memory_base(Register::RBX);
+                inst.set_memory_index(Register::AL);
+                inst.set_memory_index_scale(1);
+            }
+            _ => return None,
+        }
+    }
+    if uses_high_byte && needs_rex {
+        return None;
+    }
+    if string {
+        if info.can_use_rep_prefix() && rng.chance(60) {
+            inst.set_has_rep_prefix(true);
+        } else if info.can_use_repne_prefix() && rng.chance(40) {
+            inst.set_has_repne_prefix(true);
+        }
+    }
+    if matches!(mnemonic, Mnemonic::Shld | Mnemonic::Shrd)
+        && inst.op_kind(2) == OpKind::Immediate8
+        && info.op_kind(0) != K::r32_or_mem
+        && info.op_kind(0) != K::r64_or_mem
+    {
+        // SHLD/SHRD of 16-bit operands by more than 16 is undefined.
+        inst.set_immediate8(rng.below(17) as u8);
+    }
+    if memory.is_some() && info.can_use_lock_prefix() && rng.chance(30) {
+        inst.set_has_lock_prefix(true);
+    }
+    let mut encoder = Encoder::new(64);
+    encoder.encode(&inst, INSN).ok()?;
+    let bytes = encoder.take_buffer();
+    // Decode back so the instruction carries everything the decoder would set.
+    let mut decoder = iced_x86::Decoder::with_ip(64, &bytes, INSN, iced_x86::DecoderOptions::NONE);
+    let decoded = decoder.decode();
+    if decoded.is_invalid() || decoded.code() != code {
+        return None;
+    }
+
+    let mut regs = [0u64; 16];
+    for r in regs.iter_mut() {
+        *r = rng.interesting();
+    }
+    regs[4] = STACK + 0x1000 + (rng.below(0x100) * 8);
+    let mut rflags = 0x202 | (rng.next() & 0x8d5);
+    if string {
+        let backwards = rng.chance(30);
+        if backwards {
+            rflags |= 0x400;
+        }
+        regs[1] = if decoded.has_rep_prefix() || decoded.has_repne_prefix() { rng.below(40) } else { rng.next() };
+        regs[6] = DATA + 0x600 + rng.below(0x200);
+        regs[7] = DATA + 0x1000 + rng.below(0x200);
+        if rng.chance(20) {
+            // Make comparisons find equal data.
+            regs[7] = regs[6];
+        }
+    }
+    if matches!(mnemonic, Mnemonic::Enter | Mnemonic::Leave) {
+        regs[5] = STACK + 0x1400 + rng.below(0x80) * 8;
+    }
+    if mnemonic == Mnemonic::Xlatb {
+        regs[3] = DATA + rng.below(0x1000);
+    }
+    if let Some((base, index, disp)) = memory {
+        let size = decoded.memory_size().size().max(1) as u64;
+        let target = if rng.chance(5) {
+            // Straddle the end of the data into the guard page.
+            GUARD - rng.below(size.max(2) - 1) - 1
+        } else {
+            let offset = rng.below(DATA_SIZE - size - 64);
+            if rng.chance(75) {
+                DATA + (offset & !15)
+            } else {
+                DATA + offset
+            }
+        };
+        let mut base_value = target.wrapping_sub(disp as u64);
+        if let Some((i, scale)) = index {
+            let v = rng.below(64);
+            regs[i] = v;
+            base_value = base_value.wrapping_sub(v * u64::from(scale));
+        }
+        regs[base] = base_value;
+    }
+    fixups(&decoded, rng, &mut regs);
+    let mut xmm = [0u128; 16];
+    for x in xmm.iter_mut() {
+        *x = (u128::from(rng.interesting()) << 64) | u128::from(rng.interesting());
+    }
+    let mut data = vec![0u8; DATA_SIZE as usize];
+    for chunk in data.chunks_mut(8) {
+        let v = rng.interesting().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    let mut stack = vec![0u8; STACK_SIZE as usize];
+    for chunk in stack.chunks_mut(8) {
+        let v = rng.next().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    if matches!(mnemonic, Mnemonic::Popf | Mnemonic::Popfq) {
+        // Single-stepping (TF) and alignment checking (AC) are not emulated; keep them off.
+        let top = (regs[4] - STACK) as usize;
+        let value = u64::from_le_bytes(stack[top..top + 8].try_into().unwrap()) & !0x4_0100;
+        stack[top..top + 8].copy_from_slice(&value.to_le_bytes());
+    }
+    Some(Case { inst: decoded, bytes, state: MachineState { regs, rflags, xmm, mxcsr: 0x1f80, data, stack } })
+}
+
+/// Input adjustments so that more cases exercise the interesting path.
+fn fixups(inst: &Instruction, rng: &mut Rng, regs: &mut [u64; 16]) {
+    let size = if inst.op_count() > 0 && inst.op_kind(0) == OpKind::Register {
+        inst.op0_register().size()
+    } else {
+        inst.memory_size().size()
+    };
+    match inst.mnemonic() {
+        // Most random dividends overflow; often make the high half small.
+        Mnemonic::Div | Mnemonic::Idiv if rng.chance(70) => {
+            let negative = rng.chance(50) && inst.mnemonic() == Mnemonic::Idiv;
+            if size == 1 {
+                regs[0] = (regs[0] & !0xff00) | if negative { 0xff00 } else { 0 };
+            } else {
+                regs[2] = if negative { u64::MAX } else { 0 };
+            }
+        }
+        // Bit offsets into memory: keep them near the operand most of the time.
+        Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+            if inst.op_kind(0) == OpKind::Memory && inst.op_kind(1) == OpKind::Register && rng.chance(80) =>
+        {
+            let r = (inst.op1_register().full_register() as u32 - Register::RAX as u32) as usize;
+            if !matches!(r, 4) && inst.memory_base() != inst.op1_register().full_register() {
+                regs[r] = (rng.below(512) as i64 - 256) as u64;
+            }
+        }
+        // SHLD/SHRD of 16-bit operands by more than 16 is undefined.
+        Mnemonic::Shld | Mnemonic::Shrd if size == 2 && inst.op_kind(2) == OpKind::Register => {
+            regs[1] = rng.below(17);
+        }
+        Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar | Mnemonic::Rol | Mnemonic::Ror | Mnemonic::Rcl | Mnemonic::Rcr
+            if rng.chance(70) =>
+        {
+            regs[1] = (regs[1] & !0xff) | rng.below(70);
+        }
+        _ => {}
+    }
+    let _ = MemorySize::Unknown;
+}

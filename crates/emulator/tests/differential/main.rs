@@ -1,0 +1,234 @@
+//! Differential tests: every user-mode instruction form the engine implements runs on the host
+//! CPU and in the engine from the same random states; registers, flags (minus the
+//! architecturally undefined ones), XMM registers, MXCSR, memory and exceptions must match.
+//!
+//! Seeded and reproducible: `LODGE_DIFF_SEED` changes the seed, `LODGE_DIFF_CASES` the number
+//! of cases per instruction form. A failure names the instruction, its bytes and the inputs.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod engine;
+mod generate;
+mod native;
+
+use iced_x86::{Code, Formatter, IntelFormatter, Mnemonic, RflagsBits};
+
+use engine::Engine;
+use generate::{generate, Case, Rng};
+use native::{MachineState, Native, Outcome};
+
+fn seed() -> u64 {
+    std::env::var("LODGE_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234)
+}
+
+fn cases(default: usize) -> usize {
+    std::env::var("LODGE_DIFF_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// RFLAGS bits compared: CF, PF, AF, ZF, SF, OF, DF.
+const COMPARED_FLAGS: u64 = 0xcd5;
+
+fn undefined_flags(case: &Case) -> u64 {
+    let bits = case.inst.rflags_undefined();
+    let mut mask = 0;
+    for (iced, x86) in [
+        (RflagsBits::OF, 0x800),
+        (RflagsBits::SF, 0x80),
+        (RflagsBits::ZF, 0x40),
+        (RflagsBits::AF, 0x10),
+        (RflagsBits::CF, 0x1),
+        (RflagsBits::PF, 0x4),
+    ] {
+        if bits & iced != 0 {
+            mask |= x86;
+        }
+    }
+    mask
+}
+
+fn describe(case: &Case) -> String {
+    let mut text = String::new();
+    IntelFormatter::new().format(&case.inst, &mut text);
+    format!("{text}  [{:02x?}]", case.bytes)
+}
+
+fn compare(case: &Case, native: &Outcome, engine: &Outcome) -> Result<(), String> {
+    match (native, engine) {
+        (Outcome::Completed(n), Outcome::Completed(e)) => compare_states(case, n, e),
+        (Outcome::Faulted { vector: nv, error_code: ne, regs: nr }, Outcome::Faulted { vector: ev, error_code: ee, regs: er }) => {
+            if nv != ev {
+                return Err(format!("host raised vector {nv}, engine {ev}"));
+            }
+            if *nv == 14 && (ne & 0x7) != (ee & 0x7) {
+                return Err(format!("#PF error code: host {ne:#x}, engine {ee:#x}"));
+            }
+            if nr != er {
+                return Err(format!("registers at the fault differ:\n  host   {nr:x?}\n  engine {er:x?}"));
+            }
+            Ok(())
+        }
+        (Outcome::Faulted { vector, .. }, Outcome::Completed(_)) => Err(format!("host raised vector {vector}, engine completed")),
+        (Outcome::Completed(_), Outcome::Faulted { vector, .. }) => Err(format!("engine raised vector {vector}, host completed")),
+    }
+}
+
+fn compare_states(case: &Case, n: &MachineState, e: &MachineState) -> Result<(), String> {
+    let mut problems = Vec::new();
+    const NAMES: [&str; 16] = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+    for i in 0..16 {
+        if n.regs[i] != e.regs[i] {
+            problems.push(format!("{}: host {:#x}, engine {:#x}", NAMES[i], n.regs[i], e.regs[i]));
+        }
+    }
+    let mask = COMPARED_FLAGS & !undefined_flags(case);
+    if n.rflags & mask != e.rflags & mask {
+        problems.push(format!("rflags (mask {mask:#x}): host {:#x}, engine {:#x}", n.rflags & mask, e.rflags & mask));
+    }
+    for i in 0..16 {
+        if n.xmm[i] != e.xmm[i] {
+            problems.push(format!("xmm{i}: host {:#034x}, engine {:#034x}", n.xmm[i], e.xmm[i]));
+        }
+    }
+    if n.mxcsr != e.mxcsr {
+        problems.push(format!("mxcsr: host {:#x}, engine {:#x}", n.mxcsr, e.mxcsr));
+    }
+    for (name, a, b, base) in [("data", &n.data, &e.data, native::DATA), ("stack", &n.stack, &e.stack, native::STACK)] {
+        if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+            problems.push(format!("{name} at {:#x}: host {:02x?}, engine {:02x?}", base + i as u64, &a[i..(i + 8).min(a.len())], &b[i..(i + 8).min(b.len())]));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n  "))
+    }
+}
+
+/// Runs `per_code` cases for every instruction form whose mnemonic passes `filter`.
+fn check(name: &str, per_code: usize, filter: impl Fn(Code) -> bool) {
+    let mut native = match Native::new() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("SKIPPED {name}: the host runner needs a fixed mapping ({e})");
+            return;
+        }
+    };
+    let mut engine = Engine::new();
+    let mut rng = Rng::new(seed() ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))));
+    let mut failures = Vec::new();
+    let mut forms = 0;
+    let mut total = 0;
+    for code in Code::values() {
+        if !filter(code) {
+            continue;
+        }
+        let mut tested = false;
+        let mut failed_here = 0;
+        for _ in 0..per_code {
+            let Some(case) = generate(code, &mut rng) else {
+                break;
+            };
+            tested = true;
+            total += 1;
+            let n = native.run(&case.bytes, &case.state);
+            let e = engine.run(&case.bytes, &case.state);
+            if let Err(problem) = compare(&case, &n, &e) {
+                failed_here += 1;
+                if failed_here <= 2 {
+                    failures.push(format!(
+                        "{}\n  inputs: regs {:x?} rflags {:#x}\n  {problem}",
+                        describe(&case),
+                        case.state.regs,
+                        case.state.rflags
+                    ));
+                }
+            }
+        }
+        forms += usize::from(tested);
+    }
+    println!("{name}: {forms} instruction forms, {total} cases, {} failing", failures.len());
+    assert!(forms > 0, "{name}: no instruction form was generated");
+    if !failures.is_empty() {
+        let shown: Vec<_> = failures.iter().take(40).cloned().collect();
+        panic!("{name}: {} failures (seed {:#x}):\n{}", failures.len(), seed(), shown.join("\n"));
+    }
+}
+
+#[test]
+fn integer_arithmetic_and_logic() {
+    use Mnemonic::*;
+    check("alu", cases(300), |c| matches!(c.mnemonic(), Add | Or | Adc | Sbb | And | Sub | Xor | Cmp | Test | Inc | Dec | Neg | Not));
+}
+
+#[test]
+fn shifts_and_rotates() {
+    use Mnemonic::*;
+    check("shift", cases(400), |c| matches!(c.mnemonic(), Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd));
+}
+
+#[test]
+fn multiply_and_divide() {
+    use Mnemonic::*;
+    check("muldiv", cases(400), |c| matches!(c.mnemonic(), Mul | Imul | Div | Idiv));
+}
+
+#[test]
+fn bit_operations() {
+    use Mnemonic::*;
+    // TZCNT is not compared: the engine reports no BMI1 and runs it as BSF, the host has BMI1.
+    check("bits", cases(300), |c| matches!(c.mnemonic(), Bt | Bts | Btr | Btc | Bsf | Bsr | Popcnt | Lzcnt | Bswap));
+}
+
+#[test]
+fn data_movement() {
+    use Mnemonic::*;
+    check("data", cases(200), |c| {
+        let m = c.mnemonic();
+        matches!(
+            m,
+            Mov | Movzx
+                | Movsx
+                | Movsxd
+                | Lea
+                | Xchg
+                | Xadd
+                | Cmpxchg
+                | Cmpxchg8b
+                | Cmpxchg16b
+                | Movnti
+                | Cbw
+                | Cwde
+                | Cdqe
+                | Cwd
+                | Cdq
+                | Cqo
+                | Lahf
+                | Sahf
+                | Xlatb
+                | Push
+                | Pop
+                | Pushf
+                | Pushfq
+                | Popf
+                | Popfq
+                | Enter
+                | Leave
+                | Clc
+                | Stc
+                | Cmc
+                | Cld
+                | Std
+                | Nop
+        ) || format!("{m:?}").starts_with("Cmov")
+            || format!("{m:?}").starts_with("Set")
+    });
+}
+
+#[test]
+fn string_instructions() {
+    use Mnemonic::*;
+    check("string", cases(300), |c| {
+        matches!(c, Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32)
+            || matches!(c.mnemonic(), Movsb | Movsw | Movsq | Stosb | Stosw | Stosd | Stosq | Lodsb | Lodsw | Lodsd | Lodsq | Cmpsb | Cmpsw | Cmpsq | Scasb | Scasw | Scasd | Scasq)
+    });
+}
