@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use lodge_bus::BusDevice;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::rate_limit::LogLimiter;
+use crate::logging::LogLimiter;
 
 /// The controller's data port; the command/status port is four ports above.
 pub const I8042_PORT: u16 = 0x60;

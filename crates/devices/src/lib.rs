@@ -17,8 +17,13 @@ pub mod boot_timer;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
-mod rate_limit;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
+
+mod logging;
 
 pub use boot_timer::{BootTimeHandle, BootTimer};
 pub use i8042::I8042Controller;

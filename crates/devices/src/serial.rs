@@ -13,7 +13,7 @@ use lodge_bus::{BusDevice, InterruptError, InterruptLine};
 use vm_superio::serial::{Error as UartError, NoEvents};
 use vm_superio::{Serial, Trigger};
 
-use crate::rate_limit::LogLimiter;
+use crate::logging::LogLimiter;
 
 /// First port of COM1.
 pub const COM1_PORT: u16 = 0x3f8;

@@ -1,4 +1,5 @@
-//! Keeps a guest that repeats the same mistake from flooding the VMM's log.
+//! Log helpers: keeping a guest that repeats a mistake from flooding the VMM's log, and
+//! formatting an error with its causes on one line.
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,18 @@ impl Default for LogLimiter {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `error: cause: cause's cause...`, for log lines.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 #[cfg(test)]
