@@ -118,6 +118,7 @@ fn fill_chain(
     let checked = collect_chain(chain, MAX_DESCRIPTORS).map_err(RngError::Chain)?;
     checked
         .require_direction(&checked.descriptors, true)
+        .and_then(|()| checked.require_in_memory(memory, &checked.descriptors))
         .map_err(RngError::Chain)?;
     let mut written = 0u32;
     for buffer in &checked.descriptors {
@@ -203,7 +204,9 @@ mod tests {
     }
 
     fn raw(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-        RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+        // Chains built here are consecutive: a descriptor with NEXT continues at index 1.
+        let next = if flags & NEXT != 0 { 1 } else { 0 };
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
     }
 
     fn used(harness: &Harness) -> (u32, u32) {

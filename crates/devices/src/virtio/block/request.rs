@@ -126,12 +126,18 @@ pub(super) fn handle_chain(
     };
     let head = checked.head;
     let status = match checked.descriptors.split_last() {
-        Some((status, _)) if status.is_write_only() && status.len() > 0 => *status,
+        Some((status, _))
+            if status.is_write_only()
+                && status.len() > 0
+                && checked.require_in_memory(memory, &[*status]).is_ok() =>
+        {
+            *status
+        }
         _ => {
             if let Some(suppressed) = logs.guest.check() {
                 tracing::warn!(
                     suppressed,
-                    "virtio-blk: dropped request {head}: no device-writable status buffer"
+                    "virtio-blk: dropped request {head}: no device-writable status buffer in guest memory"
                 );
             }
             return 0;
@@ -181,6 +187,9 @@ impl<'a> Request<'a> {
         memory: &GuestMemoryMmap,
         disk: &Disk,
     ) -> Result<Self, RequestError> {
+        chain
+            .require_in_memory(memory, body)
+            .map_err(RequestError::Chain)?;
         let (header, data) = body.split_first().ok_or(RequestError::Header)?;
         if header.is_write_only() || header.len() != HEADER_SIZE {
             return Err(RequestError::Header);
