@@ -494,7 +494,7 @@ impl MutEventSubscriber for MmioTransport {
 /// The register a 4-byte, 4-aligned access below the configuration space targets; registers
 /// take no other accesses.
 fn register_access(offset: u64, len: usize) -> Option<u32> {
-    if len == 4 && offset % 4 == 0 && offset < CONFIG_SPACE_OFFSET {
+    if len == 4 && offset.is_multiple_of(4) && offset < CONFIG_SPACE_OFFSET {
         u32::try_from(offset).ok()
     } else {
         None

@@ -121,7 +121,7 @@ impl VirtioBlock {
                 path: path.clone(),
                 source,
             })?;
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             tracing::warn!(
                 "Disk image {} is {size} bytes, not a whole number of sectors: the last {} bytes are not visible to the guest",
                 path.display(),

@@ -233,7 +233,7 @@ impl<'a> Request<'a> {
         let offset = match kind {
             RequestType::In | RequestType::Out => {
                 let len = CheckedChain::total_len(data);
-                if len % SECTOR_SIZE != 0 {
+                if !len.is_multiple_of(SECTOR_SIZE) {
                     return Err(RequestError::Unaligned(len));
                 }
                 sector_offset(sector, len / SECTOR_SIZE, disk.capacity)?
