@@ -139,6 +139,18 @@ impl VirtioBlock {
         Ok(Self::with_disk(disk))
     }
 
+    /// A device serving `file` as it is: no lock taken, no id. For the fuzzing entry points.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn from_file(file: File, read_only: bool) -> std::io::Result<Self> {
+        let size = (&file).seek(SeekFrom::End(0))?;
+        Ok(Self::with_disk(Disk {
+            file,
+            read_only,
+            capacity: size / SECTOR_SIZE,
+            id: [0; VIRTIO_BLK_ID_BYTES as usize],
+        }))
+    }
+
     fn with_disk(disk: Disk) -> Self {
         let mut features = COMMON_FEATURES
             | (1 << VIRTIO_BLK_F_FLUSH)
