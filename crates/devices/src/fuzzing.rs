@@ -52,11 +52,12 @@ pub fn virtio_block_request(data: &[u8]) {
     let mut input = Input(data);
     let memory = memory();
     let file = TempFile::new().expect("temporary file").into_file();
-    file.set_len(DISK_SECTORS * SECTOR_SIZE).expect("sized image");
+    file.set_len(DISK_SECTORS * SECTOR_SIZE)
+        .expect("sized image");
     let image = file.try_clone().expect("image handle");
     let read_only = input.byte() & 1 == 1;
     let device = VirtioBlock::from_file(file, read_only).expect("block device");
-    let mut transport = start(Box::new(device), &memory);
+    let (mut transport, line) = start(Box::new(device), &memory);
 
     let mut index = 0u16;
     let mut chains = 0u16;
@@ -79,12 +80,19 @@ pub fn virtio_block_request(data: &[u8]) {
     notify(&mut transport, 0);
 
     let size = image.metadata().expect("image metadata").len();
-    assert_eq!(size, DISK_SECTORS * SECTOR_SIZE, "the guest resized the image");
+    assert_eq!(
+        size,
+        DISK_SECTORS * SECTOR_SIZE,
+        "the guest resized the image"
+    );
     if transport.status() & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
         let used: u16 = memory
             .read_obj(GuestAddress(USED_RING + 2))
             .expect("used index");
         assert_eq!(used, published, "published chains did not all come back");
+        if used > 0 {
+            assert!(line.count() > 0, "used buffers were not announced");
+        }
     }
 }
 
@@ -96,7 +104,8 @@ pub fn mmio_transport(data: &[u8]) {
     let memory = memory();
     let device: Box<dyn VirtioDevice> = if input.byte() & 1 == 0 {
         let file = TempFile::new().expect("temporary file").into_file();
-        file.set_len(DISK_SECTORS * SECTOR_SIZE).expect("sized image");
+        file.set_len(DISK_SECTORS * SECTOR_SIZE)
+            .expect("sized image");
         Box::new(VirtioBlock::from_file(file, false).expect("block device"))
     } else {
         Box::new(VirtioRng::new())
@@ -137,11 +146,15 @@ pub fn mmio_transport(data: &[u8]) {
 }
 
 /// The guest side of a correct initialisation, with the request queue at its fixed place.
-fn start(device: Box<dyn VirtioDevice>, memory: &GuestMemoryMmap) -> MmioTransport {
+fn start(
+    device: Box<dyn VirtioDevice>,
+    memory: &GuestMemoryMmap,
+) -> (MmioTransport, Arc<CountingLine>) {
     let line = Arc::new(CountingLine::default());
-    let mut transport = MmioTransport::new(device, memory.clone(), line).expect("transport");
+    let mut transport =
+        MmioTransport::new(device, memory.clone(), line.clone()).expect("transport");
     initialise(&mut transport, memory);
-    transport
+    (transport, line)
 }
 
 fn initialise(transport: &mut MmioTransport, memory: &GuestMemoryMmap) {
@@ -167,8 +180,16 @@ fn initialise(transport: &mut MmioTransport, memory: &GuestMemoryMmap) {
     write(transport, VIRTIO_MMIO_STATUS, features_ok);
     write(transport, VIRTIO_MMIO_QUEUE_SEL, 0);
     write(transport, VIRTIO_MMIO_QUEUE_NUM, u32::from(QUEUE_SIZE));
-    write(transport, VIRTIO_MMIO_QUEUE_DESC_LOW, DESCRIPTOR_TABLE as u32);
-    write(transport, VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAILABLE_RING as u32);
+    write(
+        transport,
+        VIRTIO_MMIO_QUEUE_DESC_LOW,
+        DESCRIPTOR_TABLE as u32,
+    );
+    write(
+        transport,
+        VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+        AVAILABLE_RING as u32,
+    );
     write(transport, VIRTIO_MMIO_QUEUE_USED_LOW, USED_RING as u32);
     write(transport, VIRTIO_MMIO_QUEUE_READY, 1);
     write(
@@ -219,7 +240,10 @@ fn write_request(input: &mut Input, memory: &GuestMemoryMmap, request: u16, firs
                 SECTOR_SIZE as u32 * u32::from(size % 4) + u32::from(size >> 6),
             ),
             2 => (STATUS + u64::from(size) * 8, 1),
-            _ => (u64::from(input.u32()) % ADDRESS_SPAN, input.u32() >> (size % 32)),
+            _ => (
+                u64::from(input.u32()) % ADDRESS_SPAN,
+                input.u32() >> (size % 32),
+            ),
         };
         let (address, len) = if flags & INDIRECT != 0 {
             // An indirect table made of input bytes: whatever they describe.
@@ -228,7 +252,9 @@ fn write_request(input: &mut Input, memory: &GuestMemoryMmap, request: u16, firs
             for byte in entries.iter_mut().take(usize::from(size)) {
                 *byte = input.byte();
             }
-            memory.write_slice(&entries, GuestAddress(table)).expect("indirect table");
+            memory
+                .write_slice(&entries, GuestAddress(table))
+                .expect("indirect table");
             (table, u32::from(size % 17) * 16)
         } else {
             (address, len)
@@ -339,22 +365,32 @@ mod tests {
         // Type IN, sector 3, three descriptors: header, one 512-byte data buffer, status.
         let data = [
             0, // read-write disk
-            0, 3, 2, // IN, sector 3, three descriptors
-            1, 0, // header, NEXT
-            1 << 3 | 2 | 1, 1, 0, 0, // data: device-writable, NEXT, 512 bytes at DATA
-            2 << 3 | 2, 0, // status: device-writable
+            0,
+            3,
+            2, // IN, sector 3, three descriptors
+            1,
+            0, // header, NEXT
+            1 << 3 | 2 | 1,
+            1,
+            0,
+            0, // data: device-writable, NEXT, 512 bytes at DATA
+            2 << 3 | 2,
+            0, // status: device-writable
         ];
         virtio_block_request(&data);
         let memory = memory();
         // The entry point builds its own memory; rerun the request here to see the result.
         let file = TempFile::new().unwrap().into_file();
         file.set_len(DISK_SECTORS * SECTOR_SIZE).unwrap();
-        let mut transport = start(Box::new(VirtioBlock::from_file(file, false).unwrap()), &memory);
+        let device = Box::new(VirtioBlock::from_file(file, false).unwrap());
+        let (mut transport, line) = start(device, &memory);
         let mut input = Input(&data[1..]);
         let next = write_request(&mut input, &memory, 0, 0);
         assert_eq!(next, 3);
         memory.write_obj(0u16, available_entry(0)).unwrap();
-        memory.write_obj(1u16, GuestAddress(AVAILABLE_RING + 2)).unwrap();
+        memory
+            .write_obj(1u16, GuestAddress(AVAILABLE_RING + 2))
+            .unwrap();
         notify(&mut transport, 0);
         let used: u16 = memory.read_obj(GuestAddress(USED_RING + 2)).unwrap();
         assert_eq!(used, 1);
@@ -362,5 +398,6 @@ mod tests {
         assert_eq!(status, 0, "request failed");
         let used_len: u32 = memory.read_obj(GuestAddress(USED_RING + 8)).unwrap();
         assert_eq!(used_len, 513);
+        assert_eq!(line.count(), 1);
     }
 }
