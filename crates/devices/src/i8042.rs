@@ -8,9 +8,12 @@
 //! i8042.nopnp i8042.dumbkbd`, because no keyboard answers and no interrupt is ever raised.
 //!
 //! The device decodes ports 0x60 to 0x64: insert it at [`I8042_PORT`] with length
-//! [`I8042_PORT_COUNT`]. Ports 0x61 to 0x63 are not part of the controller and read 0xff.
+//! [`I8042_PORT_COUNT`]; ports 0x61 to 0x63 are not part of the controller and read 0xff. To
+//! leave those ports to other devices (0x61 is the PIT's gate and speaker port), split it with
+//! [`I8042Controller::into_ports`] and insert each [`I8042Port`] with length 1.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use lodge_bus::BusDevice;
 use vmm_sys_util::eventfd::EventFd;
@@ -96,6 +99,21 @@ impl I8042Controller {
             reset_error_log: LogLimiter::new(),
             ignored_log: LogLimiter::new(),
         }
+    }
+
+    /// Splits the controller into its data port (0x60) and command/status port (0x64), for
+    /// buses where they are inserted separately.
+    pub fn into_ports(self) -> (I8042Port, I8042Port) {
+        let controller = Arc::new(Mutex::new(self));
+        let data = I8042Port {
+            controller: controller.clone(),
+            offset: DATA_OFFSET,
+        };
+        let command = I8042Port {
+            controller,
+            offset: COMMAND_OFFSET,
+        };
+        (data, command)
     }
 
     fn read_status(&self) -> u8 {
@@ -210,6 +228,39 @@ impl BusDevice for I8042Controller {
     }
 }
 
+/// One port of a controller split with [`I8042Controller::into_ports`]; insert it with
+/// length 1.
+pub struct I8042Port {
+    controller: Arc<Mutex<I8042Controller>>,
+    /// The port's offset in the unsplit controller.
+    offset: u64,
+}
+
+impl BusDevice for I8042Port {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset != 0 {
+            data.fill(0xff);
+            return;
+        }
+        let mut controller = self
+            .controller
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        controller.read(self.offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset != 0 {
+            return;
+        }
+        let mut controller = self
+            .controller
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        controller.write(self.offset, data);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +359,28 @@ mod tests {
         }
         assert_eq!(read(&mut device, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
         assert_eq!(read(&mut device, DATA_OFFSET), 0x55);
+    }
+
+    #[test]
+    fn split_ports_reach_one_controller() {
+        let reset = EventFd::new(EFD_NONBLOCK).unwrap();
+        let reset_observer = reset.try_clone().unwrap();
+        let (mut data, mut command) = I8042Controller::new(reset).into_ports();
+        command.write(0, &[COMMAND_SELF_TEST]);
+        let mut byte = [0u8];
+        command.read(0, &mut byte);
+        assert_eq!(byte[0] & STATUS_OUTPUT_FULL, STATUS_OUTPUT_FULL);
+        data.read(0, &mut byte);
+        assert_eq!(byte[0], SELF_TEST_PASSED);
+        data.read(1, &mut byte);
+        assert_eq!(byte[0], 0xff);
+        command.write(1, &[0xfe]);
+        assert!(
+            reset_observer.read().is_err(),
+            "reset from a foreign offset"
+        );
+        command.write(0, &[0xfe]);
+        assert_eq!(reset_observer.read().unwrap(), 1);
     }
 
     #[test]

@@ -26,6 +26,6 @@ pub mod fuzzing;
 mod logging;
 
 pub use boot_timer::{BootTimeHandle, BootTimer};
-pub use i8042::I8042Controller;
+pub use i8042::{I8042Controller, I8042Port};
 pub use rtc::CmosRtc;
 pub use serial::SerialConsole;
