@@ -47,7 +47,7 @@ pub enum DeviceError {
 }
 
 /// Subscribers the VMM's event loop must serve.
-pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber>>;
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// The devices of one VM.
 pub struct DeviceManager {

@@ -15,7 +15,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, BootError, BootSource, LoadedKernel};
+use crate::boot::{self, BootError, LoadedKernel};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::console::{self, StdinInput};
 use crate::console_sinks::{CappedLog, ConsoleClients, ConsoleFanout, ConsoleSocket};
@@ -153,6 +153,8 @@ impl Machine {
         options: MachineOptions,
     ) -> Result<Self, MachineError> {
         let memory = memory::allocate(config.memory.bytes())?;
+        // Kernel and initrd first: a bad image is reported before anything else is set up.
+        let loaded = boot::load_images(&memory, &config.kernel, config.initrd.as_deref())?;
         let io = Arc::new(IoBus::new());
         let engine_vm = engine
             .create_vm(VmSpec {
@@ -205,12 +207,7 @@ impl Machine {
             InterruptModel::Apic => Some(config.cpus),
             InterruptModel::Pic => None,
         };
-        let source = BootSource {
-            kernel: config.kernel.clone(),
-            initrd: config.initrd.clone(),
-            cmdline: cmdline.clone(),
-        };
-        let loaded = boot::load(&memory, &source, mp_table)?;
+        let boot_state = boot::write_boot_parameters(&memory, &loaded, &cmdline, mp_table)?;
 
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
@@ -221,7 +218,7 @@ impl Machine {
         }
         // Application processors wait for the boot processor's INIT/SIPI.
         vcpus[0]
-            .set_state(&loaded.boot_state)
+            .set_state(&boot_state)
             .map_err(MachineError::SetBootState)?;
 
         let handle = MachineHandle {

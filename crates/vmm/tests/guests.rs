@@ -5,13 +5,14 @@
 //! KVM tests skip with a printed reason where `/dev/kvm` is unusable; they run on this
 //! project's PVM hosts (small guests work there).
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
 use lodge_engine::kvm;
-use lodge_vmm::config::{ConsoleConfig, EngineChoice, MemorySize};
+use lodge_vmm::config::{ConsoleConfig, ConsoleLogConfig, EngineChoice, MemorySize};
 use lodge_vmm::engine_select;
 use lodge_vmm::testing::{vmlinux_from_code, TEST_KERNEL_ENTRY};
 use lodge_vmm::{ExitReason, Machine, MachineOptions, RunSummary, VmConfig};
@@ -190,6 +191,82 @@ fn pause_and_resume(engine: EngineChoice) {
     assert_eq!(summary.reason, ExitReason::Stopped("test".into()));
 }
 
+/// A guest that echoes serial input and resets when the power button is pressed, driven
+/// through the console socket and the control socket as the daemon drives VMM processes.
+fn sockets_drive_the_vm(engine: EngineChoice) {
+    let mut guest = TestGuest::new(engine, |asm| {
+        let mut top = asm.create_label();
+        let mut check_button = asm.create_label();
+        asm.mov(rbx, 0xd000_0100u64)?;
+        asm.set_label(&mut top)?;
+        asm.mov(dx, 0x3fdu32)?; // line status register
+        asm.in_(al, dx)?;
+        asm.test(al, 1)?;
+        asm.jz(check_button)?;
+        asm.mov(dx, 0x3f8u32)?;
+        asm.in_(al, dx)?;
+        asm.out(dx, al)?;
+        asm.set_label(&mut check_button)?;
+        asm.mov(al, byte_ptr(rbx))?;
+        asm.test(al, al)?;
+        asm.jz(top)?;
+        print(asm, "shutting down\n")?;
+        i8042_reset(asm)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let console = dir.path().join("console.sock");
+    let log = dir.path().join("console.log");
+    guest.config.api_socket = Some(api.clone());
+    guest.config.console_socket = Some(console.clone());
+    guest.config.console_log = Some(ConsoleLogConfig {
+        path: log.clone(),
+        limit: 1 << 20,
+    });
+    let machine = guest.machine();
+    let runner = std::thread::spawn(move || machine.run().unwrap());
+
+    let mut console_client = UnixStream::connect(&console).unwrap();
+    console_client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    console_client.write_all(b"ping").unwrap();
+    let mut echoed = [0u8; 4];
+    console_client.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping");
+
+    let mut control = BufReader::new(UnixStream::connect(&api).unwrap());
+    let mut request = |line: &str| -> serde_json::Value {
+        control
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        let mut reply = String::new();
+        control.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    };
+    let status = request(r#"{"request":"status"}"#);
+    assert_eq!(status["ok"], true);
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["pid"], std::process::id());
+    assert_eq!(request(r#"{"request":"pause"}"#)["state"], "paused");
+    assert_eq!(request(r#"{"request":"resume"}"#)["state"], "running");
+    let bad = request(r#"{"request":"explode"}"#);
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("Invalid request"));
+    assert_eq!(request(r#"{"request":"shutdown"}"#)["ok"], true);
+
+    let summary = runner.join().unwrap();
+    assert_eq!(summary.reason, ExitReason::GuestReset);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pingshutting down\n"
+    );
+}
+
 fn wait_for_output(path: &Path, bytes: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::metadata(path).unwrap().len() < bytes {
@@ -246,6 +323,13 @@ fn kvm_stops_a_halted_guest() {
 fn kvm_pause_and_resume() {
     if kvm_available("kvm_pause_and_resume") {
         pause_and_resume(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn kvm_sockets_drive_the_vm() {
+    if kvm_available("kvm_sockets_drive_the_vm") {
+        sockets_drive_the_vm(EngineChoice::Kvm);
     }
 }
 

@@ -78,51 +78,79 @@ pub struct BootSource {
     pub cmdline: String,
 }
 
-/// Where the kernel landed and the state its boot vCPU starts in.
+/// Where the kernel and initrd landed.
 #[derive(Debug, Clone)]
 pub struct LoadedKernel {
     pub kernel_start: u64,
     pub kernel_end: u64,
+    /// The 64-bit entry point.
+    pub entry: u64,
+    /// Start and size of the initrd.
     pub initrd: Option<(u64, u64)>,
-    pub boot_state: CpuState,
+    /// A bzImage's setup header (vmlinux kernels have none).
+    header: Option<setup_header>,
 }
 
-/// Loads everything the kernel needs and returns the boot vCPU's entry state.
+/// Loads the kernel and initrd, writes the boot parameters and returns the boot vCPU's
+/// entry state.
 pub fn load(
     memory: &GuestMemoryMmap,
     source: &BootSource,
     mp_table_vcpus: Option<u8>,
+) -> Result<(LoadedKernel, CpuState), BootError> {
+    let loaded = load_images(memory, &source.kernel, source.initrd.as_deref())?;
+    let state = write_boot_parameters(memory, &loaded, &source.cmdline, mp_table_vcpus)?;
+    Ok((loaded, state))
+}
+
+/// Places the kernel and the initrd in guest memory.
+pub fn load_images(
+    memory: &GuestMemoryMmap,
+    kernel: &Path,
+    initrd: Option<&Path>,
 ) -> Result<LoadedKernel, BootError> {
-    validate_cmdline(&source.cmdline)?;
-    let kernel = load_kernel(memory, &source.kernel)?;
+    let image = load_kernel(memory, kernel)?;
     let memory_end = low_memory_end(memory);
-    if kernel.end > memory_end {
+    if image.end > memory_end {
         return Err(BootError::KernelTooLarge {
-            end: kernel.end,
+            end: image.end,
             memory_end,
         });
     }
-    let initrd = match &source.initrd {
+    let initrd = match initrd {
         Some(path) => Some(load_initrd(
             memory,
             path,
-            kernel.end,
-            kernel.initrd_address_max,
+            image.end,
+            image.initrd_address_max,
         )?),
         None => None,
     };
-    write_cmdline(memory, &source.cmdline)?;
-    zero_page::write(memory, kernel.header, source.cmdline.len(), initrd)?;
+    Ok(LoadedKernel {
+        kernel_start: image.start,
+        kernel_end: image.end,
+        entry: image.entry,
+        initrd,
+        header: image.header,
+    })
+}
+
+/// Writes the command line, zero page, boot page tables and GDT, and the MP table when
+/// `mp_table_vcpus` is given; returns the boot vCPU's entry state.
+pub fn write_boot_parameters(
+    memory: &GuestMemoryMmap,
+    loaded: &LoadedKernel,
+    cmdline: &str,
+    mp_table_vcpus: Option<u8>,
+) -> Result<CpuState, BootError> {
+    validate_cmdline(cmdline)?;
+    write_cmdline(memory, cmdline)?;
+    zero_page::write(memory, loaded.header, cmdline.len(), loaded.initrd)?;
     paging::write_tables(memory)?;
     if let Some(vcpus) = mp_table_vcpus {
         mptable::write(memory, vcpus)?;
     }
-    Ok(LoadedKernel {
-        kernel_start: kernel.start,
-        kernel_end: kernel.end,
-        initrd,
-        boot_state: paging::boot_cpu_state(kernel.entry),
-    })
+    Ok(paging::boot_cpu_state(loaded.entry))
 }
 
 struct KernelImage {

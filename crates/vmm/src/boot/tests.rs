@@ -27,9 +27,9 @@ fn loads_an_elf_kernel_initrd_and_zero_page() {
         initrd: Some(initrd.path().to_owned()),
         cmdline: "console=ttyS0 reboot=k".into(),
     };
-    let loaded = load(&memory, &source, Some(1)).unwrap();
+    let (loaded, boot_state) = load(&memory, &source, Some(1)).unwrap();
 
-    assert_eq!(loaded.boot_state.regs.rip, 0x100_0000);
+    assert_eq!(boot_state.regs.rip, 0x100_0000);
     let mut code = [0u8; 3];
     memory
         .read_slice(&mut code, GuestAddress(0x100_0000))
@@ -125,7 +125,14 @@ fn rejects_garbage_kernels_and_bad_cmdlines() {
         load(&memory, &source, None),
         Err(BootError::OpenKernel { .. })
     ));
+    let kernel = file_with(&tiny_vmlinux(&[0xf4]));
+    source.kernel = kernel.path().to_owned();
     source.cmdline = "x".repeat(4096);
+    assert!(matches!(
+        load(&memory, &source, None),
+        Err(BootError::InvalidCmdline(_))
+    ));
+    source.cmdline = "a\0b".into();
     assert!(matches!(
         load(&memory, &source, None),
         Err(BootError::InvalidCmdline(_))
