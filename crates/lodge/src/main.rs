@@ -1,5 +1,6 @@
 //! `lodge`: run a VM in the foreground (`lodge run`), and (soon) the host daemon and its client.
 
+mod cli;
 mod guest_image;
 mod run;
 
@@ -22,6 +23,14 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Build (or find in the cache) the default guest image and print its directory.
     GuestImage,
+    /// Run the host daemon: VM inventory, supervisor and REST API.
+    Daemon(Box<cli::DaemonArgs>),
+    /// Manage VMs through the daemon.
+    Vm(cli::VmArgs),
+    /// Manage disk images through the daemon.
+    Disk(cli::DiskArgs),
+    /// Show the daemon's host.
+    Host(cli::HostArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +55,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Daemon(args) => cli::run_daemon(*args),
+        Command::Vm(args) => cli::run_vm(args),
+        Command::Disk(args) => cli::run_disk(args),
+        Command::Host(args) => cli::run_host(args),
     }
 }
 
