@@ -25,7 +25,10 @@ pub async fn attach(client: &Client, path: &str, name: &str) -> anyhow::Result<(
             match stdin.read(&mut buffer) {
                 Ok(0) | Err(_) => break,
                 Ok(count) => {
-                    if input_sender.blocking_send(buffer[..count].to_vec()).is_err() {
+                    if input_sender
+                        .blocking_send(buffer[..count].to_vec())
+                        .is_err()
+                    {
                         break;
                     }
                 }

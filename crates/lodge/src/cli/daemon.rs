@@ -82,3 +82,72 @@ fn config(args: DaemonArgs) -> anyhow::Result<DaemonConfig> {
     config.console_log_limit = args.console_log_limit;
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use lodge_daemon::vmm::{ConsoleLog, VmmConfig, VmmDisk};
+
+    /// The file the daemon writes for `lodge run --config` parses as the VMM's own
+    /// configuration (which denies unknown fields), with every field in place.
+    #[test]
+    fn daemon_vmm_config_is_a_valid_vm_config() {
+        let config = VmmConfig {
+            kernel: PathBuf::new(),
+            initrd: Some("/boot/initrd".into()),
+            cmdline: Some("console=ttyS0".into()),
+            append: vec!["quiet".into()],
+            cpus: 2,
+            memory: 512,
+            disks: vec![VmmDisk {
+                path: "/var/lib/lodge/images/root.raw".into(),
+                read_only: true,
+            }],
+            rng: true,
+            engine: "emulator".into(),
+            console: "none".into(),
+            api_socket: "/run/lodge/vms/1/api.sock".into(),
+            console_log: ConsoleLog {
+                path: "/var/lib/lodge/vms/1/console.log".into(),
+                limit: 4096,
+            },
+            console_socket: "/run/lodge/vms/1/console.sock".into(),
+            exit_file: "/var/lib/lodge/vms/1/exit.json".into(),
+        };
+        let json = serde_json::to_string(&config).unwrap();
+        let parsed: lodge_vmm::VmConfig = serde_json::from_str(&json).unwrap();
+        assert!(
+            parsed.kernel.as_os_str().is_empty(),
+            "empty kernel means the default guest"
+        );
+        assert_eq!(parsed.cpus, 2);
+        assert_eq!(parsed.memory.bytes(), 512 << 20);
+        assert_eq!(parsed.engine, lodge_vmm::config::EngineChoice::Emulator);
+        assert_eq!(parsed.console, lodge_vmm::config::ConsoleConfig::None);
+        assert!(parsed.disks[0].read_only);
+        assert_eq!(parsed.api_socket, Some(config.api_socket.clone()));
+        assert_eq!(parsed.console_socket, Some(config.console_socket.clone()));
+        assert_eq!(parsed.exit_file, Some(config.exit_file.clone()));
+        let log = parsed.console_log.unwrap();
+        assert_eq!((log.path, log.limit), (config.console_log.path, 4096));
+    }
+
+    /// The exit report the VMM writes is what the daemon reads.
+    #[test]
+    fn vmm_exit_report_is_readable_by_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exit.json");
+        let record = lodge_vmm::exit::ExitRecord {
+            reason: "Guest triple fault".into(),
+            status: 1,
+            boot_time_ms: Some(812),
+        };
+        record.write(&path).unwrap();
+        let report = lodge_daemon::vmm::read_exit_report(&path).expect("report parses");
+        assert_eq!(
+            (report.reason.as_str(), report.status, report.boot_time_ms),
+            ("Guest triple fault", 1, Some(812))
+        );
+    }
+}

@@ -106,7 +106,10 @@ pub fn run(args: DiskArgs) -> ExitCode {
                         ]
                     })
                     .collect();
-                print!("{}", table(&["NAME", "STATE", "SIZE", "USED", "ATTACHED TO"], &rows));
+                print!(
+                    "{}",
+                    table(&["NAME", "STATE", "SIZE", "USED", "ATTACHED TO"], &rows)
+                );
                 Ok(())
             }
             DiskCommand::Show { name } => {
@@ -132,7 +135,11 @@ fn show(disk: &Disk, json_output: bool) -> anyhow::Result<()> {
     }
     println!("Name:        {}", disk.name);
     println!("State:       {}", disk.state.as_str());
-    println!("Size:        {} ({} bytes)", bytes(disk.size_bytes), disk.size_bytes);
+    println!(
+        "Size:        {} ({} bytes)",
+        bytes(disk.size_bytes),
+        disk.size_bytes
+    );
     println!("Used:        {}", bytes(disk.allocated_bytes));
     println!("Path:        {}", disk.path);
     if !disk.attached_to.is_empty() {

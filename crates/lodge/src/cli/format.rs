@@ -33,7 +33,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `256M`, `1G`, `1.5G`.
 pub fn mib(mib: u64) -> String {
-    if mib >= 1024 && mib % 1024 == 0 {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
         format!("{}G", mib / 1024)
     } else if mib >= 1024 {
         format!("{:.1}G", mib as f64 / 1024.0)
@@ -61,7 +61,9 @@ pub fn bytes(bytes: u64) -> String {
 /// Parses `10G`, `512M`, `4096K`, `1T`, or plain bytes.
 pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let number: u64 = digits
         .parse()
@@ -88,7 +90,7 @@ pub fn parse_mib(text: &str) -> anyhow::Result<u64> {
             .map_err(|_| anyhow::anyhow!("Invalid memory size '{text}'"));
     }
     let bytes = parse_bytes(trimmed)?;
-    if bytes % (1 << 20) != 0 {
+    if !bytes.is_multiple_of(1 << 20) {
         anyhow::bail!("Memory size '{text}' is not a whole number of MiB");
     }
     Ok(bytes >> 20)
@@ -169,8 +171,14 @@ mod tests {
     fn tables_align_columns() {
         let text = table(
             &["NAME", "STATE"],
-            &[vec!["web".into(), "running".into()], vec!["database".into(), "stopped".into()]],
+            &[
+                vec!["web".into(), "running".into()],
+                vec!["database".into(), "stopped".into()],
+            ],
         );
-        assert_eq!(text, "NAME      STATE\nweb       running\ndatabase  stopped\n");
+        assert_eq!(
+            text,
+            "NAME      STATE\nweb       running\ndatabase  stopped\n"
+        );
     }
 }

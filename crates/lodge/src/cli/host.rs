@@ -32,8 +32,16 @@ pub fn run(args: HostArgs) -> ExitCode {
                     return print_json(&info);
                 }
                 println!("lodge:        {}", info.version);
-                println!("CPUs:         {} ({} vCPUs allocated{})", info.cpus, info.vcpus_allocated,
-                    if info.cpu_overcommit { ", overcommit allowed" } else { "" });
+                println!(
+                    "CPUs:         {} ({} vCPUs allocated{})",
+                    info.cpus,
+                    info.vcpus_allocated,
+                    if info.cpu_overcommit {
+                        ", overcommit allowed"
+                    } else {
+                        ""
+                    }
+                );
                 println!(
                     "Memory:       {} (capacity {} at overcommit ratio {}; {} allocated)",
                     mib(info.memory_mib),
@@ -41,9 +49,19 @@ pub fn run(args: HostArgs) -> ExitCode {
                     info.memory_overcommit_ratio,
                     mib(info.memory_allocated_mib)
                 );
-                println!("VMs:          {} defined, {} active", info.vms_defined, info.vms_active);
+                println!(
+                    "VMs:          {} defined, {} active",
+                    info.vms_defined, info.vms_active
+                );
                 println!("Disks:        {}", info.disks);
-                println!("KVM:          {}", if info.kvm_present { "/dev/kvm present" } else { "absent" });
+                println!(
+                    "KVM:          {}",
+                    if info.kvm_present {
+                        "/dev/kvm present"
+                    } else {
+                        "absent"
+                    }
+                );
                 println!("State dir:    {}", info.state_dir);
                 Ok(())
             }

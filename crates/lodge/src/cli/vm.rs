@@ -241,12 +241,13 @@ pub fn run(args: VmArgs) -> ExitCode {
             VmCommand::Update(update) => {
                 let name = update.name.clone();
                 let body = update_body(update)?;
-                let vm: Vm = client.call(Method::PATCH, &vm_path(&name), Some(&body)).await?;
+                let vm: Vm = client
+                    .call(Method::PATCH, &vm_path(&name), Some(&body))
+                    .await?;
                 show(&vm, json_output)
             }
             VmCommand::Console { name } => {
-                super::console::attach(&client, &format!("{}/console", vm_path(&name)), &name)
-                    .await
+                super::console::attach(&client, &format!("{}/console", vm_path(&name)), &name).await
             }
             VmCommand::Logs {
                 name,
@@ -282,8 +283,9 @@ pub fn run(args: VmArgs) -> ExitCode {
 }
 
 fn create_body(args: CreateArgs) -> anyhow::Result<Value> {
-    let engine = Engine::parse(&args.engine)
-        .ok_or_else(|| anyhow::anyhow!("Unknown engine '{}' (kvm, emulator or auto)", args.engine))?;
+    let engine = Engine::parse(&args.engine).ok_or_else(|| {
+        anyhow::anyhow!("Unknown engine '{}' (kvm, emulator or auto)", args.engine)
+    })?;
     let mut body = json!({
         "name": args.name,
         "cpus": args.cpus,
@@ -396,7 +398,10 @@ async fn wait_for(
             progress.finish();
             return Ok(vm);
         }
-        let hint = if vm.state == VmState::Starting && vm.kernel.is_none() && progress.elapsed() > Duration::from_secs(5) {
+        let hint = if vm.state == VmState::Starting
+            && vm.kernel.is_none()
+            && progress.elapsed() > Duration::from_secs(5)
+        {
             " — the first start builds the default guest image, which takes minutes"
         } else {
             ""
@@ -412,7 +417,9 @@ fn report(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
         return print_json(vm);
     }
     match &vm.last_exit {
-        Some(exit) if !vm.state.is_active() => println!("{}: {} ({})", vm.name, vm.state, exit.reason),
+        Some(exit) if !vm.state.is_active() => {
+            println!("{}: {} ({})", vm.name, vm.state, exit.reason)
+        }
         _ => println!("{}: {}", vm.name, vm.state),
     }
     Ok(())
@@ -425,7 +432,13 @@ fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
     let disks: Vec<String> = vm
         .disks
         .iter()
-        .map(|d| if d.read_only { format!("{} (ro)", d.disk) } else { d.disk.clone() })
+        .map(|d| {
+            if d.read_only {
+                format!("{} (ro)", d.disk)
+            } else {
+                d.disk.clone()
+            }
+        })
         .collect();
     let mut lines = vec![
         ("Name", vm.name.clone()),
@@ -433,8 +446,20 @@ fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
         ("vCPUs", vm.cpus.to_string()),
         ("Memory", mib(vm.memory_mib)),
         ("Engine", vm.engine.as_str().to_owned()),
-        ("Disks", if disks.is_empty() { "-".into() } else { disks.join(", ") }),
-        ("Kernel", vm.kernel.clone().unwrap_or_else(|| "default guest image".into())),
+        (
+            "Disks",
+            if disks.is_empty() {
+                "-".into()
+            } else {
+                disks.join(", ")
+            },
+        ),
+        (
+            "Kernel",
+            vm.kernel
+                .clone()
+                .unwrap_or_else(|| "default guest image".into()),
+        ),
     ];
     if let Some(initrd) = &vm.initrd {
         lines.push(("Initrd", initrd.clone()));
@@ -460,15 +485,27 @@ fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
         }
     }
     if let Some(exit) = &vm.last_exit {
-        let status = exit.status.map_or(String::new(), |s| format!(", status {s}"));
-        lines.push(("Last exit", format!("{} ({}{status})", exit.reason, exit.at)));
+        let status = exit
+            .status
+            .map_or(String::new(), |s| format!(", status {s}"));
+        lines.push((
+            "Last exit",
+            format!("{} ({}{status})", exit.reason, exit.at),
+        ));
     }
     for (key, value) in lines {
         println!("{:<11} {value}", format!("{key}:"));
     }
     if let Some(tail) = vm.last_exit.as_ref().and_then(|e| e.console_tail.as_ref()) {
         println!("Console (end):");
-        for line in tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev() {
+        for line in tail
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
             println!("  {line}");
         }
     }
@@ -489,11 +526,16 @@ fn vm_table(vms: &[Vm]) -> String {
                     .as_ref()
                     .and_then(|r| r.engine.clone())
                     .unwrap_or_else(|| vm.engine.as_str().to_owned()),
-                vm.runtime.as_ref().map_or("-".into(), |r| r.pid.to_string()),
+                vm.runtime
+                    .as_ref()
+                    .map_or("-".into(), |r| r.pid.to_string()),
             ]
         })
         .collect();
-    table(&["NAME", "STATE", "VCPUS", "MEMORY", "DISKS", "ENGINE", "PID"], &rows)
+    table(
+        &["NAME", "STATE", "VCPUS", "MEMORY", "DISKS", "ENGINE", "PID"],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -503,7 +545,13 @@ mod tests {
     #[test]
     fn disks_parse_with_read_only() {
         let disks = parse_disks(&["root".into(), "data,ro".into()]).unwrap();
-        assert_eq!(disks[0], DiskAttachment { disk: "root".into(), read_only: false });
+        assert_eq!(
+            disks[0],
+            DiskAttachment {
+                disk: "root".into(),
+                read_only: false
+            }
+        );
         assert!(disks[1].read_only);
         assert!(parse_disks(&["x,rw".into()]).is_err());
     }
