@@ -116,12 +116,16 @@ pub fn find_by_config(config: &Path) -> Option<u32> {
     None
 }
 
-/// Sends SIGKILL.
+/// Sends SIGKILL to the VMM and its process group (a VMM building the default guest image
+/// has helper processes; as a session leader its group id is its pid).
 pub fn kill(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(pid as i32);
+    if nix::unistd::getpgid(Some(pid)) == Ok(pid) {
+        let _ = killpg(pid, Signal::SIGKILL);
+    }
+    let _ = kill(pid, Signal::SIGKILL);
 }
 
 /// A process that is not (or no longer) the daemon's child, watched through a pidfd.

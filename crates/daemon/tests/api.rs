@@ -740,7 +740,7 @@ async fn logs_follow_rotation_and_line_limits() {
         .status_and_text();
     assert_eq!((status, empty.as_str()), (200, ""));
     api.action("/v1/vms/chatty/start").await;
-    api.wait_state("chatty", "running").await;
+    api.wait_booted("chatty").await;
     let paths = daemon.paths().vm(1);
     assert!(paths.console_log_old().exists(), "the log did not rotate");
     assert!(std::fs::metadata(paths.console_log()).unwrap().len() <= 4096);

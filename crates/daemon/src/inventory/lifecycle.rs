@@ -535,7 +535,7 @@ impl Inventory {
     async fn watch_readiness(self: Arc<Self>, process: Arc<Process>) {
         let mut exited = process.exited.subscribe();
         let socket = process.paths.api_socket();
-        let mut interval = Duration::from_millis(50);
+        let mut interval = Duration::from_millis(5);
         let deadline = tokio::time::Instant::now() + BOOT_TIME_WAIT;
         loop {
             if *exited.borrow() {
@@ -561,7 +561,7 @@ impl Inventory {
                 }
                 interval = Duration::from_millis(500);
             } else {
-                interval = (interval * 2).min(Duration::from_millis(500));
+                interval = (interval * 2).min(Duration::from_millis(250));
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}

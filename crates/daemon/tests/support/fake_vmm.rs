@@ -215,11 +215,12 @@ fn main() {
     });
 
     std::thread::sleep(Duration::from_millis(100));
-    *vmm.booted_ms.lock().unwrap() = Some(vmm.start.elapsed().as_millis() as u64);
+    // The banner first: once the boot time is reported, the banner is in the log.
     vmm.console
         .lock()
         .unwrap()
         .write("Welcome to the fake guest\n");
+    *vmm.booted_ms.lock().unwrap() = Some(vmm.start.elapsed().as_millis() as u64);
 
     if let Some(after) = flag(&append, "fake.crash_after_ms") {
         std::thread::sleep(Duration::from_millis(after));

@@ -219,6 +219,15 @@ impl Api {
         }
     }
 
+    /// Waits until the VM runs and its guest reported the boot time (the fake guest's
+    /// banner is in the console log then).
+    pub async fn wait_booted(&self, name: &str) -> Value {
+        self.wait_vm(name, Duration::from_secs(20), |vm| {
+            vm["state"] == "running" && !vm["runtime"]["boot_time_ms"].is_null()
+        })
+        .await
+    }
+
     pub async fn wait_state(&self, name: &str, state: &str) -> Value {
         self.wait_vm(name, Duration::from_secs(20), |vm| vm["state"] == state)
             .await
