@@ -45,6 +45,7 @@ on_error() { # status line command
 	exit 70
 }
 trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
+trap 'die "interrupted"' INT TERM HUP
 
 # --- Arguments and cache directory -----------------------------------------------------------
 
