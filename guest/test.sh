@@ -239,7 +239,8 @@ init_time() { # kernel's printk time of "Run /init"
 	sed -nE 's/^[0-9.]+ \[ *([0-9.]+)\] Run \/init as init process$/\1/p' "$1" | head -n1
 }
 
-if ! command -v qemu-system-x86_64 >/dev/null; then
+qemu=$(command -v qemu-system-x86_64 || true)
+if [[ -z $qemu || ! -x $qemu ]]; then
 	skip "QEMU boot tests: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
 else
 	command_line='console=ttyS0 reboot=k panic=-1 guest.cmd="echo hello-from-guest"'
