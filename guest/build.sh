@@ -40,11 +40,13 @@ die() {
 	printf 'lodge guest: error: %s\n' "$*" >&2
 	exit 70
 }
+# shellcheck disable=SC2317 # called from the ERR trap
 on_error() { # status line command
 	(($1 == 70)) || printf 'lodge guest: error: unexpected failure (status %d) at build.sh line %d: %s\n' "$@" >&2
 	exit 70
 }
 trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
+trap 'die "interrupted"' INT TERM HUP
 
 # --- Arguments and cache directory -----------------------------------------------------------
 
@@ -300,7 +302,7 @@ verify_kernel_config() { # fragment config
 			symbol=${directive#\# }
 			symbol=${symbol%%[= ]*}
 			printf '  fragment: %-40s .config: %s\n' "$directive" \
-				"$(grep -E "^(# )?$symbol[= ]" "$2" || echo '(absent)')" >&2
+				"$(grep -E "^(# )?${symbol}[= ]" "$2" || echo '(absent)')" >&2
 		done
 		die "kernel config: ${#lost[@]} fragment line(s) did not survive olddefconfig (missing dependency?)"
 	fi
