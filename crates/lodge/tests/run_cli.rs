@@ -121,3 +121,89 @@ fn a_file_that_is_not_a_kernel_fails_to_load() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("Cannot load kernel"), "{stderr}");
 }
+
+/// A hand-assembled kernel: prints "ok\n" on COM1, writes the boot timer, then resets the
+/// machine through the i8042 the way Linux's `reboot=k` does.
+fn serial_then_reset_kernel() -> tempfile::NamedTempFile {
+    let code: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'o', 0xee, // mov al, 'o'; out dx, al
+        0xb0, b'k', 0xee, // mov al, 'k'; out dx, al
+        0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+        0x48, 0xb8, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x00, 0x00, 0x00, // mov rax, 0xd0000000
+        0xc6, 0x00, 0x7b, // mov byte [rax], 123 (boot timer)
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al (i8042 reset)
+        0xeb, 0xfe, // jmp $
+    ];
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(&lodge_vmm::testing::vmlinux_from_code(code))
+        .unwrap();
+    file
+}
+
+#[test]
+fn kvm_guest_reset_ends_lodge_run_with_status_0() {
+    if let Err(reason) = lodge_engine::kvm::probe() {
+        println!("SKIP kvm_guest_reset_ends_lodge_run_with_status_0: {reason}");
+        return;
+    }
+    let kernel = serial_then_reset_kernel();
+    let output = lodge(&[
+        "run",
+        "--engine",
+        "kvm",
+        "--kernel",
+        kernel.path().to_str().unwrap(),
+        "--console",
+        "stdio",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "ok\n");
+    assert!(stderr.contains("lodge: engine kvm"), "{stderr}");
+    assert!(stderr.contains("guest userspace started after"), "{stderr}");
+    assert!(stderr.contains("Guest reset"), "{stderr}");
+}
+
+#[test]
+fn exit_file_records_how_the_vm_ended() {
+    if let Err(reason) = lodge_engine::kvm::probe() {
+        println!("SKIP exit_file_records_how_the_vm_ended: {reason}");
+        return;
+    }
+    let kernel = serial_then_reset_kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let exit_file = dir.path().join("exit.json");
+    let config = dir.path().join("vm.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "kernel": kernel.path(),
+            "engine": "kvm",
+            "console": "none",
+            "exit_file": exit_file,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let output = lodge(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&exit_file).unwrap()).unwrap();
+    assert_eq!(record["reason"], "Guest reset");
+    assert_eq!(record["status"], 0);
+    assert!(record["boot_time_ms"].as_u64().is_some());
+
+    // A VM that cannot start records why, too.
+    std::fs::write(
+        &config,
+        serde_json::json!({"kernel": "/nonexistent", "exit_file": exit_file}).to_string(),
+    )
+    .unwrap();
+    let output = lodge(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&exit_file).unwrap()).unwrap();
+    assert_eq!(record["status"], 2);
+    assert_eq!(record["reason"], "Kernel file not found: /nonexistent");
+}
