@@ -383,3 +383,66 @@ fn two_vms_survive_a_daemon_crash_and_stop_cleanly() {
         ]
     );
 }
+
+/// The disk and host commands, `--json`, and failures: non-zero status with the API's
+/// message on stderr.
+#[test]
+fn cli_manages_disks_and_reports_api_errors() {
+    let mut host = Host::new();
+    host.start_daemon();
+    let created = host.ok(&["disk", "create", "data", "--size", "1G"]);
+    assert!(
+        created.contains("Size:        1.0G (1073741824 bytes)"),
+        "{created}"
+    );
+    let source = host.dir.path().join("seed.raw");
+    let mut content = vec![0u8; 3 << 20];
+    content[(2 << 20) + 7] = 0x5a;
+    std::fs::write(&source, &content).unwrap();
+    let imported = host.ok(&["disk", "import", "seed", source.to_str().unwrap()]);
+    assert!(imported.contains("State:       ready"), "{imported}");
+    let disks: Value = serde_json::from_str(&host.ok(&["disk", "list", "--json"])).unwrap();
+    let image = disks[1]["path"].as_str().unwrap();
+    assert_eq!(disks[1]["name"], "seed");
+    assert_eq!(std::fs::read(image).unwrap(), content);
+
+    host.ok(&[
+        "vm", "create", "user", "--disk", "data", "--disk", "seed,ro", "--memory", "1G",
+    ]);
+    let table = host.ok(&["disk", "list"]);
+    assert!(table.lines().next().unwrap().starts_with("NAME"), "{table}");
+    assert!(table.contains("user"), "{table}");
+
+    let failure = host.cli(&["disk", "delete", "data"]);
+    assert_eq!(failure.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failure.stderr);
+    assert_eq!(
+        stderr.trim(),
+        "lodge: error: Disk 'data' is attached to VM(s) user; detach it first"
+    );
+    let failure = host.cli(&["vm", "create", "user"]);
+    assert_eq!(failure.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failure.stderr).contains("A VM named 'user' already exists"));
+    let failure = host.cli(&["vm", "update", "user", "--memory", "lots"]);
+    assert_eq!(failure.status.code(), Some(1));
+
+    let updated = host.ok(&["vm", "update", "user", "--no-disks", "--cpus", "1"]);
+    assert!(updated.contains("Disks:      -"), "{updated}");
+    host.ok(&["disk", "delete", "data"]);
+    host.ok(&["vm", "delete", "user"]);
+    let info: Value = serde_json::from_str(&host.ok(&["host", "info", "--json"])).unwrap();
+    assert_eq!(
+        (info["vms_defined"].as_u64(), info["disks"].as_u64()),
+        (Some(0), Some(1))
+    );
+
+    // No daemon: a clear error, not a hang.
+    host.kill_daemon();
+    let failure = host.cli(&["vm", "list"]);
+    assert_eq!(failure.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failure.stderr);
+    assert!(
+        stderr.contains("Cannot connect to the lodge daemon"),
+        "{stderr}"
+    );
+}
