@@ -1065,3 +1065,65 @@ impl StatusAndText for lodge_daemon::client::RawResponse {
         )
     }
 }
+
+/// Random request bodies (known and unknown keys, values of every JSON type) never get a
+/// 500, and every answer matches the OpenAPI document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bodies_never_get_a_server_error() {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    let daemon = TestDaemon::start();
+    let api = &daemon.api;
+    api.post("/v1/disks", json!({"name": "d", "size_bytes": 4096}))
+        .await;
+    api.create_vm(json!({"name": "target"})).await;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
+        "[a-z0-9/._-]{0,70}".prop_map(Value::String),
+        Just(json!("d")),
+        Just(json!("/etc/hostname")),
+    ];
+    let value = leaf.prop_recursive(2, 8, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("disk|read_only|x", inner, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    let key = prop_oneof![
+        Just("name"),
+        Just("cpus"),
+        Just("memory_mib"),
+        Just("disks"),
+        Just("kernel"),
+        Just("initrd"),
+        Just("cmdline"),
+        Just("append"),
+        Just("engine"),
+        Just("rng"),
+        Just("size_bytes"),
+        Just("source"),
+        Just("bogus"),
+    ];
+    let body = prop::collection::btree_map(key, value, 0..6)
+        .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()));
+    let mut runner = TestRunner::deterministic();
+    for case in 0..300 {
+        let body = body.new_tree(&mut runner).unwrap().current();
+        let (method, path) = match case % 3 {
+            0 => (Method::POST, "/v1/vms"),
+            1 => (Method::PATCH, "/v1/vms/target"),
+            _ => (Method::POST, "/v1/disks"),
+        };
+        let (status, answer) = api.call(method.clone(), path, Some(body.clone())).await;
+        assert!(status < 500, "{method} {path} {body} → {status} {answer}");
+    }
+}
