@@ -76,7 +76,10 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, device)) => {
-                device.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
+                device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(offset, data);
                 true
             }
             None => false,
@@ -87,7 +90,10 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, device)) => {
-                device.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+                device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -240,7 +246,10 @@ mod tests {
         assert!(bus.insert(recorder(), 0xf0, 0x10).is_ok());
         assert_eq!(
             bus.insert(recorder(), u64::MAX, 2),
-            Err(BusError::InvalidRange { base: u64::MAX, len: 2 })
+            Err(BusError::InvalidRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
         assert!(bus.insert(recorder(), 0x1000, 0).is_err());
     }

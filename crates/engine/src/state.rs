@@ -122,10 +122,26 @@ impl fmt::Display for CpuState {
             r.rflags,
             s.cs.selector & 3
         )?;
-        writeln!(f, "RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}", r.rax, r.rbx, r.rcx, r.rdx)?;
-        writeln!(f, "RSI={:016x} RDI={:016x} RSP={:016x} RBP={:016x}", r.rsi, r.rdi, r.rsp, r.rbp)?;
-        writeln!(f, "R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}", r.r8, r.r9, r.r10, r.r11)?;
-        writeln!(f, "R12={:016x} R13={:016x} R14={:016x} R15={:016x}", r.r12, r.r13, r.r14, r.r15)?;
+        writeln!(
+            f,
+            "RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}",
+            r.rax, r.rbx, r.rcx, r.rdx
+        )?;
+        writeln!(
+            f,
+            "RSI={:016x} RDI={:016x} RSP={:016x} RBP={:016x}",
+            r.rsi, r.rdi, r.rsp, r.rbp
+        )?;
+        writeln!(
+            f,
+            "R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}",
+            r.r8, r.r9, r.r10, r.r11
+        )?;
+        writeln!(
+            f,
+            "R12={:016x} R13={:016x} R14={:016x} R15={:016x}",
+            r.r12, r.r13, r.r14, r.r15
+        )?;
         for (name, seg) in [
             ("CS", &s.cs),
             ("SS", &s.ss),

@@ -1,1 +1,24 @@
-//! One virtual machine.
+//! One virtual machine: configuration, memory layout, x86-64 boot, devices, vCPU threads and
+//! the event loop.
+//!
+//! [`Machine::build`] turns a validated [`VmConfig`] into guest memory, devices on the buses
+//! and vCPUs in their boot state on the chosen engine; [`Machine::run`] runs it until the
+//! guest resets or powers off, the engine fails, or the host stops it.
+
+pub mod boot;
+pub mod config;
+pub mod console;
+pub mod console_sinks;
+pub mod control;
+pub mod device_manager;
+pub mod engine_select;
+pub mod exit;
+pub mod layout;
+mod machine;
+pub mod memory;
+pub mod testing;
+mod vcpu;
+
+pub use config::VmConfig;
+pub use exit::ExitReason;
+pub use machine::{Machine, MachineError, MachineHandle, MachineOptions, RunSummary};

@@ -1,0 +1,242 @@
+//! A stand-in for `lodge run --config VM.json` in supervised mode, for the daemon's tests:
+//! it speaks the control protocol, serves the console socket, writes the console log and
+//! the exit report, and boots nothing. Flags in the config's `append` list change its
+//! behaviour:
+//! - `fake.ignore_shutdown`: the power button does nothing (the daemon must force a stop);
+//! - `fake.crash_after_ms=N`: after N ms, print a panic and end with status 1 and a report;
+//! - `fake.vanish_after_ms=N`: after N ms, die by SIGKILL without a report;
+//! - `fake.start_delay_ms=N`: wait N ms before opening the control socket;
+//! - `fake.console_spam=N`: write N console lines at start (log rotation).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Console {
+    log: PathBuf,
+    limit: u64,
+    clients: Vec<UnixStream>,
+}
+
+impl Console {
+    fn write(&mut self, text: &str) {
+        let size = std::fs::metadata(&self.log).map_or(0, |m| m.len());
+        if size + text.len() as u64 > self.limit {
+            let mut old = self.log.clone().into_os_string();
+            old.push(".1");
+            let _ = std::fs::rename(&self.log, old);
+        }
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+        {
+            let _ = file.write_all(text.as_bytes());
+        }
+        self.clients
+            .retain_mut(|client| client.write_all(text.as_bytes()).is_ok());
+    }
+}
+
+struct Vmm {
+    console: Mutex<Console>,
+    paused: AtomicBool,
+    start: Instant,
+    booted_ms: Mutex<Option<u64>>,
+    exit_file: PathBuf,
+    ignore_shutdown: bool,
+}
+
+impl Vmm {
+    fn exit(&self, reason: &str, status: i32) -> ! {
+        let report = json!({ "reason": reason, "status": status, "boot_time_ms": *self.booted_ms.lock().unwrap() });
+        std::fs::write(&self.exit_file, report.to_string()).expect("write exit file");
+        eprintln!("fake-vmm: {reason}");
+        std::process::exit(status);
+    }
+
+    fn status(&self) -> Value {
+        let state = if self.paused.load(Ordering::SeqCst) {
+            "paused"
+        } else {
+            "running"
+        };
+        json!({
+            "ok": true,
+            "state": state,
+            "boot_time_ms": *self.booted_ms.lock().unwrap(),
+            "pid": std::process::id(),
+            "engine": "emulator",
+        })
+    }
+
+    fn handle(&'static self, request: &str) -> Value {
+        let request: Value = match serde_json::from_str(request) {
+            Ok(value) => value,
+            Err(e) => return json!({ "ok": false, "error": format!("Invalid request: {e}") }),
+        };
+        match request["request"].as_str() {
+            Some("status") => self.status(),
+            Some("pause") => {
+                if self.paused.swap(true, Ordering::SeqCst) {
+                    return json!({ "ok": false, "error": "Already paused" });
+                }
+                self.status()
+            }
+            Some("resume") => {
+                if !self.paused.swap(false, Ordering::SeqCst) {
+                    return json!({ "ok": false, "error": "Not paused" });
+                }
+                self.status()
+            }
+            Some("shutdown") => {
+                if !self.ignore_shutdown {
+                    self.console
+                        .lock()
+                        .unwrap()
+                        .write("fake: power button pressed, powering off\n");
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(100));
+                        self.exit("Guest powered off", 0);
+                    });
+                }
+                self.status()
+            }
+            Some("stop") => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    self.exit("Stopped on request", 0);
+                });
+                self.status()
+            }
+            _ => json!({ "ok": false, "error": "Unknown request" }),
+        }
+    }
+}
+
+fn flag(append: &[String], name: &str) -> Option<u64> {
+    append.iter().find_map(|item| {
+        if item == name {
+            Some(0)
+        } else {
+            item.strip_prefix(&format!("{name}="))
+                .and_then(|v| v.parse().ok())
+        }
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    assert!(
+        args.len() == 4 && args[1] == "run" && args[2] == "--config",
+        "usage: run --config FILE"
+    );
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(&args[3]).unwrap()).unwrap();
+    let path = |key: &str| {
+        PathBuf::from(
+            config[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{key} missing")),
+        )
+    };
+    let append: Vec<String> = config["append"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!("fake-vmm: pid {} config {}", std::process::id(), args[3]);
+    let vmm: &'static Vmm = Box::leak(Box::new(Vmm {
+        console: Mutex::new(Console {
+            log: PathBuf::from(config["console_log"]["path"].as_str().unwrap()),
+            limit: config["console_log"]["limit"].as_u64().unwrap(),
+            clients: Vec::new(),
+        }),
+        paused: AtomicBool::new(false),
+        start: Instant::now(),
+        booted_ms: Mutex::new(None),
+        exit_file: path("exit_file"),
+        ignore_shutdown: flag(&append, "fake.ignore_shutdown").is_some(),
+    }));
+    if let Some(delay) = flag(&append, "fake.start_delay_ms") {
+        std::thread::sleep(Duration::from_millis(delay));
+    }
+    vmm.console.lock().unwrap().write("fake: booting\n");
+    if let Some(lines) = flag(&append, "fake.console_spam") {
+        for i in 0..lines {
+            vmm.console
+                .lock()
+                .unwrap()
+                .write(&format!("fake: console line {i}\n"));
+        }
+    }
+
+    let console = UnixListener::bind(path("console_socket")).unwrap();
+    std::thread::spawn(move || {
+        for client in console.incoming().flatten() {
+            let reader = client.try_clone().unwrap();
+            vmm.console.lock().unwrap().clients.push(client);
+            std::thread::spawn(move || {
+                let mut reader = reader;
+                let mut buffer = [0u8; 256];
+                while let Ok(count) = reader.read(&mut buffer) {
+                    if count == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buffer[..count]).into_owned();
+                    vmm.console.lock().unwrap().write(&format!("echo:{text}"));
+                }
+            });
+        }
+    });
+
+    let api = UnixListener::bind(path("api_socket")).unwrap();
+    std::thread::spawn(move || {
+        for client in api.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut writer = client.try_clone().unwrap();
+                for line in BufReader::new(client).lines() {
+                    let Ok(line) = line else { break };
+                    let mut response = vmm.handle(&line).to_string();
+                    response.push('\n');
+                    if writer.write_all(response.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+
+    std::thread::sleep(Duration::from_millis(100));
+    // The banner first: once the boot time is reported, the banner is in the log.
+    vmm.console
+        .lock()
+        .unwrap()
+        .write("Welcome to the fake guest\n");
+    *vmm.booted_ms.lock().unwrap() = Some(vmm.start.elapsed().as_millis() as u64);
+
+    if let Some(after) = flag(&append, "fake.crash_after_ms") {
+        std::thread::sleep(Duration::from_millis(after));
+        vmm.console
+            .lock()
+            .unwrap()
+            .write("Kernel panic - not syncing: fake crash\n");
+        vmm.exit("Triple fault (fake)", 1);
+    }
+    if let Some(after) = flag(&append, "fake.vanish_after_ms") {
+        std::thread::sleep(Duration::from_millis(after));
+        vmm.console.lock().unwrap().write("fake: vanishing\n");
+        // SAFETY: kill only sends a signal, to this process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,576 @@
+//! `lodge vm …`: define, run and inspect VMs through the daemon.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use hyper::Method;
+use lodge_daemon::client::Client;
+use lodge_daemon::model::{DiskAttachment, Engine, Vm, VmState};
+use serde_json::{json, Map, Value};
+
+use super::format::{mib, parse_mib, table, Progress};
+use super::{print_json, run_client, segment, ClientArgs};
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Define a VM.
+    Create(CreateArgs),
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Start a VM and wait until it runs.
+    Start {
+        name: String,
+        /// Return once the VMM process is started.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Ask the guest to shut down; force the VMM to stop after the timeout.
+    Stop {
+        name: String,
+        /// Seconds the guest gets (default: the daemon's).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Return without waiting for the VM to stop.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop the VMM now.
+    Kill { name: String },
+    /// Pause the vCPUs.
+    Pause { name: String },
+    /// Resume paused vCPUs.
+    Resume { name: String },
+    /// Stop gracefully and start again.
+    Restart {
+        name: String,
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a VM (its disks stay).
+    Delete {
+        name: String,
+        /// Kill it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change settings of a stopped VM.
+    Update(UpdateArgs),
+    /// Attach to the serial console (detach with Ctrl-]).
+    Console { name: String },
+    /// Print the console log.
+    Logs {
+        name: String,
+        /// Keep printing new output until the VM stops.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long, short = 'n', value_name = "N")]
+        lines: Option<usize>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    name: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Memory, e.g. 256M or 1G (plain numbers are MiB).
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// A disk from `lodge disk list`, NAME or NAME,ro (repeatable; the first is /dev/vda).
+    #[arg(long, value_name = "NAME[,ro]")]
+    disk: Vec<String>,
+    /// Kernel (vmlinux or bzImage) on the daemon's host; default: the default guest image.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<String>,
+    /// Kernel command line, replacing the default.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Added to the kernel command line (repeatable).
+    #[arg(long)]
+    append: Vec<String>,
+    /// kvm, emulator or auto.
+    #[arg(long, default_value = "auto")]
+    engine: String,
+    /// Add a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// Start it right away.
+    #[arg(long)]
+    start: bool,
+}
+
+#[derive(Args, Debug)]
+struct UpdateArgs {
+    name: String,
+    #[arg(long)]
+    cpus: Option<u32>,
+    #[arg(long)]
+    memory: Option<String>,
+    /// Replaces the disk list (repeatable); `--no-disks` removes all.
+    #[arg(long, value_name = "NAME[,ro]")]
+    disk: Vec<String>,
+    #[arg(long, conflicts_with = "disk")]
+    no_disks: bool,
+    /// An empty value returns to the default guest image.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<String>,
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Replaces the appended arguments (repeatable).
+    #[arg(long)]
+    append: Vec<String>,
+    #[arg(long)]
+    engine: Option<String>,
+    #[arg(long)]
+    rng: Option<bool>,
+}
+
+pub fn run(args: VmArgs) -> ExitCode {
+    run_client(async move {
+        let client = args.client.client();
+        let json_output = args.client.json;
+        let vm_path = |name: &str| format!("/v1/vms/{}", segment(name));
+        match args.command {
+            VmCommand::Create(create) => {
+                let start = create.start;
+                let name = create.name.clone();
+                let body = create_body(create)?;
+                let vm: Vm = client.call(Method::POST, "/v1/vms", Some(&body)).await?;
+                if start {
+                    let vm = start_and_wait(&client, &name, false).await?;
+                    return show(&vm, json_output);
+                }
+                show(&vm, json_output)
+            }
+            VmCommand::List => {
+                let vms: Vec<Vm> = client.get("/v1/vms").await?;
+                if json_output {
+                    return print_json(&vms);
+                }
+                print!("{}", vm_table(&vms));
+                Ok(())
+            }
+            VmCommand::Show { name } => {
+                let vm: Vm = client.get(&vm_path(&name)).await?;
+                show(&vm, json_output)
+            }
+            VmCommand::Start { name, no_wait } => {
+                let vm = start_and_wait(&client, &name, no_wait).await?;
+                report(&vm, json_output)
+            }
+            VmCommand::Stop {
+                name,
+                timeout,
+                no_wait,
+            } => {
+                let query = timeout.map_or(String::new(), |t| format!("?timeout={t}"));
+                let path = format!("{}/stop{query}", vm_path(&name));
+                let mut vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+                if !no_wait {
+                    vm = wait_for(&client, &name, "Stopping", |vm| !vm.state.is_active()).await?;
+                }
+                report(&vm, json_output)
+            }
+            VmCommand::Kill { name } => {
+                let path = format!("{}/kill", vm_path(&name));
+                let vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+                report(&vm, json_output)
+            }
+            VmCommand::Pause { name } => {
+                let path = format!("{}/pause", vm_path(&name));
+                let vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+                report(&vm, json_output)
+            }
+            VmCommand::Resume { name } => {
+                let path = format!("{}/resume", vm_path(&name));
+                let vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+                report(&vm, json_output)
+            }
+            VmCommand::Restart {
+                name,
+                timeout,
+                no_wait,
+            } => {
+                let query = timeout.map_or(String::new(), |t| format!("?timeout={t}"));
+                let path = format!("{}/restart{query}", vm_path(&name));
+                let before: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+                let old_pid = before.runtime.as_ref().map(|r| r.pid);
+                let vm = if no_wait {
+                    before
+                } else {
+                    wait_for(&client, &name, "Restarting", |vm| {
+                        vm.state == VmState::Crashed
+                            || (vm.state == VmState::Running
+                                && vm.runtime.as_ref().map(|r| r.pid) != old_pid)
+                    })
+                    .await?
+                };
+                report(&vm, json_output)
+            }
+            VmCommand::Delete { name, force } => {
+                let query = if force { "?force=true" } else { "" };
+                client
+                    .call_empty(Method::DELETE, &format!("{}{query}", vm_path(&name)))
+                    .await?;
+                if !json_output {
+                    println!("Deleted {name}");
+                }
+                Ok(())
+            }
+            VmCommand::Update(update) => {
+                let name = update.name.clone();
+                let body = update_body(update)?;
+                let vm: Vm = client
+                    .call(Method::PATCH, &vm_path(&name), Some(&body))
+                    .await?;
+                show(&vm, json_output)
+            }
+            VmCommand::Console { name } => {
+                super::console::attach(&client, &format!("{}/console", vm_path(&name)), &name).await
+            }
+            VmCommand::Logs {
+                name,
+                follow,
+                lines,
+            } => {
+                let mut query = vec![];
+                if follow {
+                    query.push("follow=true".to_owned());
+                }
+                if let Some(lines) = lines {
+                    query.push(format!("lines={lines}"));
+                }
+                let query = if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", query.join("&"))
+                };
+                let mut body = client
+                    .stream(&format!("{}/logs{query}", vm_path(&name)))
+                    .await?;
+                let mut stdout = std::io::stdout();
+                while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                    if let Ok(data) = frame.context("Reading the log failed")?.into_data() {
+                        stdout.write_all(&data)?;
+                        stdout.flush()?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+fn create_body(args: CreateArgs) -> anyhow::Result<Value> {
+    let engine = Engine::parse(&args.engine).ok_or_else(|| {
+        anyhow::anyhow!("Unknown engine '{}' (kvm, emulator or auto)", args.engine)
+    })?;
+    let mut body = json!({
+        "name": args.name,
+        "cpus": args.cpus,
+        "memory_mib": parse_mib(&args.memory)?,
+        "disks": parse_disks(&args.disk)?,
+        "append": args.append,
+        "engine": engine,
+        "rng": args.rng,
+    });
+    let object = body.as_object_mut().expect("object");
+    for (key, value) in [
+        ("kernel", args.kernel),
+        ("initrd", args.initrd),
+        ("cmdline", args.cmdline),
+    ] {
+        if let Some(value) = value {
+            object.insert(key.to_owned(), Value::String(value));
+        }
+    }
+    Ok(body)
+}
+
+fn update_body(args: UpdateArgs) -> anyhow::Result<Value> {
+    let mut body = Map::new();
+    if let Some(cpus) = args.cpus {
+        body.insert("cpus".into(), json!(cpus));
+    }
+    if let Some(memory) = &args.memory {
+        body.insert("memory_mib".into(), json!(parse_mib(memory)?));
+    }
+    if !args.disk.is_empty() || args.no_disks {
+        body.insert("disks".into(), json!(parse_disks(&args.disk)?));
+    }
+    for (key, value) in [
+        ("kernel", args.kernel),
+        ("initrd", args.initrd),
+        ("cmdline", args.cmdline),
+    ] {
+        if let Some(value) = value {
+            body.insert(key.into(), Value::String(value));
+        }
+    }
+    if !args.append.is_empty() {
+        body.insert("append".into(), json!(args.append));
+    }
+    if let Some(engine) = &args.engine {
+        let engine = Engine::parse(engine)
+            .ok_or_else(|| anyhow::anyhow!("Unknown engine '{engine}' (kvm, emulator or auto)"))?;
+        body.insert("engine".into(), json!(engine));
+    }
+    if let Some(rng) = args.rng {
+        body.insert("rng".into(), json!(rng));
+    }
+    if body.is_empty() {
+        anyhow::bail!("Nothing to change: give at least one setting");
+    }
+    Ok(Value::Object(body))
+}
+
+fn parse_disks(disks: &[String]) -> anyhow::Result<Vec<DiskAttachment>> {
+    disks
+        .iter()
+        .map(|text| {
+            let (disk, options) = match text.split_once(',') {
+                Some((disk, options)) => (disk, Some(options)),
+                None => (text.as_str(), None),
+            };
+            let read_only = match options {
+                None => false,
+                Some("ro" | "readonly" | "read-only") => true,
+                Some(other) => anyhow::bail!("Unknown disk option '{other}' (expected ro)"),
+            };
+            Ok(DiskAttachment {
+                disk: disk.to_owned(),
+                read_only,
+            })
+        })
+        .collect()
+}
+
+async fn start_and_wait(client: &Client, name: &str, no_wait: bool) -> anyhow::Result<Vm> {
+    let path = format!("/v1/vms/{}/start", segment(name));
+    let vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+    if no_wait {
+        return Ok(vm);
+    }
+    let vm = wait_for(client, name, "Starting", |vm| vm.state != VmState::Starting).await?;
+    if vm.state == VmState::Crashed {
+        let reason = vm
+            .last_exit
+            .as_ref()
+            .map_or("unknown reason", |exit| exit.reason.as_str());
+        anyhow::bail!("VM '{name}' crashed while starting: {reason}");
+    }
+    Ok(vm)
+}
+
+/// Polls the VM, showing progress, until `done`.
+async fn wait_for(
+    client: &Client,
+    name: &str,
+    doing: &str,
+    done: impl Fn(&Vm) -> bool,
+) -> anyhow::Result<Vm> {
+    let path = format!("/v1/vms/{}", segment(name));
+    let mut progress = Progress::new();
+    loop {
+        let vm: Vm = client.get(&path).await?;
+        if done(&vm) {
+            progress.finish();
+            return Ok(vm);
+        }
+        let hint = if vm.state == VmState::Starting
+            && vm.kernel.is_none()
+            && progress.elapsed() > Duration::from_secs(5)
+        {
+            " — the first start builds the default guest image, which takes minutes"
+        } else {
+            ""
+        };
+        progress.update(&format!("{doing} {name}: {}{hint}", vm.state));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One line after an action, or the JSON.
+fn report(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
+    if json_output {
+        return print_json(vm);
+    }
+    match &vm.last_exit {
+        Some(exit) if !vm.state.is_active() => {
+            println!("{}: {} ({})", vm.name, vm.state, exit.reason)
+        }
+        _ => println!("{}: {}", vm.name, vm.state),
+    }
+    Ok(())
+}
+
+fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
+    if json_output {
+        return print_json(vm);
+    }
+    let disks: Vec<String> = vm
+        .disks
+        .iter()
+        .map(|d| {
+            if d.read_only {
+                format!("{} (ro)", d.disk)
+            } else {
+                d.disk.clone()
+            }
+        })
+        .collect();
+    let mut lines = vec![
+        ("Name", vm.name.clone()),
+        ("State", vm.state.to_string()),
+        ("vCPUs", vm.cpus.to_string()),
+        ("Memory", mib(vm.memory_mib)),
+        ("Engine", vm.engine.as_str().to_owned()),
+        (
+            "Disks",
+            if disks.is_empty() {
+                "-".into()
+            } else {
+                disks.join(", ")
+            },
+        ),
+        (
+            "Kernel",
+            vm.kernel
+                .clone()
+                .unwrap_or_else(|| "default guest image".into()),
+        ),
+    ];
+    if let Some(initrd) = &vm.initrd {
+        lines.push(("Initrd", initrd.clone()));
+    }
+    if let Some(cmdline) = &vm.cmdline {
+        lines.push(("Cmdline", cmdline.clone()));
+    }
+    if !vm.append.is_empty() {
+        lines.push(("Append", vm.append.join(" ")));
+    }
+    if vm.rng {
+        lines.push(("RNG", "yes".into()));
+    }
+    lines.push(("Created", vm.created_at.clone()));
+    if let Some(runtime) = &vm.runtime {
+        lines.push(("PID", runtime.pid.to_string()));
+        lines.push(("Started", runtime.started_at.clone()));
+        if let Some(engine) = &runtime.engine {
+            lines.push(("Running on", engine.clone()));
+        }
+        if let Some(boot) = runtime.boot_time_ms {
+            lines.push(("Boot time", format!("{boot} ms")));
+        }
+    }
+    if let Some(exit) = &vm.last_exit {
+        let status = exit
+            .status
+            .map_or(String::new(), |s| format!(", status {s}"));
+        lines.push((
+            "Last exit",
+            format!("{} ({}{status})", exit.reason, exit.at),
+        ));
+    }
+    for (key, value) in lines {
+        println!("{:<11} {value}", format!("{key}:"));
+    }
+    if let Some(tail) = vm.last_exit.as_ref().and_then(|e| e.console_tail.as_ref()) {
+        println!("Console (end):");
+        for line in tail
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}
+
+fn vm_table(vms: &[Vm]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.clone(),
+                vm.state.to_string(),
+                vm.cpus.to_string(),
+                mib(vm.memory_mib),
+                vm.disks.len().to_string(),
+                vm.runtime
+                    .as_ref()
+                    .and_then(|r| r.engine.clone())
+                    .unwrap_or_else(|| vm.engine.as_str().to_owned()),
+                vm.runtime
+                    .as_ref()
+                    .map_or("-".into(), |r| r.pid.to_string()),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "STATE", "VCPUS", "MEMORY", "DISKS", "ENGINE", "PID"],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_parse_with_read_only() {
+        let disks = parse_disks(&["root".into(), "data,ro".into()]).unwrap();
+        assert_eq!(
+            disks[0],
+            DiskAttachment {
+                disk: "root".into(),
+                read_only: false
+            }
+        );
+        assert!(disks[1].read_only);
+        assert!(parse_disks(&["x,rw".into()]).is_err());
+    }
+
+    #[test]
+    fn update_needs_a_setting() {
+        let args = UpdateArgs {
+            name: "a".into(),
+            cpus: None,
+            memory: None,
+            disk: vec![],
+            no_disks: false,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            append: vec![],
+            engine: None,
+            rng: None,
+        };
+        assert!(update_body(args).is_err());
+    }
+}

@@ -1,0 +1,206 @@
+//! `lodge run`: one VM in the foreground.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use lodge_vmm::config::{host_memory, ConsoleConfig, DiskConfig, EngineChoice, MemorySize};
+use lodge_vmm::console::{write_host_text, RawTerminal};
+use lodge_vmm::engine_select;
+use lodge_vmm::exit::ExitRecord;
+use lodge_vmm::{ExitReason, Machine, MachineOptions, VmConfig};
+
+use crate::guest_image;
+
+/// Exit status for invalid flags or configuration.
+const USAGE_ERROR: u8 = 2;
+
+/// Flags of `lodge run`. Values are parsed here rather than by clap so every validation error
+/// is one line in the same form.
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// JSON VM configuration; flags given as well override its values.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Kernel (vmlinux or bzImage). Default: the default guest image, built when missing.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs. Default with the default kernel: its initramfs.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, replacing the default.
+    #[arg(long, value_name = "ARGS")]
+    cmdline: Option<String>,
+    /// Arguments added to the kernel command line (repeatable).
+    #[arg(long, value_name = "ARGS")]
+    append: Vec<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    cpus: Option<String>,
+    /// Guest memory, e.g. 256M or 1G.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Disk image as virtio-blk, PATH or PATH,readonly (repeatable; the first is /dev/vda).
+    #[arg(long, value_name = "PATH[,readonly]")]
+    disk: Vec<String>,
+    /// Add a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// CPU engine: kvm, emulator or auto.
+    #[arg(long, value_name = "ENGINE")]
+    engine: Option<String>,
+    /// Serial console: stdio, file:PATH or none.
+    #[arg(long, value_name = "WHERE")]
+    console: Option<String>,
+}
+
+/// Runs the VM and turns the outcome into the process exit status (and the exit file, when
+/// the configuration names one).
+pub fn run(args: RunArgs, start: Instant) -> ExitCode {
+    let config = match build_config(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("lodge: error: {e:#}");
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
+    let (reason, status, boot_time_ms) = run_config(&config, start);
+    if let Some(path) = &config.exit_file {
+        let record = ExitRecord {
+            reason,
+            status: i32::from(status),
+            boot_time_ms,
+        };
+        if let Err(e) = record.write(path) {
+            eprintln!(
+                "lodge: error: Cannot write exit file {}: {e}",
+                path.display()
+            );
+        }
+    }
+    ExitCode::from(status)
+}
+
+/// Validates, builds and runs the VM; returns why it ended, the exit status and the boot time.
+fn run_config(config: &VmConfig, start: Instant) -> (String, u8, Option<u64>) {
+    let fail = |status: u8, message: String| {
+        eprintln!("lodge: error: {message}");
+        (message, status, None)
+    };
+    if let Err(e) = config.validate(host_memory()) {
+        return fail(USAGE_ERROR, e.to_string());
+    }
+    let selected = match engine_select::select(config.engine) {
+        Ok(selected) => selected,
+        Err(e) => return fail(1, e.to_string()),
+    };
+    eprintln!(
+        "lodge: engine {} ({})",
+        selected.engine.kind(),
+        selected.reason
+    );
+    let stdio = config.console == ConsoleConfig::Stdio;
+    let options = MachineOptions {
+        start,
+        console_input: stdio,
+        handle_signals: true,
+    };
+    let machine = match Machine::build(config, selected.engine.as_ref(), options) {
+        Ok(machine) => machine,
+        Err(e) => return fail(1, error_chain(&e)),
+    };
+    tracing::debug!(cmdline = machine.cmdline(), "Booting");
+    let terminal = if stdio { RawTerminal::enter() } else { None };
+    if terminal.is_some() {
+        eprintln!("lodge: console attached; Ctrl-A x quits\r");
+    }
+    let result = machine.run();
+    drop(terminal);
+    match result {
+        Ok(summary) => {
+            let boot_time_ms = summary.boot_time.map(|t| t.as_millis() as u64);
+            if let Some(ms) = boot_time_ms {
+                message(&format!("guest userspace started after {ms} ms"));
+            }
+            match &summary.reason {
+                ExitReason::EngineFailure(_) | ExitReason::TripleFault(_) => {
+                    tracing::error!("{}", summary.reason);
+                }
+                reason => message(&reason.to_string()),
+            }
+            let status = summary.reason.exit_status() as u8;
+            (summary.reason.to_string(), status, boot_time_ms)
+        }
+        Err(e) => {
+            let text = error_chain(&e);
+            tracing::error!("{text}");
+            (text, 1, None)
+        }
+    }
+}
+
+/// Merges the config file (if any), the default guest image and the flags.
+fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
+    let mut config = match &args.config {
+        Some(path) => VmConfig::from_file(path)?,
+        None => VmConfig::new(PathBuf::new()),
+    };
+    if let Some(kernel) = args.kernel {
+        config.kernel = kernel;
+    }
+    if config.kernel.as_os_str().is_empty() {
+        let image = guest_image::default_image()?;
+        config.kernel = image.kernel;
+        if args.initrd.is_none() && config.initrd.is_none() {
+            config.initrd = Some(image.initrd);
+        }
+    }
+    if let Some(initrd) = args.initrd {
+        config.initrd = Some(initrd);
+    }
+    if let Some(cmdline) = args.cmdline {
+        config.cmdline = Some(cmdline);
+    }
+    config.append.extend(args.append);
+    if let Some(cpus) = args.cpus {
+        config.cpus = cpus.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "Invalid vCPU count '{cpus}' (1 to {})",
+                lodge_vmm::config::MAX_VCPUS
+            )
+        })?;
+    }
+    if let Some(memory) = args.memory {
+        config.memory = memory.parse::<MemorySize>()?;
+    }
+    for disk in args.disk {
+        config.disks.push(disk.parse::<DiskConfig>()?);
+    }
+    if args.rng {
+        config.rng = true;
+    }
+    if let Some(engine) = args.engine {
+        config.engine = engine.parse::<EngineChoice>()?;
+    }
+    if let Some(console) = args.console {
+        config.console = console.parse::<ConsoleConfig>()?;
+    }
+    Ok(config)
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn message(text: &str) {
+    let _ = write_host_text(format!("lodge: {text}\n").as_bytes());
+}

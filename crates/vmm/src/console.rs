@@ -1,0 +1,193 @@
+//! The serial console's host side: where output goes, the terminal in raw mode, and keyboard
+//! input with an escape sequence to quit.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use lodge_devices::serial::SerialConsole;
+use nix::sys::termios::{self, SetArg, Termios};
+
+use crate::config::ConsoleConfig;
+use crate::exit::{ExitReason, ExitSignal};
+
+/// Ctrl-A: the console escape key (as in QEMU and screen). Ctrl-A x quits, Ctrl-A Ctrl-A
+/// sends one Ctrl-A to the guest.
+pub const ESCAPE_KEY: u8 = 0x01;
+
+/// Opens where the guest's serial output goes.
+pub fn output(config: &ConsoleConfig) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match config {
+        ConsoleConfig::Stdio => Box::new(io::stdout()),
+        ConsoleConfig::None => Box::new(io::sink()),
+        ConsoleConfig::File(path) => {
+            Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+        }
+    })
+}
+
+/// The terminal in raw mode while the VM runs: keys (Ctrl-C included) go to the guest.
+pub struct RawTerminal {
+    original: Termios,
+}
+
+/// The terminal settings to restore if the process dies without unwinding.
+static ORIGINAL_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+
+impl RawTerminal {
+    /// Puts stdin in raw mode; `None` when stdin is not a terminal.
+    pub fn enter() -> Option<Self> {
+        let stdin = io::stdin();
+        let original = termios::tcgetattr(stdin.as_fd()).ok()?;
+        let mut raw = original.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw).ok()?;
+        let _ = ORIGINAL_TERMIOS.set(libc::termios::from(original.clone()));
+        RAW_MODE.store(true, Ordering::Relaxed);
+        Some(Self { original })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, &self.original);
+        RAW_MODE.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Whether the terminal is in raw mode, where host messages must end lines with CR LF.
+pub fn raw_mode_active() -> bool {
+    RAW_MODE.load(Ordering::Relaxed)
+}
+
+static RAW_MODE: AtomicBool = AtomicBool::new(false);
+
+/// Restores the terminal if [`RawTerminal::enter`] changed it (for panic hooks).
+pub fn restore_terminal() {
+    if let Some(original) = ORIGINAL_TERMIOS.get() {
+        let original = Termios::from(*original);
+        let _ = termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, &original);
+    }
+}
+
+/// Splits keyboard input into bytes for the guest and the quit request.
+#[derive(Default)]
+pub struct EscapeFilter {
+    escape_pending: bool,
+}
+
+impl EscapeFilter {
+    /// Filters `input`; returns the bytes to forward and whether the user asked to quit.
+    pub fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut forward = Vec::with_capacity(input.len());
+        for &byte in input {
+            if self.escape_pending {
+                self.escape_pending = false;
+                match byte {
+                    b'x' | b'X' => return (forward, true),
+                    ESCAPE_KEY => forward.push(ESCAPE_KEY),
+                    other => {
+                        forward.push(ESCAPE_KEY);
+                        forward.push(other);
+                    }
+                }
+            } else if byte == ESCAPE_KEY {
+                self.escape_pending = true;
+            } else {
+                forward.push(byte);
+            }
+        }
+        (forward, false)
+    }
+}
+
+/// Feeds stdin to the serial console.
+pub struct StdinInput {
+    serial: Arc<Mutex<SerialConsole>>,
+    exit: Arc<ExitSignal>,
+    filter: EscapeFilter,
+}
+
+impl StdinInput {
+    pub fn new(serial: Arc<Mutex<SerialConsole>>, exit: Arc<ExitSignal>) -> Self {
+        Self {
+            serial,
+            exit,
+            filter: EscapeFilter::default(),
+        }
+    }
+}
+
+impl MutEventSubscriber for StdinInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buffer = [0u8; 4096];
+        let read = io::stdin().lock().read(&mut buffer);
+        match read {
+            Ok(0) | Err(_) => {
+                // End of input (or a broken stdin): the guest keeps running without it.
+                let _ = ops.remove(events);
+            }
+            Ok(n) => {
+                let (bytes, quit) = self.filter.feed(&buffer[..n]);
+                if !bytes.is_empty() {
+                    let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                    serial.enqueue_input(&bytes);
+                }
+                if quit {
+                    self.exit
+                        .request(ExitReason::Stopped("console escape (Ctrl-A x)".into()));
+                }
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&io::stdin(), EventSet::IN)) {
+            tracing::warn!("Console input unavailable: {e:?}");
+        }
+    }
+}
+
+/// Writes host text (log lines, messages) to stderr, with CR LF line ends while the terminal
+/// is raw.
+pub fn write_host_text(text: &[u8]) -> io::Result<()> {
+    let mut stderr = io::stderr().lock();
+    if !raw_mode_active() {
+        return stderr.write_all(text);
+    }
+    for (index, line) in text.split(|b| *b == b'\n').enumerate() {
+        if index > 0 {
+            stderr.write_all(b"\r\n")?;
+        }
+        stderr.write_all(line)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_x_quits_and_keeps_earlier_bytes() {
+        let mut filter = EscapeFilter::default();
+        assert_eq!(filter.feed(b"ls\r"), (b"ls\r".to_vec(), false));
+        assert_eq!(filter.feed(b"ab\x01x"), (b"ab".to_vec(), true));
+    }
+
+    #[test]
+    fn escape_spans_reads_and_double_escape_sends_one() {
+        let mut filter = EscapeFilter::default();
+        assert_eq!(filter.feed(b"a\x01"), (b"a".to_vec(), false));
+        assert_eq!(filter.feed(b"\x01b"), (b"\x01b".to_vec(), false));
+        assert_eq!(filter.feed(b"\x01c"), (b"\x01c".to_vec(), false));
+        assert_eq!(
+            filter.feed(b"\x03"),
+            (b"\x03".to_vec(), false),
+            "Ctrl-C goes to the guest"
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! One VM from configuration to exit: build memory, devices and vCPUs, boot, run the event
+//! loop until the guest or the host ends it.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use lodge_bus::IoBus;
+use lodge_devices::virtio::{BlockConfig, VirtioBlock, VirtioRng};
+use lodge_engine::{Engine, EngineError, InterruptModel, Vcpu, VcpuStopper, Vm, VmSpec};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError, LoadedKernel};
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::console::{self, StdinInput};
+use crate::console_sinks::{CappedLog, ConsoleClients, ConsoleFanout, ConsoleSocket};
+use crate::control::ControlSocket;
+use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{self, VcpuGate};
+
+/// Errors from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("Cannot create the VM")]
+    CreateVm(#[source] EngineError),
+    #[error("Cannot create vCPU {index}")]
+    CreateVcpu {
+        index: u8,
+        #[source]
+        source: EngineError,
+    },
+    #[error("Cannot set the boot vCPU's registers")]
+    SetBootState(#[source] EngineError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error("Cannot open disk {path}")]
+    Disk {
+        path: std::path::PathBuf,
+        #[source]
+        source: lodge_devices::virtio::BlockError,
+    },
+    #[error("Cannot open the console output")]
+    ConsoleOutput(#[source] std::io::Error),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("Cannot set up the event loop")]
+    EventLoop(#[source] event_manager::Error),
+    #[error("Cannot start a vCPU thread")]
+    SpawnVcpu(#[source] std::io::Error),
+    #[error("Cannot set up signal handling")]
+    Signals(#[source] nix::Error),
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("Cannot open the {what} at {path}")]
+    Socket {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the VM is attached to the process running it.
+#[derive(Debug, Clone)]
+pub struct MachineOptions {
+    /// When the process started (the boot timer measures from here).
+    pub start: Instant,
+    /// Forward stdin to the serial console (only with `console: stdio`).
+    pub console_input: bool,
+    /// End the VM on SIGINT, SIGTERM and SIGHUP (blocks them in every thread).
+    pub handle_signals: bool,
+}
+
+impl Default for MachineOptions {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            console_input: false,
+            handle_signals: false,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub reason: ExitReason,
+    /// Time from process start to the guest's "userspace started" write, if it came.
+    pub boot_time: Option<Duration>,
+}
+
+/// Controls a running VM from other threads.
+#[derive(Clone)]
+pub struct MachineHandle {
+    gate: Arc<VcpuGate>,
+    stoppers: Arc<Mutex<Vec<Arc<dyn VcpuStopper>>>>,
+    exit: Arc<ExitSignal>,
+}
+
+impl MachineHandle {
+    /// Stops the VM; `run` returns with [`ExitReason::Stopped`].
+    pub fn stop(&self, why: &str) {
+        self.exit.request(ExitReason::Stopped(why.to_owned()));
+    }
+
+    /// Parks every vCPU.
+    pub fn pause(&self) {
+        let stoppers = self.stoppers.lock().unwrap_or_else(|e| e.into_inner());
+        self.gate.pause(&stoppers);
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.gate.resume();
+    }
+
+    /// Whether the vCPUs are parked.
+    pub fn is_paused(&self) -> bool {
+        self.gate.is_paused()
+    }
+}
+
+/// A VM ready to run.
+pub struct Machine {
+    // Field order matters for drop: vCPUs and devices go before the engine VM and memory.
+    vcpus: Vec<Box<dyn Vcpu>>,
+    devices: DeviceManager,
+    engine_vm: Arc<dyn Vm>,
+    _memory: GuestMemoryMmap,
+    loaded: LoadedKernel,
+    cmdline: String,
+    options: MachineOptions,
+    console_is_stdio: bool,
+    handle: MachineHandle,
+    /// Console and control sockets, served by the event loop.
+    sockets: Vec<Subscriber>,
+}
+
+impl Machine {
+    /// Builds the VM `config` describes on `engine`. The config must have been validated.
+    pub fn build(
+        config: &VmConfig,
+        engine: &dyn Engine,
+        options: MachineOptions,
+    ) -> Result<Self, MachineError> {
+        let memory = memory::allocate(config.memory.bytes())?;
+        // Kernel and initrd first: a bad image is reported before anything else is set up.
+        let loaded = boot::load_images(&memory, &config.kernel, config.initrd.as_deref())?;
+        let io = Arc::new(IoBus::new());
+        let engine_vm = engine
+            .create_vm(VmSpec {
+                memory: memory.clone(),
+                vcpu_count: config.cpus,
+                io: io.clone(),
+            })
+            .map_err(MachineError::CreateVm)?;
+
+        let primary = console::output(&config.console).map_err(MachineError::ConsoleOutput)?;
+        let log = match &config.console_log {
+            Some(log) => Some(CappedLog::open(&log.path, log.limit).map_err(|source| {
+                MachineError::Socket {
+                    what: "console log",
+                    path: log.path.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let clients = Arc::new(ConsoleClients::default());
+        let output = Box::new(ConsoleFanout::new(primary, log, clients.clone()));
+        let mut devices = DeviceManager::new(engine_vm.as_ref(), io, output, options.start)?;
+        for (index, disk) in config.disks.iter().enumerate() {
+            let block = VirtioBlock::new(BlockConfig {
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+                id: disk_id(index, &disk.path),
+            })
+            .map_err(|source| MachineError::Disk {
+                path: disk.path.clone(),
+                source,
+            })?;
+            devices.add_virtio(engine_vm.as_ref(), &memory, Box::new(block))?;
+        }
+        if config.rng {
+            devices.add_virtio(engine_vm.as_ref(), &memory, Box::new(VirtioRng::new()))?;
+        }
+
+        let mut cmdline = config.base_cmdline();
+        for arg in devices
+            .cmdline_args()
+            .iter()
+            .chain(&engine_vm.kernel_args())
+        {
+            cmdline.push(' ');
+            cmdline.push_str(arg);
+        }
+        let mp_table = match engine_vm.interrupt_model() {
+            InterruptModel::Apic => Some(config.cpus),
+            InterruptModel::Pic => None,
+        };
+        let boot_state = boot::write_boot_parameters(&memory, &loaded, &cmdline, mp_table)?;
+
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let vcpu = engine_vm
+                .create_vcpu(index)
+                .map_err(|source| MachineError::CreateVcpu { index, source })?;
+            vcpus.push(vcpu);
+        }
+        // Application processors wait for the boot processor's INIT/SIPI.
+        vcpus[0]
+            .set_state(&boot_state)
+            .map_err(MachineError::SetBootState)?;
+
+        let handle = MachineHandle {
+            gate: Arc::new(VcpuGate::default()),
+            stoppers: Arc::new(Mutex::new(vcpus.iter().map(|v| v.stopper()).collect())),
+            exit: Arc::new(ExitSignal::new().map_err(MachineError::EventFd)?),
+        };
+        let mut sockets: Vec<Subscriber> = Vec::new();
+        if let Some(path) = &config.console_socket {
+            let socket =
+                ConsoleSocket::bind(path, clients, devices.serial()).map_err(|source| {
+                    MachineError::Socket {
+                        what: "console socket",
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            sockets.push(Arc::new(Mutex::new(socket)));
+        }
+        if let Some(path) = &config.api_socket {
+            let control = ControlSocket::bind(
+                path,
+                handle.clone(),
+                devices.boot_time(),
+                devices.power_button(),
+                engine.kind(),
+            )
+            .map_err(|source| MachineError::Socket {
+                what: "control socket",
+                path: path.clone(),
+                source,
+            })?;
+            sockets.push(Arc::new(Mutex::new(control)));
+        }
+        Ok(Self {
+            sockets,
+            vcpus,
+            devices,
+            engine_vm,
+            _memory: memory,
+            loaded,
+            cmdline,
+            console_is_stdio: config.console == ConsoleConfig::Stdio,
+            options,
+            handle,
+        })
+    }
+
+    /// The kernel command line the guest boots with.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Where the kernel and initrd were loaded.
+    pub fn loaded_kernel(&self) -> &LoadedKernel {
+        &self.loaded
+    }
+
+    /// A handle to pause, resume or stop the VM while it runs.
+    pub fn handle(&self) -> MachineHandle {
+        self.handle.clone()
+    }
+
+    /// Runs the VM until the guest or the host ends it.
+    pub fn run(self) -> Result<RunSummary, MachineError> {
+        let mut event_manager: EventManager<Subscriber> =
+            EventManager::new().map_err(MachineError::EventLoop)?;
+        let exit = self.handle.exit.clone();
+        let watcher = ExitWatcher {
+            exit: exit.clone(),
+            reset: self
+                .devices
+                .reset_event()
+                .try_clone()
+                .map_err(MachineError::EventFd)?,
+            signals: if self.options.handle_signals {
+                Some(block_exit_signals().map_err(MachineError::Signals)?)
+            } else {
+                None
+            },
+        };
+        event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
+        for subscriber in self.devices.subscribers().iter().chain(&self.sockets) {
+            event_manager.add_subscriber(subscriber.clone());
+        }
+        if self.options.console_input && self.console_is_stdio {
+            let input = StdinInput::new(self.devices.serial(), exit.clone());
+            event_manager.add_subscriber(Arc::new(Mutex::new(input)));
+        }
+
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (index, vcpu) in self.vcpus.into_iter().enumerate() {
+            match vcpu::spawn(index as u8, vcpu, self.handle.gate.clone(), exit.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    stop_and_join(&self.handle, threads);
+                    return Err(MachineError::SpawnVcpu(e));
+                }
+            }
+        }
+        let result = loop {
+            if let Some(reason) = exit.reason() {
+                break Ok(reason);
+            }
+            if let Err(e) = event_manager.run_with_timeout(1000) {
+                break Err(MachineError::EventLoop(e));
+            }
+        };
+        stop_and_join(&self.handle, threads);
+        drop(self.engine_vm);
+        Ok(RunSummary {
+            reason: result?,
+            boot_time: self.devices.boot_time().boot_time(),
+        })
+    }
+}
+
+fn stop_and_join(handle: &MachineHandle, threads: Vec<JoinHandle<()>>) {
+    let stoppers = handle
+        .stoppers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    handle.gate.exit(&stoppers);
+    for thread in threads {
+        if thread.join().is_err() {
+            tracing::error!("A vCPU thread panicked");
+        }
+    }
+}
+
+/// The serial number a disk reports (`/sys/block/vdX/serial`): its file name, 20 bytes at most.
+fn disk_id(index: usize, path: &std::path::Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| format!("disk{index}"));
+    name.chars().take(20).collect()
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts) and returns a
+/// signalfd that reads them.
+fn block_exit_signals() -> nix::Result<SignalFd> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
+    set.thread_block()?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+}
+
+/// Wakes the event loop for exit requests, the i8042 reset line and host signals.
+struct ExitWatcher {
+    exit: Arc<ExitSignal>,
+    reset: EventFd,
+    signals: Option<SignalFd>,
+}
+
+const WATCH_EXIT: u32 = 0;
+const WATCH_RESET: u32 = 1;
+const WATCH_SIGNALS: u32 = 2;
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            WATCH_EXIT => {
+                let _ = self.exit.event().read();
+            }
+            WATCH_RESET => {
+                let _ = self.reset.read();
+                self.exit.request(ExitReason::GuestReset);
+            }
+            WATCH_SIGNALS => {
+                if let Some(Ok(Some(info))) = self.signals.as_mut().map(|s| s.read_signal()) {
+                    let name = Signal::try_from(info.ssi_signo as i32)
+                        .map(|s| s.as_str())
+                        .unwrap_or("signal");
+                    self.exit
+                        .request(ExitReason::Stopped(format!("received {name}")));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: i32, data: u32| {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                tracing::error!("Cannot watch fd {fd}: {e:?}");
+            }
+        };
+        add(self.exit.event().as_raw_fd(), WATCH_EXIT);
+        add(self.reset.as_raw_fd(), WATCH_RESET);
+        if let Some(signals) = &self.signals {
+            add(signals.as_raw_fd(), WATCH_SIGNALS);
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Hand-assembled guests run through the whole VMM (memory, boot, devices, vCPU threads, event
+//! loop) on each engine: serial output, MMIO, the i8042 reset, the boot timer, stopping a
+//! halted vCPU, triple faults.
+//!
+//! KVM tests skip with a printed reason where `/dev/kvm` is unusable; they run on this
+//! project's PVM hosts (small guests work there).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+use lodge_engine::kvm;
+use lodge_vmm::config::{ConsoleConfig, ConsoleLogConfig, EngineChoice, MemorySize};
+use lodge_vmm::engine_select;
+use lodge_vmm::testing::{vmlinux_from_code, TEST_KERNEL_ENTRY};
+use lodge_vmm::{ExitReason, Machine, MachineOptions, RunSummary, VmConfig};
+
+/// A guest's kernel file, console log and config.
+struct TestGuest {
+    _kernel: tempfile::NamedTempFile,
+    console: tempfile::NamedTempFile,
+    config: VmConfig,
+}
+
+impl TestGuest {
+    fn new(
+        engine: EngineChoice,
+        assemble: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> Self {
+        let mut asm = CodeAssembler::new(64).unwrap();
+        assemble(&mut asm).unwrap();
+        let code = asm.assemble(TEST_KERNEL_ENTRY).unwrap();
+        let mut kernel = tempfile::NamedTempFile::new().unwrap();
+        kernel.write_all(&vmlinux_from_code(&code)).unwrap();
+        let console = tempfile::NamedTempFile::new().unwrap();
+        let mut config = VmConfig::new(kernel.path());
+        config.memory = MemorySize(64 << 20);
+        config.engine = engine;
+        config.console = ConsoleConfig::File(console.path().to_owned());
+        Self {
+            _kernel: kernel,
+            console,
+            config,
+        }
+    }
+
+    fn machine(&self) -> Machine {
+        self.config.validate(u64::MAX).unwrap();
+        let selected = engine_select::select(self.config.engine).unwrap();
+        Machine::build(
+            &self.config,
+            selected.engine.as_ref(),
+            MachineOptions::default(),
+        )
+        .unwrap()
+    }
+
+    fn run(&self) -> RunSummary {
+        self.machine().run().unwrap()
+    }
+
+    fn console_output(&self) -> String {
+        std::fs::read_to_string(self.console.path()).unwrap()
+    }
+}
+
+/// Whether KVM is usable here; prints why not.
+fn kvm_available(test: &str) -> bool {
+    match kvm::probe() {
+        Ok(_) => true,
+        Err(reason) => {
+            println!("SKIP {test}: {reason}");
+            false
+        }
+    }
+}
+
+/// Writes `text` to COM1 one byte at a time.
+fn print(asm: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
+    asm.mov(dx, 0x3f8u32)?;
+    for byte in text.bytes() {
+        asm.mov(al, byte as u32)?;
+        asm.out(dx, al)?;
+    }
+    Ok(())
+}
+
+/// Pulses the reset line through the i8042 (what Linux does for `reboot=k`).
+fn i8042_reset(asm: &mut CodeAssembler) -> Result<(), IcedError> {
+    asm.mov(al, 0xfeu32)?;
+    asm.out(0x64, al)?;
+    let mut spin = asm.create_label();
+    asm.set_label(&mut spin)?;
+    asm.jmp(spin)
+}
+
+fn serial_boot_timer_and_reset(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        print(asm, "Hello from the guest\n")?;
+        // The boot timer is an MMIO device: this write crosses into the VMM.
+        asm.mov(rax, 0xd000_0000u64)?;
+        asm.mov(byte_ptr(rax), 123u32)?;
+        i8042_reset(asm)
+    });
+    let summary = guest.run();
+    assert_eq!(summary.reason, ExitReason::GuestReset);
+    assert_eq!(summary.reason.exit_status(), 0);
+    assert!(summary.boot_time.is_some(), "the boot timer saw the write");
+    assert_eq!(guest.console_output(), "Hello from the guest\n");
+}
+
+fn reads_virtio_magic_over_mmio(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        // Read the first virtio-mmio device's magic ("virt") and echo its bytes to COM1.
+        asm.mov(rbx, 0xd000_1000u64)?;
+        asm.mov(ebx, dword_ptr(rbx))?;
+        asm.mov(dx, 0x3f8u32)?;
+        for _ in 0..4 {
+            asm.mov(al, bl)?;
+            asm.out(dx, al)?;
+            asm.shr(ebx, 8)?;
+        }
+        i8042_reset(asm)
+    });
+    let mut config_guest = guest;
+    config_guest.config.rng = true;
+    let summary = config_guest.run();
+    assert_eq!(summary.reason, ExitReason::GuestReset);
+    assert_eq!(config_guest.console_output(), "virt");
+}
+
+fn stops_a_halted_guest(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        print(asm, "halting\n")?;
+        let mut halt = asm.create_label();
+        asm.set_label(&mut halt)?;
+        asm.sti()?;
+        asm.hlt()?;
+        asm.jmp(halt)
+    });
+    let machine = guest.machine();
+    let handle = machine.handle();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        handle.stop("test");
+    });
+    let started = Instant::now();
+    let summary = machine.run().unwrap();
+    stopper.join().unwrap();
+    assert_eq!(summary.reason, ExitReason::Stopped("test".into()));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(guest.console_output(), "halting\n");
+}
+
+fn pause_and_resume(engine: EngineChoice) {
+    // Prints a dot per iteration of a busy loop; while paused nothing may be printed.
+    let guest = TestGuest::new(engine, |asm| {
+        let mut top = asm.create_label();
+        let mut delay = asm.create_label();
+        asm.set_label(&mut top)?;
+        asm.mov(dx, 0x3f8u32)?;
+        asm.mov(al, b'.' as u32)?;
+        asm.out(dx, al)?;
+        asm.mov(ecx, 200_000u32)?;
+        asm.set_label(&mut delay)?;
+        asm.dec(ecx)?;
+        asm.jnz(delay)?;
+        asm.jmp(top)
+    });
+    let machine = guest.machine();
+    let handle = machine.handle();
+    let console = guest.console.path().to_owned();
+    let controller = std::thread::spawn(move || {
+        wait_for_output(&console, 2);
+        handle.pause();
+        assert!(handle.is_paused());
+        std::thread::sleep(Duration::from_millis(100));
+        let paused_len = std::fs::metadata(&console).unwrap().len();
+        std::thread::sleep(Duration::from_millis(500));
+        let still = std::fs::metadata(&console).unwrap().len();
+        handle.resume();
+        wait_for_output(&console, still + 2);
+        handle.stop("test");
+        (paused_len, still)
+    });
+    let summary = machine.run().unwrap();
+    let (paused_len, still) = controller.join().unwrap();
+    assert_eq!(paused_len, still, "no output while paused");
+    assert_eq!(summary.reason, ExitReason::Stopped("test".into()));
+}
+
+/// A guest that echoes serial input and resets when the power button is pressed, driven
+/// through the console socket and the control socket as the daemon drives VMM processes.
+fn sockets_drive_the_vm(engine: EngineChoice) {
+    let mut guest = TestGuest::new(engine, |asm| {
+        let mut top = asm.create_label();
+        let mut check_button = asm.create_label();
+        asm.mov(rbx, 0xd000_0100u64)?;
+        asm.set_label(&mut top)?;
+        asm.mov(dx, 0x3fdu32)?; // line status register
+        asm.in_(al, dx)?;
+        asm.test(al, 1)?;
+        asm.jz(check_button)?;
+        asm.mov(dx, 0x3f8u32)?;
+        asm.in_(al, dx)?;
+        asm.out(dx, al)?;
+        asm.set_label(&mut check_button)?;
+        asm.mov(al, byte_ptr(rbx))?;
+        asm.test(al, al)?;
+        asm.jz(top)?;
+        print(asm, "shutting down\n")?;
+        i8042_reset(asm)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let console = dir.path().join("console.sock");
+    let log = dir.path().join("console.log");
+    guest.config.api_socket = Some(api.clone());
+    guest.config.console_socket = Some(console.clone());
+    guest.config.console_log = Some(ConsoleLogConfig {
+        path: log.clone(),
+        limit: 1 << 20,
+    });
+    let machine = guest.machine();
+    let runner = std::thread::spawn(move || machine.run().unwrap());
+
+    let mut console_client = UnixStream::connect(&console).unwrap();
+    console_client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    console_client.write_all(b"ping").unwrap();
+    let mut echoed = [0u8; 4];
+    console_client.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping");
+
+    let mut control = BufReader::new(UnixStream::connect(&api).unwrap());
+    let mut request = |line: &str| -> serde_json::Value {
+        control
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        let mut reply = String::new();
+        control.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    };
+    let status = request(r#"{"request":"status"}"#);
+    assert_eq!(status["ok"], true);
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["pid"], std::process::id());
+    assert_eq!(request(r#"{"request":"pause"}"#)["state"], "paused");
+    assert_eq!(request(r#"{"request":"resume"}"#)["state"], "running");
+    let bad = request(r#"{"request":"explode"}"#);
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("Invalid request"));
+    assert_eq!(request(r#"{"request":"shutdown"}"#)["ok"], true);
+
+    let summary = runner.join().unwrap();
+    assert_eq!(summary.reason, ExitReason::GuestReset);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pingshutting down\n"
+    );
+}
+
+fn wait_for_output(path: &Path, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(path).unwrap().len() < bytes {
+        assert!(Instant::now() < deadline, "guest output did not arrive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn triple_fault_is_reported(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        // An IDT of limit 0: the #UD from ud2 cannot be delivered, nor the #DF: triple fault.
+        asm.sub(rsp, 16)?;
+        asm.xor(eax, eax)?;
+        asm.mov(qword_ptr(rsp), rax)?;
+        asm.mov(qword_ptr(rsp + 8), rax)?;
+        asm.lidt(ptr(rsp))?;
+        asm.ud2()
+    });
+    let summary = guest.run();
+    match &summary.reason {
+        ExitReason::TripleFault(state) => {
+            assert!(
+                state.regs.rip >= TEST_KERNEL_ENTRY,
+                "registers are dumped: {state}"
+            );
+        }
+        other => panic!("expected a triple fault, got {other}"),
+    }
+    assert_eq!(summary.reason.exit_status(), 1);
+}
+
+#[test]
+fn kvm_serial_boot_timer_and_reset() {
+    if kvm_available("kvm_serial_boot_timer_and_reset") {
+        serial_boot_timer_and_reset(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn kvm_reads_virtio_magic_over_mmio() {
+    if kvm_available("kvm_reads_virtio_magic_over_mmio") {
+        reads_virtio_magic_over_mmio(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn kvm_stops_a_halted_guest() {
+    if kvm_available("kvm_stops_a_halted_guest") {
+        stops_a_halted_guest(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn kvm_pause_and_resume() {
+    if kvm_available("kvm_pause_and_resume") {
+        pause_and_resume(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn kvm_sockets_drive_the_vm() {
+    if kvm_available("kvm_sockets_drive_the_vm") {
+        sockets_drive_the_vm(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn kvm_triple_fault_is_reported() {
+    if kvm_available("kvm_triple_fault_is_reported") {
+        triple_fault_is_reported(EngineChoice::Kvm);
+    }
+}
