@@ -185,6 +185,12 @@ impl Cpu {
         Ok(())
     }
 
+    /// Checks that `len` bytes at `linear` may be written with the current privilege.
+    pub fn check_writable_range(&mut self, linear: u64, len: usize) -> Result<(), Event> {
+        let user = self.user;
+        self.check_writable(linear, len, user)
+    }
+
     /// Checks that every page of `linear..linear + len` may be written.
     fn check_writable(&mut self, linear: u64, len: usize, user: bool) -> Result<(), Event> {
         let mut page = linear & !PAGE_OFFSET_MASK;

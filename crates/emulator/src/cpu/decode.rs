@@ -25,6 +25,8 @@ pub fn prepare(inst: &Instruction) -> Op {
 fn allowed(inst: &Instruction) -> bool {
     match inst.mnemonic() {
         Mnemonic::Tzcnt | Mnemonic::Endbr32 | Mnemonic::Endbr64 | Mnemonic::Prefetchw => true,
+        // 8087/80287 FPU controls that later FPUs accept as no-ops.
+        Mnemonic::Feni | Mnemonic::Fneni | Mnemonic::Fdisi | Mnemonic::Fndisi | Mnemonic::Fsetpm | Mnemonic::Fnsetpm => true,
         _ => inst.cpuid_features().iter().all(|f| cpuid::supports(*f)),
     }
 }

@@ -86,6 +86,11 @@ impl Fpu {
         self.mxcsr = mxcsr;
         self.fcw = word(0);
         self.fsw = word(2);
+        // ES and B follow the pending flags and masks.
+        self.fsw &= !0x8080;
+        if self.fsw & 0x3f & !(self.fcw & 0x3f) != 0 {
+            self.fsw |= 0x8080;
+        }
         self.ftw = img[4];
         self.fop = word(6) & 0x7ff;
         if wide {

@@ -10,6 +10,7 @@ mod decode;
 mod exception;
 pub mod flags;
 mod fpu;
+mod host_fp;
 mod muldiv;
 mod op;
 mod run;

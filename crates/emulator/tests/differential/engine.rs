@@ -56,30 +56,19 @@ impl Engine {
         let m = &mut self.machine;
         // Prologue: load XMM and MXCSR (flags and GPRs come from the register state).
         let mut a = CodeAssembler::new(64).unwrap();
-        a.ldmxcsr(dword_ptr(MXCSR_IN)).unwrap();
-        for (i, x) in XMMS.iter().enumerate() {
-            a.movdqu(*x, xmmword_ptr(XMM_IN + i as u64 * 16)).unwrap();
-        }
+        a.fxrstor64(zmmword_ptr(FX_IN)).unwrap();
         a.jmp(INSN).unwrap();
         m.write(PROLOGUE, &a.assemble(PROLOGUE).unwrap());
         let end = INSN + code.len() as u64;
         let mut a = CodeAssembler::new(64).unwrap();
-        for (i, x) in XMMS.iter().enumerate() {
-            a.movdqu(xmmword_ptr(XMM_OUT + i as u64 * 16), *x).unwrap();
-        }
-        a.stmxcsr(dword_ptr(MXCSR_OUT)).unwrap();
+        a.fxsave64(zmmword_ptr(FX_OUT)).unwrap();
         let mut tail = a.assemble(end).unwrap();
         let hlt_at = end + tail.len() as u64;
         tail.push(0xf4);
         let mut body = code.to_vec();
         body.extend(tail);
         m.write(INSN, &body);
-        let mut xmm = Vec::new();
-        for x in state.xmm {
-            xmm.extend_from_slice(&x.to_le_bytes());
-        }
-        m.write(XMM_IN, &xmm);
-        m.write(MXCSR_IN, &state.mxcsr.to_le_bytes());
+        m.write(FX_IN, &fx_image(state));
         m.write(DATA, &state.data);
         m.write(STACK, &state.stack);
         m.write(FAULT_MARK, &[NO_FAULT as u8]);
@@ -113,18 +102,17 @@ impl Engine {
             r.rax, r.rcx, r.rdx, r.rbx, saved_rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
         ];
         if vector == 13 && rip == hlt_at {
-            let mut xmm = [0u128; 16];
-            for (i, x) in xmm.iter_mut().enumerate() {
-                *x = u128::from_le_bytes(m.read(XMM_OUT + i as u64 * 16, 16).try_into().unwrap());
-            }
-            return Outcome::Completed(MachineState {
+            let mut out = MachineState {
                 regs,
                 rflags,
-                xmm,
-                mxcsr: u32::from_le_bytes(m.read(MXCSR_OUT, 4).try_into().unwrap()),
+                xmm: [0; 16],
+                mxcsr: 0,
+                x87: X87State::default(),
                 data: m.read(DATA, DATA_SIZE as usize),
                 stack: m.read(STACK, STACK_SIZE as usize),
-            });
+            };
+            from_fx_image(&m.read(FX_OUT, 512), &mut out);
+            return Outcome::Completed(out);
         }
         assert!(vector < 32, "engine stopped without an exception (rip {:#x})", after.regs.rip);
         assert!(

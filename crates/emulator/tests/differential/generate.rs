@@ -6,6 +6,7 @@ use iced_x86::{Code, Encoder, EncodingKind, Instruction, MemorySize, Mnemonic, O
 
 use super::native::*;
 
+
 /// Deterministic xorshift64* generator.
 pub struct Rng(u64);
 
@@ -257,6 +258,14 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
                 inst.set_op_kind(n, OpKind::Immediate64);
                 inst.set_immediate64(rng.interesting());
             }
+            K::st0 => {
+                inst.set_op_kind(n, OpKind::Register);
+                inst.set_op_register(n, Register::ST0);
+            }
+            K::sti_opcode => {
+                inst.set_op_kind(n, OpKind::Register);
+                inst.set_op_register(n, reg_at(Register::ST0 as u32 as usize + rng.below(8) as usize));
+            }
             K::seg_rSI => inst.set_op_kind(n, OpKind::MemorySegRSI),
             K::es_rDI => inst.set_op_kind(n, OpKind::MemoryESRDI),
             K::seg_rDI => inst.set_op_kind(n, OpKind::MemorySegRDI),
@@ -347,15 +356,29 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
         regs[base] = base_value;
     }
     fixups(&decoded, rng, &mut regs);
+    let float = is_float(&decoded);
     let mut xmm = [0u128; 16];
     for x in xmm.iter_mut() {
-        *x = (u128::from(rng.interesting()) << 64) | u128::from(rng.interesting());
+        let mut half = || if float && rng.chance(70) { float_bits(rng) } else { rng.interesting() };
+        *x = (u128::from(half()) << 64) | u128::from(half());
     }
     let mut data = vec![0u8; DATA_SIZE as usize];
     for chunk in data.chunks_mut(8) {
-        let v = rng.interesting().to_le_bytes();
+        let v = if float && rng.chance(70) { float_bits(rng) } else { rng.interesting() }.to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
+    let mut mxcsr = 0x1f80;
+    if float && rng.chance(40) {
+        // Rounding control, flush-to-zero, denormals-are-zero.
+        mxcsr |= (rng.below(4) as u32) << 13;
+        if rng.chance(25) {
+            mxcsr |= 1 << 15;
+        }
+        if rng.chance(25) {
+            mxcsr |= 1 << 6;
+        }
+    }
+    let x87 = x87_state(rng);
     let mut stack = vec![0u8; STACK_SIZE as usize];
     for chunk in stack.chunks_mut(8) {
         let v = rng.next().to_le_bytes();
@@ -367,7 +390,7 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
         let value = u64::from_le_bytes(stack[top..top + 8].try_into().unwrap()) & !0x4_0100;
         stack[top..top + 8].copy_from_slice(&value.to_le_bytes());
     }
-    Some(Case { inst: decoded, bytes, state: MachineState { regs, rflags, xmm, mxcsr: 0x1f80, data, stack } })
+    Some(Case { inst: decoded, bytes, state: MachineState { regs, rflags, xmm, mxcsr, x87, data, stack } })
 }
 
 /// Input adjustments so that more cases exercise the interesting path.
@@ -408,4 +431,119 @@ fn fixups(inst: &Instruction, rng: &mut Rng, regs: &mut [u64; 16]) {
         _ => {}
     }
     let _ = MemorySize::Unknown;
+}
+
+/// Whether the instruction works on floating-point values.
+fn is_float(inst: &Instruction) -> bool {
+    let m = format!("{:?}", inst.mnemonic());
+    m.starts_with('F')
+        || m.ends_with("ps")
+        || m.ends_with("pd")
+        || m.ends_with("ss")
+        || (m.ends_with("sd") && inst.code() != Code::Movsd_m32_m32 && inst.code() != Code::Cmpsd_m32_m32)
+        || m.starts_with("Cvt")
+        || m.contains("comis")
+}
+
+/// Bits of a float64 (or two float32s) worth testing.
+fn float_bits(rng: &mut Rng) -> u64 {
+    const F64: [f64; 22] = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        0.5,
+        1.5,
+        2.0,
+        3.0,
+        -4.5,
+        0.1,
+        1.0 / 3.0,
+        1e10,
+        -1e-10,
+        2147483648.0,
+        9.223372036854775807e18,
+        -9.223372036854775808e18,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+        5e-324,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        123456.789,
+    ];
+    const F32: [f32; 16] =
+        [0.0, -0.0, 1.0, -1.0, 0.5, 1.5, 3.0, -4.5, 0.1, 1e10, 2147483648.0, f32::MAX, f32::MIN_POSITIVE, 1e-45, f32::INFINITY, 65504.0];
+    match rng.below(6) {
+        0 => F64[rng.below(F64.len() as u64) as usize].to_bits(),
+        1 => {
+            let a = F32[rng.below(F32.len() as u64) as usize].to_bits();
+            let b = F32[rng.below(F32.len() as u64) as usize].to_bits();
+            u64::from(a) | (u64::from(b) << 32)
+        }
+        2 => [0x7ff8_0000_0000_0000, 0x7ff0_0000_0000_0001, 0xfff8_0000_0000_0000, 0x7fc0_0000_7f80_0001][rng.below(4) as usize],
+        3 => {
+            // A normal double with a moderate exponent.
+            let exponent = 1023 + rng.below(80) - 40;
+            (rng.next() & 0x800f_ffff_ffff_ffff) | (exponent << 52)
+        }
+        4 => {
+            let e = 127 + rng.below(40) as u32 - 20;
+            let a = (rng.next() as u32 & 0x807f_ffff) | (e << 23);
+            let b = (rng.next() as u32 & 0x807f_ffff) | (e << 23);
+            u64::from(a) | (u64::from(b) << 32)
+        }
+        _ => rng.interesting(),
+    }
+}
+
+/// Converts a float64 to the 80-bit format (normals, zeros, infinities and NaNs exactly).
+fn f80(v: f64) -> [u8; 10] {
+    let bits = v.to_bits();
+    let sign = (bits >> 63) as u16;
+    let exponent = ((bits >> 52) & 0x7ff) as u16;
+    let fraction = bits & 0xf_ffff_ffff_ffff;
+    let (e, mantissa) = match exponent {
+        0 if fraction == 0 => (0, 0),
+        0 => {
+            // Denormal double: value = fraction * 2^-1074; normalise.
+            let lz = fraction.leading_zeros();
+            ((63 - lz as i32 - 1074 + 16383) as u16, fraction << lz)
+        }
+        0x7ff => (0x7fff, (1 << 63) | (fraction << 11)),
+        _ => (exponent + 16383 - 1023, (1 << 63) | (fraction << 11)),
+    };
+    let mut out = [0u8; 10];
+    out[..8].copy_from_slice(&mantissa.to_le_bytes());
+    out[8..].copy_from_slice(&((sign << 15) | e).to_le_bytes());
+    out
+}
+
+/// A random x87 state: exceptions masked, random rounding/precision sometimes, most
+/// registers valid.
+fn x87_state(rng: &mut Rng) -> X87State {
+    let mut fcw = 0x037f;
+    if rng.chance(30) {
+        fcw = 0x007f | ([0u16, 2, 3][rng.below(3) as usize] << 8) | ((rng.below(4) as u16) << 10);
+    }
+    let top = rng.below(8) as u16;
+    let fsw = (top << 11) | if rng.chance(20) { (rng.next() as u16) & 0x4700 } else { 0 };
+    let mut ftw = 0u8;
+    let mut st = [[0u8; 10]; 8];
+    for (i, reg) in st.iter_mut().enumerate() {
+        let valid = if i < 2 { rng.chance(90) } else { rng.chance(50) };
+        if valid {
+            ftw |= 1 << ((top as usize + i) & 7);
+        }
+        *reg = match rng.below(10) {
+            0 => {
+                let mut r = [0u8; 10];
+                for b in r.iter_mut() {
+                    *b = rng.next() as u8;
+                }
+                r
+            }
+            _ => f80(f64::from_bits(float_bits(rng))),
+        };
+    }
+    X87State { fcw, fsw, ftw, st }
 }

@@ -29,11 +29,10 @@ const IN_FLAGS: u64 = STATE + 128;
 const OUT_REGS: u64 = STATE + 136;
 const OUT_FLAGS: u64 = STATE + 264;
 const HOST_RSP: u64 = STATE + 272;
-pub const XMM_IN: u64 = STATE + 320;
-pub const XMM_OUT: u64 = STATE + 576;
-pub const MXCSR_IN: u64 = STATE + 832;
-pub const MXCSR_OUT: u64 = STATE + 836;
 const HOST_MXCSR: u64 = STATE + 840;
+/// FXSAVE images (16-byte aligned) loaded before and stored after the instruction.
+pub const FX_IN: u64 = STATE + 0x400;
+pub const FX_OUT: u64 = STATE + 0x600;
 
 /// Everything an instruction reads or writes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,8 +41,51 @@ pub struct MachineState {
     pub rflags: u64,
     pub xmm: [u128; 16],
     pub mxcsr: u32,
+    pub x87: X87State,
     pub data: Vec<u8>,
     pub stack: Vec<u8>,
+}
+
+/// x87 registers in FXSAVE terms.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct X87State {
+    pub fcw: u16,
+    pub fsw: u16,
+    /// Abridged tags: bit i = physical register i holds a value.
+    pub ftw: u8,
+    /// ST(0)..ST(7) (stack order, as FXSAVE stores them).
+    pub st: [[u8; 10]; 8],
+}
+
+/// The FXSAVE64 image of a state's x87/SSE part.
+pub fn fx_image(state: &MachineState) -> [u8; 512] {
+    let mut img = [0u8; 512];
+    img[0..2].copy_from_slice(&state.x87.fcw.to_le_bytes());
+    img[2..4].copy_from_slice(&state.x87.fsw.to_le_bytes());
+    img[4] = state.x87.ftw;
+    img[24..28].copy_from_slice(&state.mxcsr.to_le_bytes());
+    img[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
+    for (i, st) in state.x87.st.iter().enumerate() {
+        img[32 + i * 16..42 + i * 16].copy_from_slice(st);
+    }
+    for (i, x) in state.xmm.iter().enumerate() {
+        img[160 + i * 16..176 + i * 16].copy_from_slice(&x.to_le_bytes());
+    }
+    img
+}
+
+/// Reads back what `fx_image` writes.
+pub fn from_fx_image(img: &[u8], state: &mut MachineState) {
+    state.x87.fcw = u16::from_le_bytes([img[0], img[1]]);
+    state.x87.fsw = u16::from_le_bytes([img[2], img[3]]);
+    state.x87.ftw = img[4];
+    state.mxcsr = u32::from_le_bytes(img[24..28].try_into().unwrap());
+    for i in 0..8 {
+        state.x87.st[i].copy_from_slice(&img[32 + i * 16..42 + i * 16]);
+    }
+    for i in 0..16 {
+        state.xmm[i] = u128::from_le_bytes(img[160 + i * 16..176 + i * 16].try_into().unwrap());
+    }
 }
 
 /// How a run ended.
@@ -130,10 +172,7 @@ fn prologue() -> Vec<u8> {
     }
     a.stmxcsr(dword_ptr(HOST_MXCSR)).unwrap();
     a.mov(qword_ptr(HOST_RSP), rsp).unwrap();
-    a.ldmxcsr(dword_ptr(MXCSR_IN)).unwrap();
-    for (i, x) in XMMS.iter().enumerate() {
-        a.movdqu(*x, xmmword_ptr(XMM_IN + i as u64 * 16)).unwrap();
-    }
+    a.fxrstor64(zmmword_ptr(FX_IN)).unwrap();
     a.mov(rsp, IN_FLAGS).unwrap();
     a.popfq().unwrap();
     for (i, r) in GPRS.iter().enumerate() {
@@ -154,15 +193,13 @@ fn epilogue(at: u64) -> Vec<u8> {
     }
     a.mov(rsp, OUT_FLAGS + 8).unwrap();
     a.pushfq().unwrap();
-    for (i, x) in XMMS.iter().enumerate() {
-        a.movdqu(xmmword_ptr(XMM_OUT + i as u64 * 16), *x).unwrap();
-    }
-    a.stmxcsr(dword_ptr(MXCSR_OUT)).unwrap();
+    a.fxsave64(zmmword_ptr(FX_OUT)).unwrap();
     restore_host(&mut a);
     a.assemble(at).unwrap()
 }
 
 fn restore_host(a: &mut CodeAssembler) {
+    a.fninit().unwrap();
     a.ldmxcsr(dword_ptr(HOST_MXCSR)).unwrap();
     a.mov(rsp, qword_ptr(HOST_RSP)).unwrap();
     // Clean flags for Rust: no DF, AC or TF.
@@ -175,8 +212,6 @@ fn restore_host(a: &mut CodeAssembler) {
 }
 
 pub const GPRS: [AsmRegister64; 16] = [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15];
-pub const XMMS: [AsmRegisterXmm; 16] =
-    [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15];
 
 impl Native {
     /// Maps the region (or returns why it cannot).
@@ -239,10 +274,7 @@ impl Native {
             write_bytes(IN_REGS + i as u64 * 8, &r.to_le_bytes());
         }
         write_bytes(IN_FLAGS, &state.rflags.to_le_bytes());
-        for (i, x) in state.xmm.iter().enumerate() {
-            write_bytes(XMM_IN + i as u64 * 16, &x.to_le_bytes());
-        }
-        write_bytes(MXCSR_IN, &state.mxcsr.to_le_bytes());
+        write_bytes(FX_IN, &fx_image(state));
         write_bytes(DATA, &state.data);
         write_bytes(STACK, &state.stack);
         FAULT[0].store(0, Ordering::SeqCst);
@@ -267,17 +299,16 @@ impl Native {
         for (i, r) in regs.iter_mut().enumerate() {
             *r = read_u64(OUT_REGS + i as u64 * 8);
         }
-        let mut xmm = [0u128; 16];
-        for (i, x) in xmm.iter_mut().enumerate() {
-            *x = u128::from_le_bytes(read_bytes(XMM_OUT + i as u64 * 16, 16).try_into().unwrap());
-        }
-        Outcome::Completed(MachineState {
+        let mut out = MachineState {
             regs,
             rflags: read_u64(OUT_FLAGS),
-            xmm,
-            mxcsr: u32::from_le_bytes(read_bytes(MXCSR_OUT, 4).try_into().unwrap()),
+            xmm: [0; 16],
+            mxcsr: 0,
+            x87: X87State::default(),
             data: read_bytes(DATA, DATA_SIZE as usize),
             stack: read_bytes(STACK, STACK_SIZE as usize),
-        })
+        };
+        from_fx_image(&read_bytes(FX_OUT, 512), &mut out);
+        Outcome::Completed(out)
     }
 }
