@@ -84,9 +84,19 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         // Core crystal 1 GHz, TSC/crystal ratio 1/1: the TSC runs at 1 GHz.
         0x15 => [1, 1, TSC_HZ as u32, 0],
         // Base, maximum and bus frequencies in MHz.
-        0x16 => [(TSC_HZ / 1_000_000) as u32, (TSC_HZ / 1_000_000) as u32, 100, 0],
+        0x16 => [
+            (TSC_HZ / 1_000_000) as u32,
+            (TSC_HZ / 1_000_000) as u32,
+            100,
+            0,
+        ],
         0x8000_0000 => [0x8000_0008, 0, 0, 0],
-        0x8000_0001 => [0, 0, ext1::LAHF_LM | ext1::LZCNT, ext1::SYSCALL | ext1::NX | ext1::PAGE_1GB | ext1::RDTSCP | ext1::LM],
+        0x8000_0001 => [
+            0,
+            0,
+            ext1::LAHF_LM | ext1::LZCNT,
+            ext1::SYSCALL | ext1::NX | ext1::PAGE_1GB | ext1::RDTSCP | ext1::LM,
+        ],
         0x8000_0002..=0x8000_0004 => brand(leaf - 0x8000_0002),
         // Invariant TSC.
         0x8000_0007 => [0, 0, 0, 1 << 8],

@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use lodge_bus::{InterruptError, InterruptLine, IoBus};
 use lodge_engine::{
-    CpuState, Engine, EngineError, EngineKind, InterruptModel, Vcpu, VcpuExit, VcpuStopper, Vm, VmSpec,
+    CpuState, Engine, EngineError, EngineKind, InterruptModel, Vcpu, VcpuExit, VcpuStopper, Vm,
+    VmSpec,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -77,24 +78,43 @@ impl Vm for EmulatorVm {
 
     fn interrupt_line(&self, irq: u32) -> Result<Arc<dyn InterruptLine>, EngineError> {
         if irq >= 16 || irq == 2 {
-            return Err(EngineError::Unsupported(format!("PIC input {irq} cannot be a device interrupt")));
+            return Err(EngineError::Unsupported(format!(
+                "PIC input {irq} cannot be a device interrupt"
+            )));
         }
-        Ok(Arc::new(PicLine { irq, signals: self.signals.clone() }))
+        Ok(Arc::new(PicLine {
+            irq,
+            signals: self.signals.clone(),
+        }))
     }
 
-    fn register_mmio_notifier(&self, _addr: u64, _value: u32, _event: &EventFd) -> Result<bool, EngineError> {
+    fn register_mmio_notifier(
+        &self,
+        _addr: u64,
+        _value: u32,
+        _event: &EventFd,
+    ) -> Result<bool, EngineError> {
         Ok(false)
     }
 
     fn create_vcpu(&self, index: u8) -> Result<Box<dyn Vcpu>, EngineError> {
         if index != 0 {
-            return Err(EngineError::Unsupported(format!("vCPU {index}: only vCPU 0 exists")));
+            return Err(EngineError::Unsupported(format!(
+                "vCPU {index}: only vCPU 0 exists"
+            )));
         }
-        if self.vcpu_created.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if self
+            .vcpu_created
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             return Err(EngineError::Unsupported("vCPU 0 already exists".into()));
         }
         let mem = PhysicalMemory::new(self.memory.clone(), self.io.clone());
-        Ok(Box::new(EmulatorVcpu { cpu: Box::new(Cpu::new(mem)), cache: CodeCache::new(), signals: self.signals.clone() }))
+        Ok(Box::new(EmulatorVcpu {
+            cpu: Box::new(Cpu::new(mem)),
+            cache: CodeCache::new(),
+            signals: self.signals.clone(),
+        }))
     }
 }
 
@@ -142,12 +162,17 @@ impl Vcpu for EmulatorVcpu {
             RunExit::Stopped => Ok(VcpuExit::Stopped),
             RunExit::Halted => Ok(VcpuExit::Halted),
             RunExit::TripleFault => Ok(VcpuExit::TripleFault),
-            RunExit::Fatal(reason) => Err(EngineError::Guest { reason, state: Box::new(self.cpu.state()) }),
+            RunExit::Fatal(reason) => Err(EngineError::Guest {
+                reason,
+                state: Box::new(self.cpu.state()),
+            }),
         }
     }
 
     fn stopper(&self) -> Arc<dyn VcpuStopper> {
-        Arc::new(Stopper { signals: self.signals.clone() })
+        Arc::new(Stopper {
+            signals: self.signals.clone(),
+        })
     }
 }
 

@@ -36,7 +36,11 @@ impl PhysicalMemory {
             .filter_map(|region| {
                 let host = region.get_host_address(MemoryRegionAddress(0)).ok()? as usize;
                 let start = region.start_addr().0;
-                Some(RamRegion { start, end: start + region.len(), host })
+                Some(RamRegion {
+                    start,
+                    end: start + region.len(),
+                    host,
+                })
             })
             .collect();
         regions.sort_by_key(|r| r.start);
@@ -58,8 +62,12 @@ impl PhysicalMemory {
     /// The returned address stays valid as long as `self` (which holds the mapping) lives.
     #[inline]
     pub fn host_page(&self, page: u64) -> Option<usize> {
-        let region = self.regions.iter().find(|r| page >= r.start && page < r.end)?;
-        (page.checked_add(PAGE_SIZE)? <= region.end).then(|| region.host + (page - region.start) as usize)
+        let region = self
+            .regions
+            .iter()
+            .find(|r| page >= r.start && page < r.end)?;
+        (page.checked_add(PAGE_SIZE)? <= region.end)
+            .then(|| region.host + (page - region.start) as usize)
     }
 
     /// Whether `addr` is RAM.
@@ -140,7 +148,9 @@ mod tests {
     fn splits_ram_and_mmio() {
         let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
         let io = Arc::new(IoBus::new());
-        io.mmio.insert(Arc::new(Mutex::new(Echo)), 0x2000, 0x1000).unwrap();
+        io.mmio
+            .insert(Arc::new(Mutex::new(Echo)), 0x2000, 0x1000)
+            .unwrap();
         let mem = PhysicalMemory::new(ram, io);
         mem.write(0x1ffe, &[1, 2]);
         let mut b = [0u8; 4];

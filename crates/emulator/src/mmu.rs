@@ -186,7 +186,11 @@ mod tests {
     }
 
     fn mode() -> PagingMode {
-        PagingMode { cr3: PML4, write_protect: true, no_execute: true }
+        PagingMode {
+            cr3: PML4,
+            write_protect: true,
+            no_execute: true,
+        }
     }
 
     #[test]
@@ -211,23 +215,51 @@ mod tests {
     fn reports_page_fault_error_codes() {
         let mem = memory();
         // Not present.
-        assert_eq!(walk(&mem, &mode(), 0x40_0000, AccessKind::Write, true), Err(0b110));
+        assert_eq!(
+            walk(&mem, &mode(), 0x40_0000, AccessKind::Write, true),
+            Err(0b110)
+        );
         // Supervisor-only, read-only, no-execute leaf.
         tables(&mem, 0x7, 0x1 | PTE_NO_EXECUTE);
         let m = mode();
-        assert_eq!(walk(&mem, &m, 0x40_0000, AccessKind::Read, true), Err(0b101));
-        assert_eq!(walk(&mem, &m, 0x40_0000, AccessKind::Write, false), Err(0b011));
-        assert_eq!(walk(&mem, &m, 0x40_0000, AccessKind::Execute, false), Err(0b10001));
+        assert_eq!(
+            walk(&mem, &m, 0x40_0000, AccessKind::Read, true),
+            Err(0b101)
+        );
+        assert_eq!(
+            walk(&mem, &m, 0x40_0000, AccessKind::Write, false),
+            Err(0b011)
+        );
+        assert_eq!(
+            walk(&mem, &m, 0x40_0000, AccessKind::Execute, false),
+            Err(0b10001)
+        );
         assert!(walk(&mem, &m, 0x40_0000, AccessKind::Read, false).is_ok());
         // CR0.WP clear: the supervisor may write read-only pages.
-        let no_wp = PagingMode { write_protect: false, ..m };
-        assert!(walk(&mem, &no_wp, 0x40_0000, AccessKind::Write, false).unwrap().writable);
+        let no_wp = PagingMode {
+            write_protect: false,
+            ..m
+        };
+        assert!(
+            walk(&mem, &no_wp, 0x40_0000, AccessKind::Write, false)
+                .unwrap()
+                .writable
+        );
         // XD without EFER.NXE is a reserved bit.
-        let no_nx = PagingMode { no_execute: false, ..m };
-        assert_eq!(walk(&mem, &no_nx, 0x40_0000, AccessKind::Read, false), Err(0b1001));
+        let no_nx = PagingMode {
+            no_execute: false,
+            ..m
+        };
+        assert_eq!(
+            walk(&mem, &no_nx, 0x40_0000, AccessKind::Read, false),
+            Err(0b1001)
+        );
         // Reserved physical-address bits.
         mem.write_u64(PT, 0x9001 | (1 << 45));
-        assert_eq!(walk(&mem, &m, 0x40_0000, AccessKind::Read, false), Err(0b1001));
+        assert_eq!(
+            walk(&mem, &m, 0x40_0000, AccessKind::Read, false),
+            Err(0b1001)
+        );
     }
 
     #[test]

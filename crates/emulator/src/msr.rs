@@ -75,5 +75,8 @@ impl Default for Msrs {
 
 /// Whether every byte of a PAT value names a valid memory type (0, 1, 4, 5, 6, 7).
 pub fn valid_pat(value: u64) -> bool {
-    value.to_le_bytes().iter().all(|t| matches!(t, 0 | 1 | 4..=7))
+    value
+        .to_le_bytes()
+        .iter()
+        .all(|t| matches!(t, 0 | 1 | 4..=7))
 }

@@ -63,7 +63,9 @@ impl Chip {
 
     /// The highest-priority bit set in `bits`.
     fn highest(&self, bits: u8) -> Option<u8> {
-        (0..8u8).map(|r| (self.lowest_priority + 1 + r) & 7).find(|irq| bits & (1 << irq) != 0)
+        (0..8u8)
+            .map(|r| (self.lowest_priority + 1 + r) & 7)
+            .find(|irq| bits & (1 << irq) != 0)
     }
 
     /// The request this chip would raise now, if any. `cascade_input` is the slave's output
@@ -74,7 +76,11 @@ impl Chip {
             irr |= 1 << 2;
         }
         let irq = self.highest(irr & !self.imr)?;
-        let in_service = if self.special_mask { self.isr & !self.imr } else { self.isr };
+        let in_service = if self.special_mask {
+            self.isr & !self.imr
+        } else {
+            self.isr
+        };
         match self.highest(in_service) {
             Some(busy) if self.rank(busy) <= self.rank(irq) => None,
             _ => Some(irq),
@@ -204,7 +210,9 @@ impl Pic {
     }
 
     fn update(&mut self) {
-        self.output = self.chips[0].pending(self.chips[1].pending(false).is_some()).is_some();
+        self.output = self.chips[0]
+            .pending(self.chips[1].pending(false).is_some())
+            .is_some();
     }
 
     /// The CPU's interrupt acknowledge: returns the vector to deliver, if any.

@@ -77,7 +77,8 @@ impl Channel {
 
     /// Ticks since counting started.
     fn elapsed(&self, now: u64) -> Option<u64> {
-        self.start.map(|start| ns_to_ticks(now.saturating_sub(start)))
+        self.start
+            .map(|start| ns_to_ticks(now.saturating_sub(start)))
     }
 
     /// The counter value and the output at `now`.
@@ -225,7 +226,11 @@ impl Channel {
             Access::LowHigh => 3,
         };
         let out = self.state(now).1;
-        (u8::from(out) << 7) | (u8::from(self.null_count) << 6) | (access << 4) | (self.mode << 1) | u8::from(self.bcd)
+        (u8::from(out) << 7)
+            | (u8::from(self.null_count) << 6)
+            | (access << 4)
+            | (self.mode << 1)
+            | u8::from(self.bcd)
     }
 
     fn set_gate(&mut self, gate: bool, now: u64) {
@@ -250,7 +255,11 @@ impl Channel {
             }
         } else if self.start.is_some() {
             let (count, out) = self.state(now);
-            let out = if matches!(self.mode, 2 | 3 | 6 | 7) { true } else { out };
+            let out = if matches!(self.mode, 2 | 3 | 6 | 7) {
+                true
+            } else {
+                out
+            };
             self.frozen = Some((count, out));
             self.start = None;
         }
@@ -258,7 +267,12 @@ impl Channel {
 }
 
 fn from_bcd(value: u32) -> u32 {
-    let digits = [value & 0xf, (value >> 4) & 0xf, (value >> 8) & 0xf, (value >> 12) & 0xf];
+    let digits = [
+        value & 0xf,
+        (value >> 4) & 0xf,
+        (value >> 8) & 0xf,
+        (value >> 12) & 0xf,
+    ];
     digits.iter().rev().fold(0, |acc, d| acc * 10 + d.min(&9))
 }
 
@@ -432,7 +446,8 @@ mod tests {
         program(&mut pit, 0xb0, 0xffff, 2 * MS);
         pit.write_port(0x61, 0x00, 3 * MS);
         pit.write_port(0x43, 0x80, 9 * MS);
-        let count = u16::from(pit.read_port(0x42, 9 * MS)) | (u16::from(pit.read_port(0x42, 9 * MS)) << 8);
+        let count =
+            u16::from(pit.read_port(0x42, 9 * MS)) | (u16::from(pit.read_port(0x42, 9 * MS)) << 8);
         assert_eq!(count, 0xffff - 1193);
     }
 

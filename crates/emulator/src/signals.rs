@@ -75,7 +75,11 @@ impl Signals {
             // A raise() between the check and the wait cannot be lost: it takes the lock
             // before notifying, and we hold it until wait releases it.
             let _guard = match timeout {
-                Some(t) => self.wake.wait_timeout(guard, t).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0),
+                Some(t) => self
+                    .wake
+                    .wait_timeout(guard, t)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0),
                 None => self.wake.wait(guard).unwrap_or_else(|e| e.into_inner()),
             };
         }

@@ -29,7 +29,13 @@ pub struct TlbEntry {
 }
 
 impl TlbEntry {
-    const EMPTY: TlbEntry = TlbEntry { read: INVALID, write: INVALID, exec: INVALID, addend: 0, phys: 0 };
+    const EMPTY: TlbEntry = TlbEntry {
+        read: INVALID,
+        write: INVALID,
+        exec: INVALID,
+        addend: 0,
+        phys: 0,
+    };
 }
 
 /// Permissions of a page being inserted.
@@ -87,7 +93,15 @@ impl Tlb {
     }
 
     /// Caches a translation of the page holding `linear`.
-    pub fn insert(&mut self, linear: u64, user: bool, phys_page: u64, host_page: Option<usize>, rights: PageRights, page_size: u64) {
+    pub fn insert(
+        &mut self,
+        linear: u64,
+        user: bool,
+        phys_page: u64,
+        host_page: Option<usize>,
+        rights: PageRights,
+        page_size: u64,
+    ) {
         let tag = self.tag(linear);
         let slow = |allowed: bool, fast: bool| match (allowed, fast) {
             (false, _) => INVALID,
@@ -129,7 +143,11 @@ impl Tlb {
 
     /// Drops the translation of the page holding `linear` (INVLPG).
     pub fn flush_page(&mut self, linear: u64) {
-        if self.large_pages.iter().any(|&(base, size)| linear.wrapping_sub(base) < size) {
+        if self
+            .large_pages
+            .iter()
+            .any(|&(base, size)| linear.wrapping_sub(base) < size)
+        {
             self.flush();
             return;
         }
@@ -152,7 +170,13 @@ impl Tlb {
 mod tests {
     use super::*;
 
-    const RW: PageRights = PageRights { read: true, write: true, exec: false, fast_read: true, fast_write: true };
+    const RW: PageRights = PageRights {
+        read: true,
+        write: true,
+        exec: false,
+        fast_read: true,
+        fast_write: true,
+    };
 
     #[test]
     fn hits_until_flushed() {
@@ -162,7 +186,11 @@ mod tests {
         assert_eq!(e.read, tlb.tag(0x7000_1ff8));
         assert_eq!(e.exec & !SLOW, INVALID & !SLOW);
         assert_eq!(0x7000_1ff8u64.wrapping_add(e.addend), 0x1_0ff8);
-        assert_ne!(tlb.entry(0x7000_1000, true).read, tlb.tag(0x7000_1000), "user table is separate");
+        assert_ne!(
+            tlb.entry(0x7000_1000, true).read,
+            tlb.tag(0x7000_1000),
+            "user table is separate"
+        );
         tlb.flush();
         assert_ne!(tlb.entry(0x7000_1000, false).read, tlb.tag(0x7000_1000));
     }

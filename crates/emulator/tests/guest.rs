@@ -87,7 +87,10 @@ fn mmio_outside_ram_reaches_the_bus() {
         a.hlt().unwrap();
     });
     assert_eq!(m.run(), VcpuExit::Halted);
-    assert_eq!(dev.lock().unwrap().writes, vec![(0x10, 0x1234_5678u32.to_le_bytes().to_vec())]);
+    assert_eq!(
+        dev.lock().unwrap().writes,
+        vec![(0x10, 0x1234_5678u32.to_le_bytes().to_vec())]
+    );
     assert_eq!(m.state().regs.rax, 0x2726_2524);
 }
 
@@ -160,7 +163,7 @@ fn pit_ticks_at_its_programmed_rate() {
         // Mode 2, 1193 ticks: 1 kHz.
         a.mov(al, 0x34u32).unwrap();
         a.out(0x43, al).unwrap();
-        a.mov(al, (1193u32 & 0xff) as u32).unwrap();
+        a.mov(al, 1193u32 & 0xff).unwrap();
         a.out(0x40, al).unwrap();
         a.mov(al, 1193u32 >> 8).unwrap();
         a.out(0x40, al).unwrap();
@@ -176,8 +179,14 @@ fn pit_ticks_at_its_programmed_rate() {
     let start = Instant::now();
     assert_eq!(m.run(), VcpuExit::Halted);
     let elapsed = start.elapsed();
-    assert!(elapsed >= Duration::from_millis(45), "50 ticks at 1 kHz took {elapsed:?}");
-    assert!(elapsed < Duration::from_secs(5), "50 ticks at 1 kHz took {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(45),
+        "50 ticks at 1 kHz took {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "50 ticks at 1 kHz took {elapsed:?}"
+    );
 }
 
 #[test]
@@ -290,7 +299,11 @@ fn user_mode_round_trip_with_syscall_and_interrupt() {
     m.assemble(CODE, |a| {
         a.mov(ecx, 0xc000_0081u32).unwrap();
         a.xor(eax, eax).unwrap();
-        a.mov(edx, (u32::from(USER_DS - 8 - 3) << 16) | u32::from(KERNEL_CS)).unwrap();
+        a.mov(
+            edx,
+            (u32::from(USER_DS - 8 - 3) << 16) | u32::from(KERNEL_CS),
+        )
+        .unwrap();
         a.wrmsr().unwrap();
         a.mov(ecx, 0xc000_0082u32).unwrap();
         a.mov(eax, syscall_entry as u32).unwrap();
@@ -326,8 +339,16 @@ fn user_mode_round_trip_with_syscall_and_interrupt() {
     assert_eq!(m.run(), VcpuExit::Halted);
     let s = m.state();
     assert_eq!(s.regs.rbx, u64::from(USER_CS));
-    assert_eq!(s.regs.rdx, KERNEL_STACK_TOP - 40, "interrupt from CPL 3 switches to RSP0");
-    assert_eq!(s.regs.rsi, user + 5 + 2 + 2, "RCX = return address after syscall");
+    assert_eq!(
+        s.regs.rdx,
+        KERNEL_STACK_TOP - 40,
+        "interrupt from CPL 3 switches to RSP0"
+    );
+    assert_eq!(
+        s.regs.rsi,
+        user + 5 + 2 + 2,
+        "RCX = return address after syscall"
+    );
     assert_eq!(s.regs.rdi & 0x200, 0x200, "R11 = RFLAGS with IF");
     assert_eq!(s.sregs.cs.selector, KERNEL_CS);
     assert_eq!(s.regs.rsp, 0x7_0000, "SYSCALL keeps the user stack");
@@ -350,7 +371,11 @@ fn ist_stack_and_double_fault_and_triple_fault() {
     });
     assert_eq!(m.run(), VcpuExit::Halted);
     let s = m.state();
-    assert_eq!(s.regs.rbx, IST_STACK_TOP - 48, "#DF pushes an error code on IST1");
+    assert_eq!(
+        s.regs.rbx,
+        IST_STACK_TOP - 48,
+        "#DF pushes an error code on IST1"
+    );
 
     // With an empty IDT the first fault becomes a triple fault.
     m.modify_state(|s| {
@@ -431,7 +456,9 @@ fn garbage_code_ends_cleanly() {
         });
         match m.vcpu.run() {
             Ok(_) => {}
-            Err(lodge_engine::EngineError::Guest { reason, .. }) => assert!(!reason.is_empty(), "round {round}"),
+            Err(lodge_engine::EngineError::Guest { reason, .. }) => {
+                assert!(!reason.is_empty(), "round {round}")
+            }
             Err(e) => panic!("round {round}: unexpected error {e}"),
         }
         t.join().unwrap();
@@ -445,6 +472,13 @@ fn interrupt_lines_and_vcpus_are_validated() {
     assert!(m.vm.interrupt_line(16).is_err());
     assert!(m.vm.interrupt_line(15).is_ok());
     assert!(m.vm.create_vcpu(0).is_err(), "one vCPU only");
-    assert!(!m.vm.register_mmio_notifier(0xd000_0000, 0, &vmm_sys_util::eventfd::EventFd::new(0).unwrap()).unwrap());
+    assert!(!m
+        .vm
+        .register_mmio_notifier(
+            0xd000_0000,
+            0,
+            &vmm_sys_util::eventfd::EventFd::new(0).unwrap()
+        )
+        .unwrap());
     let _ = Arc::strong_count(&m.vm);
 }

@@ -53,7 +53,9 @@ impl Cpu {
     #[inline(always)]
     pub fn read<const B: usize>(&mut self, linear: u64) -> Result<u64, Event> {
         let entry = self.tlb.entry(linear, self.user);
-        if entry.read == self.tlb.tag(linear) && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B {
+        if entry.read == self.tlb.tag(linear)
+            && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B
+        {
             let host = linear.wrapping_add(entry.addend) as usize;
             // SAFETY: a fast read tag is only set for a linear page whose physical page is RAM
             // entirely inside one region (`PhysicalMemory::host_page`), `addend` maps the
@@ -67,7 +69,9 @@ impl Cpu {
     #[inline(always)]
     pub fn write<const B: usize>(&mut self, linear: u64, value: u64) -> Result<(), Event> {
         let entry = self.tlb.entry(linear, self.user);
-        if entry.write == self.tlb.tag(linear) && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B {
+        if entry.write == self.tlb.tag(linear)
+            && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B
+        {
             let host = linear.wrapping_add(entry.addend) as usize;
             // SAFETY: as in `read`; fast write tags are additionally withheld from pages
             // holding decoded code, so no invalidation is missed.
@@ -81,7 +85,9 @@ impl Cpu {
     #[inline(always)]
     pub fn locate<const B: usize>(&mut self, linear: u64) -> Result<Place, Event> {
         let entry = self.tlb.entry(linear, self.user);
-        if entry.write == self.tlb.tag(linear) && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B {
+        if entry.write == self.tlb.tag(linear)
+            && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B
+        {
             return Ok(Place::Host(linear.wrapping_add(entry.addend) as usize));
         }
         self.check_writable(linear, B, self.user)?;
@@ -163,7 +169,8 @@ impl Cpu {
         let mut done = 0;
         while done < buf.len() {
             let addr = linear.wrapping_add(done as u64);
-            let chunk = (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((buf.len() - done) as u64) as usize;
+            let chunk =
+                (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((buf.len() - done) as u64) as usize;
             let phys = self.translate(addr, AccessKind::Read, user)?;
             self.mem.read(phys, &mut buf[done..done + chunk]);
             done += chunk;
@@ -177,7 +184,8 @@ impl Cpu {
         let mut done = 0;
         while done < data.len() {
             let addr = linear.wrapping_add(done as u64);
-            let chunk = (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((data.len() - done) as u64) as usize;
+            let chunk =
+                (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((data.len() - done) as u64) as usize;
             let phys = self.translate(addr, AccessKind::Write, user)?;
             self.write_phys(phys, &data[done..done + chunk]);
             done += chunk;
@@ -196,7 +204,11 @@ impl Cpu {
         let mut page = linear & !PAGE_OFFSET_MASK;
         let last = linear.wrapping_add(len.max(1) as u64 - 1) & !PAGE_OFFSET_MASK;
         loop {
-            let addr = if page == linear & !PAGE_OFFSET_MASK { linear } else { page };
+            let addr = if page == linear & !PAGE_OFFSET_MASK {
+                linear
+            } else {
+                page
+            };
             self.translate(addr, AccessKind::Write, user)?;
             if page == last {
                 return Ok(());
@@ -232,7 +244,11 @@ impl Cpu {
     fn translate_miss(&mut self, linear: u64, kind: AccessKind, user: bool) -> Result<u64, Event> {
         if !mmu::is_canonical(linear) {
             // The address rides along so that stack-segment accesses can become #SS.
-            return Err(Event::Exception(super::Exception { vector: super::vector::GP, error_code: Some(0), address: linear }));
+            return Err(Event::Exception(super::Exception {
+                vector: super::vector::GP,
+                error_code: Some(0),
+                address: linear,
+            }));
         }
         let translation = if self.paging_enabled() {
             match mmu::walk(&self.mem, &self.paging, linear, kind, user) {
@@ -240,7 +256,13 @@ impl Cpu {
                 Err(code) => return Err(Event::page_fault(linear, code)),
             }
         } else {
-            mmu::Translation { phys: linear, page_size: PAGE_SIZE, writable: true, executable: true, global: false }
+            mmu::Translation {
+                phys: linear,
+                page_size: PAGE_SIZE,
+                writable: true,
+                executable: true,
+                global: false,
+            }
         };
         let phys_page = translation.phys & !PAGE_OFFSET_MASK;
         let host = self.mem.host_page(phys_page);
@@ -251,7 +273,8 @@ impl Cpu {
             fast_read: true,
             fast_write: !self.code_pages.contains(&phys_page),
         };
-        self.tlb.insert(linear, user, phys_page, host, rights, translation.page_size);
+        self.tlb
+            .insert(linear, user, phys_page, host, rights, translation.page_size);
         Ok(translation.phys)
     }
 }

@@ -69,7 +69,10 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, b: u64) -> u64 {
 }
 
 /// `dst OP= src` with `dst` a register or memory and `src` a register, memory or immediate.
-pub fn binary<const OP: u8, const B: usize, const DST: u8, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub fn binary<const OP: u8, const B: usize, const DST: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     let writes = OP != CMP && OP != TEST;
     let src = match SRC {
         REG => cpu.gpr::<B>(op.r[1]),
@@ -125,7 +128,10 @@ fn compute_unary<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64) -> u64 {
 }
 
 /// INC/DEC/NEG/NOT of a register or memory operand.
-pub fn unary<const OP: u8, const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub fn unary<const OP: u8, const B: usize, const DST: u8>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     if DST == REG {
         let a = cpu.gpr::<B>(op.r[0]);
         let r = compute_unary::<OP, B>(cpu, a);

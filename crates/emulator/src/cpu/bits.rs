@@ -26,9 +26,16 @@ fn apply<const OP: u8>(value: u64, bit: u64) -> u64 {
 
 /// BT/BTS/BTR/BTC r/m, r/imm. A register bit offset into memory may address outside the
 /// operand (signed, in units of the operand size).
-pub fn bit_test<const OP: u8, const B: usize, const DST: u8, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub fn bit_test<const OP: u8, const B: usize, const DST: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     let bits = (B * 8) as u64;
-    let offset = if SRC == REG { cpu.gpr::<B>(op.r[1]) } else { op.inst.immediate(1) & 0xff };
+    let offset = if SRC == REG {
+        cpu.gpr::<B>(op.r[1])
+    } else {
+        op.inst.immediate(1) & 0xff
+    };
     let (bit, value) = if DST == REG {
         let bit = offset & (bits - 1);
         let value = cpu.gpr::<B>(op.r[0]);
@@ -57,7 +64,10 @@ pub fn bit_test<const OP: u8, const B: usize, const DST: u8, const SRC: u8>(cpu:
 }
 
 /// BSF (FORWARD) or BSR: ZF = (source == 0), destination unchanged then.
-pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     let src = if SRC == REG {
         cpu.gpr::<B>(op.r[1])
     } else {
@@ -69,7 +79,11 @@ pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(cpu: &mut Cp
         cpu.flags.set_custom((B * 8) as u32, 0, false, false, false);
         return Ok(());
     }
-    let index = if FORWARD { src.trailing_zeros() } else { 63 - src.leading_zeros() };
+    let index = if FORWARD {
+        src.trailing_zeros()
+    } else {
+        63 - src.leading_zeros()
+    };
     cpu.set_gpr::<B>(op.r[0], u64::from(index));
     cpu.flags.set_custom((B * 8) as u32, 1, false, false, false);
     Ok(())
@@ -85,7 +99,10 @@ pub fn lzcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<()
     };
     let count = u64::from(src.leading_zeros()) - (64 - (B as u64) * 8);
     cpu.set_gpr::<B>(op.r[0], count);
-    cpu.flags.set_arith(CF | ZF, if src == 0 { CF } else { 0 } | if count == 0 { ZF } else { 0 });
+    cpu.flags.set_arith(
+        CF | ZF,
+        if src == 0 { CF } else { 0 } | if count == 0 { ZF } else { 0 },
+    );
     Ok(())
 }
 
@@ -101,7 +118,8 @@ pub fn popcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(
     cpu.set_gpr::<B>(op.r[0], count);
     // ZF = (src == 0); every other flag clear (PF is computed from a result of 1 or 0,
     // so use a result with odd parity).
-    cpu.flags.set_arith(super::flags::ARITH, if src == 0 { ZF } else { 0 });
+    cpu.flags
+        .set_arith(super::flags::ARITH, if src == 0 { ZF } else { 0 });
     Ok(())
 }
 

@@ -107,7 +107,9 @@ impl CodeCache {
 
     fn translate(&mut self, cpu: &mut Cpu, linear: u64, phys: u64) -> Result<BlockRef, Event> {
         if !cpu.mem.is_ram(phys) {
-            return Err(Event::fatal(format!("Executing outside RAM at {linear:#x} (physical {phys:#x})")));
+            return Err(Event::fatal(format!(
+                "Executing outside RAM at {linear:#x} (physical {phys:#x})"
+            )));
         }
         let in_page = PAGE_SIZE - (phys & PAGE_OFFSET_MASK);
         let window = in_page.min(WINDOW);
@@ -131,14 +133,24 @@ impl CodeCache {
                 return self.translate_crossing(cpu, linear, &bytes[position..]);
             }
             ops.push(decode::prepare(&inst));
-            if decode::ends_block(&inst) || ops.len() >= MAX_BLOCK || decoder.position() >= bytes.len() {
+            if decode::ends_block(&inst)
+                || ops.len() >= MAX_BLOCK
+                || decoder.position() >= bytes.len()
+            {
                 break;
             }
         }
         let length = decoder.position() as u64;
-        let ends = ops.last().map_or(0, |op: &Op| op.inst.next_ip().wrapping_sub(linear));
+        let ends = ops
+            .last()
+            .map_or(0, |op: &Op| op.inst.next_ip().wrapping_sub(linear));
         let phys_end = phys + ends.min(length);
-        let block = Block { ops: ops.into_boxed_slice(), linear, phys, phys_end };
+        let block = Block {
+            ops: ops.into_boxed_slice(),
+            linear,
+            phys,
+            phys_end,
+        };
         let index = match self.free.pop() {
             Some(i) => {
                 self.blocks[i as usize] = Some(block);
@@ -160,7 +172,12 @@ impl CodeCache {
     }
 
     /// Decodes one instruction that starts in one page and ends in the next (not cached).
-    fn translate_crossing(&mut self, cpu: &mut Cpu, linear: u64, head: &[u8]) -> Result<BlockRef, Event> {
+    fn translate_crossing(
+        &mut self,
+        cpu: &mut Cpu,
+        linear: u64,
+        head: &[u8],
+    ) -> Result<BlockRef, Event> {
         let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
         let next_phys = cpu.translate(next_page, AccessKind::Execute, cpu.user)?;
         let mut bytes = head.to_vec();
@@ -170,7 +187,12 @@ impl CodeCache {
         let mut decoder = Decoder::with_ip(64, &bytes, linear, DecoderOptions::NONE);
         let inst = decoder.decode();
         let phys = cpu.translate(linear, AccessKind::Execute, cpu.user)?;
-        self.scratch = Some(Block { ops: vec![decode::prepare(&inst)].into_boxed_slice(), linear, phys, phys_end: phys });
+        self.scratch = Some(Block {
+            ops: vec![decode::prepare(&inst)].into_boxed_slice(),
+            linear,
+            phys,
+            phys_end: phys,
+        });
         Ok(BlockRef::Scratch)
     }
 

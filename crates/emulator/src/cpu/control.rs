@@ -69,7 +69,11 @@ pub fn ret<const IMM: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }
-    let extra = if IMM { op.inst.immediate(0) & 0xffff } else { 0 };
+    let extra = if IMM {
+        op.inst.immediate(0) & 0xffff
+    } else {
+        0
+    };
     cpu.regs[gpr::RSP] = rsp.wrapping_add(8 + extra);
     cpu.rip = target;
     Ok(())
@@ -83,11 +87,8 @@ pub fn loop_<const KIND: u8, const ADDR32: bool>(cpu: &mut Cpu, op: &Op) -> Resu
         count == 0
     } else {
         let count = count.wrapping_sub(1) & mask;
-        if ADDR32 {
-            cpu.regs[gpr::RCX] = count;
-        } else {
-            cpu.regs[gpr::RCX] = count;
-        }
+        // The masked count: with ECX the upper half is cleared, as a 32-bit write does.
+        cpu.regs[gpr::RCX] = count;
         let zf = cpu.flags.condition(4);
         count != 0
             && match KIND {
@@ -114,7 +115,11 @@ pub fn int3(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 
 /// INT1 (ICEBP): a #DB trap without the gate privilege check.
 pub fn int1(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
-    match cpu.raise(super::Exception { vector: vector::DB, error_code: None, address: 0 }) {
+    match cpu.raise(super::Exception {
+        vector: vector::DB,
+        error_code: None,
+        address: 0,
+    }) {
         Ok(()) => Ok(()),
         Err(e) => Err(e),
     }
@@ -137,14 +142,22 @@ pub fn sysret<const TO_64: bool>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 
 /// RETF / RETF imm16 with operand size `B`.
 pub fn retf<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let extra = if op.inst.op_count() > 0 { op.inst.immediate(0) & 0xffff } else { 0 };
+    let extra = if op.inst.op_count() > 0 {
+        op.inst.immediate(0) & 0xffff
+    } else {
+        0
+    };
     cpu.far_return(B, extra)
 }
 
 /// JMP FAR m16:64 / m16:32.
 pub fn jmp_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let addr = cpu.ea(op);
-    let offset = if B == 8 { cpu.read::<8>(addr)? } else { cpu.read::<4>(addr)? };
+    let offset = if B == 8 {
+        cpu.read::<8>(addr)?
+    } else {
+        cpu.read::<4>(addr)?
+    };
     let selector = cpu.read::<2>(addr.wrapping_add(B as u64))? as u16;
     cpu.far_jump(selector, offset)
 }
@@ -152,7 +165,11 @@ pub fn jmp_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// CALL FAR m16:64 / m16:32 (same privilege).
 pub fn call_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let addr = cpu.ea(op);
-    let offset = if B == 8 { cpu.read::<8>(addr)? } else { cpu.read::<4>(addr)? };
+    let offset = if B == 8 {
+        cpu.read::<8>(addr)?
+    } else {
+        cpu.read::<4>(addr)?
+    };
     let selector = cpu.read::<2>(addr.wrapping_add(B as u64))? as u16;
     let cs = u64::from(cpu.segs[super::seg::CS].selector);
     let ret = cpu.rip;
@@ -269,5 +286,8 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
 /// Whether a LOOP/JRCXZ uses ECX (a 0x67 prefix in 64-bit mode).
 fn is_ecx_form(inst: &Instruction) -> bool {
     use iced_x86::Code::*;
-    matches!(inst.code(), Loopne_rel8_64_ECX | Loope_rel8_64_ECX | Loop_rel8_64_ECX | Jecxz_rel8_64)
+    matches!(
+        inst.code(),
+        Loopne_rel8_64_ECX | Loope_rel8_64_ECX | Loop_rel8_64_ECX | Jecxz_rel8_64
+    )
 }

@@ -8,7 +8,10 @@ use super::op::{kind, mask, sign_extend, size0, Handler, Op, IMM, MEM, REG};
 use super::{gpr, Cpu, Event};
 
 /// MOV dst, src.
-pub fn mov<const B: usize, const DST: u8, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub fn mov<const B: usize, const DST: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     let value = match SRC {
         REG => cpu.gpr::<B>(op.r[1]),
         IMM => op.inst.immediate(1),
@@ -40,14 +43,21 @@ pub fn mov_moffs<const B: usize, const LOAD: bool>(cpu: &mut Cpu, op: &Op) -> Re
 }
 
 /// MOVZX/MOVSX/MOVSXD: `D`-byte destination from an `S`-byte source.
-pub fn extend<const D: usize, const S: usize, const SIGNED: bool, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub fn extend<const D: usize, const S: usize, const SIGNED: bool, const SRC: u8>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     let value = if SRC == REG {
         cpu.gpr::<S>(op.r[1])
     } else {
         let addr = cpu.ea(op);
         cpu.read::<S>(addr)?
     };
-    let value = if SIGNED { sign_extend::<S>(value) } else { value };
+    let value = if SIGNED {
+        sign_extend::<S>(value)
+    } else {
+        value
+    };
     cpu.set_gpr::<D>(op.r[0], value);
     Ok(())
 }
@@ -63,7 +73,11 @@ pub fn lea<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 pub fn xchg<const B: usize, const MEMORY: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if MEMORY {
         // Either operand may be the memory one.
-        let (mem_n, reg) = if op.is_memory(0) { (0, op.r[1]) } else { (1, op.r[0]) };
+        let (mem_n, reg) = if op.is_memory(0) {
+            (0, op.r[1])
+        } else {
+            (1, op.r[0])
+        };
         let _ = mem_n;
         let addr = cpu.ea(op);
         let place = cpu.locate::<B>(addr)?;
@@ -260,7 +274,13 @@ pub fn cmpxchg<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<
     let new = cpu.gpr::<B>(op.r[1]);
     if DST == REG {
         let current = cpu.gpr::<B>(op.r[0]);
-        cpu.flags.set_lazy(FlagOp::Sub, bits, accumulator.wrapping_sub(current) & mask::<B>(), accumulator, current);
+        cpu.flags.set_lazy(
+            FlagOp::Sub,
+            bits,
+            accumulator.wrapping_sub(current) & mask::<B>(),
+            accumulator,
+            current,
+        );
         if current == accumulator {
             cpu.set_gpr::<B>(op.r[0], new);
         } else {
@@ -270,7 +290,13 @@ pub fn cmpxchg<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<
         let addr = cpu.ea(op);
         let place = cpu.locate::<B>(addr)?;
         let current = cpu.place_read::<B>(place)?;
-        cpu.flags.set_lazy(FlagOp::Sub, bits, accumulator.wrapping_sub(current) & mask::<B>(), accumulator, current);
+        cpu.flags.set_lazy(
+            FlagOp::Sub,
+            bits,
+            accumulator.wrapping_sub(current) & mask::<B>(),
+            accumulator,
+            current,
+        );
         if current == accumulator {
             cpu.place_write::<B>(place, new)?;
         } else {
@@ -365,7 +391,11 @@ fn mov_forms(size: usize, dst: u8, src: u8) -> Handler {
 
 fn extend_forms(inst: &Instruction, signed: bool) -> Handler {
     let d = inst.op0_register().size();
-    let s = if inst.op_kind(1) == OpKind::Register { inst.op1_register().size() } else { inst.memory_size().size() };
+    let s = if inst.op_kind(1) == OpKind::Register {
+        inst.op1_register().size()
+    } else {
+        inst.memory_size().size()
+    };
     let src = kind(inst, 1);
     macro_rules! f {
         ($d:literal, $s:literal) => {
@@ -400,13 +430,20 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                 super::segment::mov_to_segment as Handler
             } else if matches!(k1, OpKind::Register) && inst.op1_register().is_segment_register() {
                 super::segment::mov_from_segment
-            } else if matches!(k0, OpKind::Register) && (inst.op0_register().is_cr() || inst.op0_register().is_dr()) {
+            } else if matches!(k0, OpKind::Register)
+                && (inst.op0_register().is_cr() || inst.op0_register().is_dr())
+            {
                 super::system::mov_to_control
-            } else if matches!(k1, OpKind::Register) && (inst.op1_register().is_cr() || inst.op1_register().is_dr()) {
+            } else if matches!(k1, OpKind::Register)
+                && (inst.op1_register().is_cr() || inst.op1_register().is_dr())
+            {
                 super::system::mov_from_control
             } else if matches!(
                 inst.code(),
-                iced_x86::Code::Mov_AL_moffs8 | iced_x86::Code::Mov_AX_moffs16 | iced_x86::Code::Mov_EAX_moffs32 | iced_x86::Code::Mov_RAX_moffs64
+                iced_x86::Code::Mov_AL_moffs8
+                    | iced_x86::Code::Mov_AX_moffs16
+                    | iced_x86::Code::Mov_EAX_moffs32
+                    | iced_x86::Code::Mov_RAX_moffs64
             ) {
                 match size {
                     1 => mov_moffs::<1, true> as Handler,
@@ -416,7 +453,10 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                 }
             } else if matches!(
                 inst.code(),
-                iced_x86::Code::Mov_moffs8_AL | iced_x86::Code::Mov_moffs16_AX | iced_x86::Code::Mov_moffs32_EAX | iced_x86::Code::Mov_moffs64_RAX
+                iced_x86::Code::Mov_moffs8_AL
+                    | iced_x86::Code::Mov_moffs16_AX
+                    | iced_x86::Code::Mov_moffs32_EAX
+                    | iced_x86::Code::Mov_moffs64_RAX
             ) {
                 match size {
                     1 => mov_moffs::<1, false> as Handler,
@@ -435,7 +475,11 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Xchg => {
             let memory = inst.op_kind(0) == OpKind::Memory || inst.op_kind(1) == OpKind::Memory;
             if memory {
-                let size = if inst.op_kind(0) == OpKind::Memory { inst.memory_size().size() } else { size };
+                let size = if inst.op_kind(0) == OpKind::Memory {
+                    inst.memory_size().size()
+                } else {
+                    size
+                };
                 by_size!(size, xchg, true)
             } else {
                 by_size!(size, xchg, false)
@@ -484,7 +528,11 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
             if inst.op_kind(0) == OpKind::Register && inst.op0_register().is_segment_register() {
                 super::segment::push_segment as Handler
             } else {
-                let stack = if inst.stack_pointer_increment() == -2 { 2 } else { 8 };
+                let stack = if inst.stack_pointer_increment() == -2 {
+                    2
+                } else {
+                    8
+                };
                 match (stack, kind(inst, 0)) {
                     (2, REG) => push::<2, REG> as Handler,
                     (2, MEM) => push::<2, MEM>,
@@ -499,7 +547,11 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
             if inst.op_kind(0) == OpKind::Register && inst.op0_register().is_segment_register() {
                 super::segment::pop_segment as Handler
             } else {
-                let stack = if inst.stack_pointer_increment() == 2 { 2 } else { 8 };
+                let stack = if inst.stack_pointer_increment() == 2 {
+                    2
+                } else {
+                    8
+                };
                 match (stack, kind(inst, 0)) {
                     (2, REG) => pop::<2, REG> as Handler,
                     (2, _) => pop::<2, MEM>,

@@ -26,7 +26,12 @@ fn allowed(inst: &Instruction) -> bool {
     match inst.mnemonic() {
         Mnemonic::Tzcnt | Mnemonic::Endbr32 | Mnemonic::Endbr64 | Mnemonic::Prefetchw => true,
         // 8087/80287 FPU controls that later FPUs accept as no-ops.
-        Mnemonic::Feni | Mnemonic::Fneni | Mnemonic::Fdisi | Mnemonic::Fndisi | Mnemonic::Fsetpm | Mnemonic::Fnsetpm => true,
+        Mnemonic::Feni
+        | Mnemonic::Fneni
+        | Mnemonic::Fdisi
+        | Mnemonic::Fndisi
+        | Mnemonic::Fsetpm
+        | Mnemonic::Fnsetpm => true,
         _ => inst.cpuid_features().iter().all(|f| cpuid::supports(*f)),
     }
 }
@@ -59,7 +64,9 @@ pub fn ends_block(inst: &Instruction) -> bool {
     }
     let writes_special_register = inst.op_count() > 0
         && inst.op_kind(0) == OpKind::Register
-        && (inst.op0_register().is_cr() || inst.op0_register().is_dr() || inst.op0_register().is_segment_register());
+        && (inst.op0_register().is_cr()
+            || inst.op0_register().is_dr()
+            || inst.op0_register().is_segment_register());
     writes_special_register
         || matches!(
             inst.mnemonic(),

@@ -47,7 +47,11 @@ pub enum Event {
 impl Event {
     #[inline]
     pub fn exception(vector: u8, error_code: Option<u32>) -> Self {
-        Event::Exception(Exception { vector, error_code, address: 0 })
+        Event::Exception(Exception {
+            vector,
+            error_code,
+            address: 0,
+        })
     }
     #[inline]
     pub fn gp(code: u32) -> Self {
@@ -79,7 +83,11 @@ impl Event {
     }
     #[inline]
     pub fn page_fault(address: u64, code: u32) -> Self {
-        Event::Exception(Exception { vector: vector::PF, error_code: Some(code), address })
+        Event::Exception(Exception {
+            vector: vector::PF,
+            error_code: Some(code),
+            address,
+        })
     }
     pub fn fatal(reason: impl Into<String>) -> Self {
         Event::Fatal(reason.into().into_boxed_str())
@@ -116,7 +124,11 @@ impl Cpu {
             if current.vector == vector::PF {
                 self.cr2 = current.address;
             }
-            let code = if has_error_code(current.vector) { Some(current.error_code.unwrap_or(0)) } else { None };
+            let code = if has_error_code(current.vector) {
+                Some(current.error_code.unwrap_or(0))
+            } else {
+                None
+            };
             let second = match self.deliver(current.vector, code, Source::Exception) {
                 Ok(()) => return Ok(()),
                 Err(Event::Exception(second)) => second,
@@ -126,8 +138,17 @@ impl Cpu {
                 return Err(Event::TripleFault);
             }
             let double = (is_contributory(current.vector) && is_contributory(second.vector))
-                || (current.vector == vector::PF && (second.vector == vector::PF || is_contributory(second.vector)));
-            current = if double { Exception { vector: vector::DF, error_code: Some(0), address: 0 } } else { second };
+                || (current.vector == vector::PF
+                    && (second.vector == vector::PF || is_contributory(second.vector)));
+            current = if double {
+                Exception {
+                    vector: vector::DF,
+                    error_code: Some(0),
+                    address: 0,
+                }
+            } else {
+                second
+            };
         }
         Err(Event::TripleFault)
     }
@@ -147,9 +168,16 @@ impl Cpu {
     }
 
     /// Transfers control through IDT entry `vector`, pushing the interrupted context.
-    fn deliver(&mut self, vector: u8, error_code: Option<u32>, source: Source) -> Result<(), Event> {
+    fn deliver(
+        &mut self,
+        vector: u8,
+        error_code: Option<u32>,
+        source: Source,
+    ) -> Result<(), Event> {
         if self.efer & crate::msr::efer::LMA == 0 {
-            return Err(Event::fatal(format!("Interrupt {vector:#x} outside long mode is not supported")));
+            return Err(Event::fatal(format!(
+                "Interrupt {vector:#x} outside long mode is not supported"
+            )));
         }
         let ext = u32::from(source == Source::External);
         let idt_error = (u32::from(vector) << 3) | 2 | ext;
@@ -173,13 +201,15 @@ impl Cpu {
         }
         let selector = (low >> 16) as u16;
         let target = (low & 0xffff) | ((low >> 32) & 0xffff_0000) | (high << 32);
-        let ist = ((low >> 32) & 7) as u64;
+        let ist = (low >> 32) & 7;
 
         let selector_error = u32::from(selector & !3) | ext;
         if selector & !3 == 0 {
             return Err(Event::gp(ext));
         }
-        let code = self.load_descriptor(selector).map_err(|_| Event::gp(selector_error))?;
+        let code = self
+            .load_descriptor(selector)
+            .map_err(|_| Event::gp(selector_error))?;
         // Must be a present 64-bit code segment no less privileged than the CPL.
         if !code.s || code.type_ & 0x8 == 0 || !code.l || code.db || code.dpl > self.cpl() {
             return Err(Event::gp(selector_error));
@@ -230,7 +260,10 @@ impl Cpu {
         cs.selector = (selector & !3) | u16::from(new_cpl);
         self.segs[seg::CS] = cs;
         if new_cpl != old_cpl {
-            let mut ss = lodge_engine::Segment { selector: u16::from(new_cpl), ..Default::default() };
+            let mut ss = lodge_engine::Segment {
+                selector: u16::from(new_cpl),
+                ..Default::default()
+            };
             ss.unusable = true;
             ss.dpl = new_cpl;
             ss.db = false;

@@ -88,7 +88,15 @@ pub struct Flags {
 
 impl Default for Flags {
     fn default() -> Self {
-        Flags { bits: FIXED, op: FlagOp::Materialized, size: 64, res: 0, a: 0, b: 0, aux: 0 }
+        Flags {
+            bits: FIXED,
+            op: FlagOp::Materialized,
+            size: 64,
+            res: 0,
+            a: 0,
+            b: 0,
+            aux: 0,
+        }
     }
 }
 
@@ -130,7 +138,14 @@ impl Flags {
 
     /// Records a result whose CF, OF and AF are given (ZF, SF and PF come from `res`).
     #[inline(always)]
-    pub fn set_custom(&mut self, size: u32, res: u64, carry: bool, overflow: bool, aux_carry: bool) {
+    pub fn set_custom(
+        &mut self,
+        size: u32,
+        res: u64,
+        carry: bool,
+        overflow: bool,
+        aux_carry: bool,
+    ) {
         self.op = FlagOp::Custom;
         self.size = size;
         self.res = res;
@@ -390,22 +405,49 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let specials = [0u64, 1, 0x7f, 0x80, 0xff, 0x7fff, 0x8000, 0xffff_ffff, u64::MAX, 1 << 63];
+        let specials = [
+            0u64,
+            1,
+            0x7f,
+            0x80,
+            0xff,
+            0x7fff,
+            0x8000,
+            0xffff_ffff,
+            u64::MAX,
+            1 << 63,
+        ];
         for size in [8u32, 16, 32, 64] {
             let mask = size_mask(size);
             for i in 0..4000 {
-                let a = if i % 3 == 0 { specials[i % specials.len()] } else { next() } & mask;
-                let b = if i % 5 == 0 { specials[(i / 5) % specials.len()] } else { next() } & mask;
+                let a = if i % 3 == 0 {
+                    specials[i % specials.len()]
+                } else {
+                    next()
+                } & mask;
+                let b = if i % 5 == 0 {
+                    specials[(i / 5) % specials.len()]
+                } else {
+                    next()
+                } & mask;
                 let carry = next() & 1 == 1;
                 for op in [FlagOp::Add, FlagOp::Adc, FlagOp::Sub, FlagOp::Sbb] {
                     let (res, want) = eager(op, size, a, b, carry);
                     let mut flags = Flags::default();
                     flags.set_with_carry(op, size, res, a, b, carry);
-                    assert_eq!(flags.get() & ARITH, want, "{op:?} size {size} a {a:#x} b {b:#x} c {carry}");
+                    assert_eq!(
+                        flags.get() & ARITH,
+                        want,
+                        "{op:?} size {size} a {a:#x} b {b:#x} c {carry}"
+                    );
                     for cc in 0..16u8 {
                         let mut m = Flags::default();
                         m.set(want);
-                        assert_eq!(flags.condition(cc), m.condition(cc), "{op:?} cc {cc} a {a:#x} b {b:#x}");
+                        assert_eq!(
+                            flags.condition(cc),
+                            m.condition(cc),
+                            "{op:?} cc {cc} a {a:#x} b {b:#x}"
+                        );
                     }
                 }
             }

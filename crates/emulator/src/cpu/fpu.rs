@@ -31,7 +31,17 @@ pub struct Fpu {
 
 impl Default for Fpu {
     fn default() -> Self {
-        Fpu { xmm: [0; 16], mxcsr: MXCSR_DEFAULT, fcw: FCW_DEFAULT, fsw: 0, ftw: 0, st: [[0; 10]; 8], fop: 0, fip: 0, fdp: 0 }
+        Fpu {
+            xmm: [0; 16],
+            mxcsr: MXCSR_DEFAULT,
+            fcw: FCW_DEFAULT,
+            fsw: 0,
+            ftw: 0,
+            st: [[0; 10]; 8],
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+        }
     }
 }
 
@@ -219,7 +229,11 @@ mod tests {
         fpu.st[5] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
         fpu.ftw = 0x20;
         let img = fpu.fxsave_image(true);
-        assert_eq!(&img[32..42], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "ST(0) is physical register TOP");
+        assert_eq!(
+            &img[32..42],
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            "ST(0) is physical register TOP"
+        );
         let mut other = Fpu::default();
         other.fxrstor_image(&img, true).unwrap();
         assert_eq!(other.xmm, fpu.xmm);

@@ -430,6 +430,27 @@ sse_two!(cvtdq2pd, "cvtdq2pd");
 sse_two!(cvtpd2dq, "cvtpd2dq");
 sse_two!(cvttpd2dq, "cvttpd2dq");
 
+/// Runs `$insn x, y, $imm` under the guest MXCSR (used by `sse_compare`).
+macro_rules! sse_compare_with {
+    ($insn:literal, $imm:literal, $x:ident, $b:ident, $host:ident, $guest:ident) => {
+        // SAFETY: as in `sse_two`.
+        unsafe {
+            asm!(
+                "stmxcsr dword ptr [{host}]",
+                "ldmxcsr dword ptr [{guest}]",
+                concat!($insn, " {x}, {y}, ", $imm),
+                "stmxcsr dword ptr [{guest}]",
+                "ldmxcsr dword ptr [{host}]",
+                host = in(reg) &mut $host,
+                guest = in(reg) &mut $guest,
+                x = inout(xmm_reg) $x,
+                y = in(xmm_reg) to_m128($b),
+                options(nostack),
+            )
+        }
+    };
+}
+
 /// Defines the eight predicates of a CMPPS/CMPPD/CMPSS/CMPSD family.
 macro_rules! sse_compare {
     ($name:ident, $insn:literal) => {
@@ -437,34 +458,15 @@ macro_rules! sse_compare {
             let mut x = to_m128(a);
             let mut host = 0u32;
             let mut guest = mxcsr | 0x1f80;
-            macro_rules! run {
-                ($imm:literal) => {
-                    // SAFETY: as in `sse_two`.
-                    unsafe {
-                        asm!(
-                            "stmxcsr dword ptr [{host}]",
-                            "ldmxcsr dword ptr [{guest}]",
-                            concat!($insn, " {x}, {y}, ", $imm),
-                            "stmxcsr dword ptr [{guest}]",
-                            "ldmxcsr dword ptr [{host}]",
-                            host = in(reg) &mut host,
-                            guest = in(reg) &mut guest,
-                            x = inout(xmm_reg) x,
-                            y = in(xmm_reg) to_m128(b),
-                            options(nostack),
-                        )
-                    }
-                };
-            }
             match predicate & 7 {
-                0 => run!("0"),
-                1 => run!("1"),
-                2 => run!("2"),
-                3 => run!("3"),
-                4 => run!("4"),
-                5 => run!("5"),
-                6 => run!("6"),
-                _ => run!("7"),
+                0 => sse_compare_with!($insn, "0", x, b, host, guest),
+                1 => sse_compare_with!($insn, "1", x, b, host, guest),
+                2 => sse_compare_with!($insn, "2", x, b, host, guest),
+                3 => sse_compare_with!($insn, "3", x, b, host, guest),
+                4 => sse_compare_with!($insn, "4", x, b, host, guest),
+                5 => sse_compare_with!($insn, "5", x, b, host, guest),
+                6 => sse_compare_with!($insn, "6", x, b, host, guest),
+                _ => sse_compare_with!($insn, "7", x, b, host, guest),
             }
             (from_m128(x), guest)
         }

@@ -90,7 +90,8 @@ pub mod cr4 {
     pub const OSFXSR: u64 = 1 << 9;
     pub const OSXMMEXCPT: u64 = 1 << 10;
     /// Bits the guest may set: everything the reported CPU supports.
-    pub const WRITABLE: u64 = (1 << 0) | (1 << 1) | TSD | DE | PSE | PAE | MCE | PGE | PCE | OSFXSR | OSXMMEXCPT;
+    pub const WRITABLE: u64 =
+        (1 << 0) | (1 << 1) | TSD | DE | PSE | PAE | MCE | PGE | PCE | OSFXSR | OSXMMEXCPT;
 }
 
 /// Host monotonic time since the VM started.
@@ -101,7 +102,9 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Clock { start: Instant::now() }
+        Clock {
+            start: Instant::now(),
+        }
     }
 
     /// Nanoseconds since the clock was created.
@@ -182,7 +185,10 @@ impl Cpu {
             ldtr: Segment::default(),
             tr: Segment::default(),
             gdtr: DescriptorTable::default(),
-            idtr: DescriptorTable { base: 0, limit: 0xffff },
+            idtr: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
             cr0: cr0::ET | cr0::NW | cr0::CD,
             cr2: 0,
             cr3: 0,
@@ -303,8 +309,8 @@ impl Cpu {
         let r = &state.regs;
         self.regs = [0; 32];
         self.regs[..16].copy_from_slice(&[
-            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
-            r.r14, r.r15,
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
         ]);
         self.rip = r.rip;
         self.flags.set(r.rflags);
@@ -327,4 +333,3 @@ impl Cpu {
         self.update_modes();
     }
 }
-

@@ -37,7 +37,8 @@ pub fn mul<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), 
     let high = (product >> bits) as u64 & mask::<B>();
     store_double::<B>(cpu, low, high);
     let overflow = high != 0;
-    cpu.flags.set_custom(bits as u32, low, overflow, overflow, false);
+    cpu.flags
+        .set_custom(bits as u32, low, overflow, overflow, false);
     Ok(())
 }
 
@@ -51,19 +52,28 @@ pub fn imul1<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<()
     let high = (product >> bits) as u64 & mask::<B>();
     store_double::<B>(cpu, low, high);
     let overflow = i128::from(sign_extend::<B>(low) as i64) != product;
-    cpu.flags.set_custom(bits as u32, low, overflow, overflow, false);
+    cpu.flags
+        .set_custom(bits as u32, low, overflow, overflow, false);
     Ok(())
 }
 
 /// IMUL r, r/m (two operands) and IMUL r, r/m, imm (three operands).
-pub fn imul<const B: usize, const SRC: u8, const THREE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub fn imul<const B: usize, const SRC: u8, const THREE: bool>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     let src = sign_extend::<B>(source::<B, SRC>(cpu, op, 1)?) as i64;
-    let other = if THREE { sign_extend::<B>(op.inst.immediate(2) & mask::<B>()) as i64 } else { sign_extend::<B>(cpu.gpr::<B>(op.r[0])) as i64 };
+    let other = if THREE {
+        sign_extend::<B>(op.inst.immediate(2) & mask::<B>()) as i64
+    } else {
+        sign_extend::<B>(cpu.gpr::<B>(op.r[0])) as i64
+    };
     let product = i128::from(src) * i128::from(other);
     let low = product as u64 & mask::<B>();
     let overflow = i128::from(sign_extend::<B>(low) as i64) != product;
     cpu.set_gpr::<B>(op.r[0], low);
-    cpu.flags.set_custom((B * 8) as u32, low, overflow, overflow, false);
+    cpu.flags
+        .set_custom((B * 8) as u32, low, overflow, overflow, false);
     Ok(())
 }
 
@@ -122,7 +132,11 @@ pub fn idiv<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
     if quotient < min || quotient > max {
         return Err(Event::de());
     }
-    store_division::<B>(cpu, quotient as u64 & mask::<B>(), remainder as u64 & mask::<B>());
+    store_division::<B>(
+        cpu,
+        quotient as u64 & mask::<B>(),
+        remainder as u64 & mask::<B>(),
+    );
     Ok(())
 }
 

@@ -114,7 +114,11 @@ impl Op {
     /// Resolves the operands of `inst` for `handler`.
     pub fn new(inst: Instruction, handler: Handler) -> Self {
         let mut r = [0xff; 4];
-        for (i, slot) in r.iter_mut().enumerate().take((inst.op_count() as usize).min(4)) {
+        for (i, slot) in r
+            .iter_mut()
+            .enumerate()
+            .take((inst.op_count() as usize).min(4))
+        {
             if inst.op_kind(i as u32) == OpKind::Register {
                 *slot = register_ref(inst.op_register(i as u32));
             }
@@ -125,7 +129,11 @@ impl Op {
             Register::None => 6,
             other => register_ref(other),
         };
-        let addr_mask = if is_addr32(&inst) { 0xffff_ffff } else { u64::MAX };
+        let addr_mask = if is_addr32(&inst) {
+            0xffff_ffff
+        } else {
+            u64::MAX
+        };
         Op {
             handler,
             inst,
@@ -149,7 +157,10 @@ impl Op {
 /// instructions whose operands are implicit.
 pub fn is_addr32(inst: &Instruction) -> bool {
     (0..inst.op_count()).any(|i| {
-        matches!(inst.op_kind(i), OpKind::MemorySegESI | OpKind::MemorySegEDI | OpKind::MemoryESEDI)
+        matches!(
+            inst.op_kind(i),
+            OpKind::MemorySegESI | OpKind::MemorySegEDI | OpKind::MemoryESEDI
+        )
     }) || inst.memory_base().size() == 4
         || inst.memory_index().size() == 4
 }
@@ -171,7 +182,7 @@ impl Cpu {
     pub fn gpr<const B: usize>(&self, r: u8) -> u64 {
         let value = self.regs[r as usize & 15];
         if B == 1 {
-            (value >> ((r >> 4) & 1) * 8) & 0xff
+            (value >> (((r >> 4) & 1) * 8)) & 0xff
         } else {
             value & mask::<B>()
         }
@@ -207,7 +218,12 @@ impl Cpu {
 
     /// Writes operand `n` (register or memory) as `B` bytes.
     #[inline(always)]
-    pub fn write_operand<const B: usize>(&mut self, op: &Op, n: u32, value: u64) -> Result<(), Event> {
+    pub fn write_operand<const B: usize>(
+        &mut self,
+        op: &Op,
+        n: u32,
+        value: u64,
+    ) -> Result<(), Event> {
         if op.inst.op_kind(n) == OpKind::Register {
             self.set_gpr::<B>(op.r[n as usize & 3], value);
             Ok(())
@@ -252,7 +268,6 @@ pub fn size0(inst: &Instruction) -> usize {
         _ => inst.memory_size().size(),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -32,7 +32,10 @@ impl Cpu {
                 }
                 if let Event::Exception(x) = &mut e {
                     // A non-canonical address through the stack segment is #SS, not #GP.
-                    if x.vector == super::vector::GP && x.address != 0 && op.seg == super::seg::SS as u8 {
+                    if x.vector == super::vector::GP
+                        && x.address != 0
+                        && op.seg == super::seg::SS as u8
+                    {
                         x.vector = super::vector::SS;
                     }
                 }
@@ -138,7 +141,10 @@ impl Cpu {
             if self.pic.has_interrupt() {
                 return None;
             }
-            let timeout = self.pit.deadline().map(|due| Duration::from_nanos(due.saturating_sub(self.clock.now())));
+            let timeout = self
+                .pit
+                .deadline()
+                .map(|due| Duration::from_nanos(due.saturating_sub(self.clock.now())));
             signals.wait(timeout);
         }
     }

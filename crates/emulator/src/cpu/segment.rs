@@ -10,7 +10,11 @@ use crate::msr::efer;
 
 /// A segment register's value after loading a null selector.
 pub fn null_segment(selector: u16) -> Segment {
-    Segment { selector, unusable: true, ..Default::default() }
+    Segment {
+        selector,
+        unusable: true,
+        ..Default::default()
+    }
 }
 
 impl Cpu {
@@ -42,7 +46,11 @@ impl Cpu {
         if descriptor.type_ & 1 != 0 {
             return Ok(());
         }
-        let base = if selector & 4 != 0 { self.ldtr.base } else { self.gdtr.base };
+        let base = if selector & 4 != 0 {
+            self.ldtr.base
+        } else {
+            self.gdtr.base
+        };
         let addr = base.wrapping_add(u64::from(selector & !7) + 5);
         let access = self.read_system::<1>(addr)?;
         self.write_bytes(addr, &[(access as u8) | 1], false)
@@ -102,7 +110,12 @@ impl Cpu {
 
     /// Loads CS for a far transfer to privilege `new_cpl` (`selector` already checked to be
     /// a code segment the transfer may reach).
-    fn set_code_segment(&mut self, selector: u16, mut descriptor: Segment, new_cpl: u8) -> Result<(), Event> {
+    fn set_code_segment(
+        &mut self,
+        selector: u16,
+        mut descriptor: Segment,
+        new_cpl: u8,
+    ) -> Result<(), Event> {
         if !descriptor.l || descriptor.db {
             return Err(Event::fatal(format!(
                 "Far transfer to non-64-bit code segment {selector:#x} (compatibility mode is not supported)"
@@ -117,7 +130,12 @@ impl Cpu {
     }
 
     /// Checks a code segment descriptor for a far JMP/RET/IRET to privilege `rpl`.
-    fn check_code_target(&mut self, selector: u16, rpl: u8, returning: bool) -> Result<Segment, Event> {
+    fn check_code_target(
+        &mut self,
+        selector: u16,
+        rpl: u8,
+        returning: bool,
+    ) -> Result<Segment, Event> {
         let error = u32::from(selector & !3);
         if selector & !3 == 0 {
             return Err(Event::gp(0));
@@ -129,7 +147,12 @@ impl Cpu {
         let conforming = d.type_ & 0x4 != 0;
         let cpl = self.cpl();
         let ok = if returning {
-            rpl >= cpl && if conforming { d.dpl <= rpl } else { d.dpl == rpl }
+            rpl >= cpl
+                && if conforming {
+                    d.dpl <= rpl
+                } else {
+                    d.dpl == rpl
+                }
         } else if conforming {
             d.dpl <= cpl
         } else {
@@ -157,7 +180,12 @@ impl Cpu {
             return Ok(null);
         }
         let d = self.load_descriptor(selector)?;
-        if !d.s || d.type_ & 0x8 != 0 || d.type_ & 0x2 == 0 || (selector & 3) as u8 != cpl || d.dpl != cpl {
+        if !d.s
+            || d.type_ & 0x8 != 0
+            || d.type_ & 0x2 == 0
+            || (selector & 3) as u8 != cpl
+            || d.dpl != cpl
+        {
             return Err(Event::gp(error));
         }
         if !d.present {
@@ -192,7 +220,11 @@ impl Cpu {
         let mut words = [0u64; 5];
         for (i, w) in words.iter_mut().enumerate() {
             let addr = rsp.wrapping_add((i * size) as u64);
-            *w = if size == 8 { self.read::<8>(addr)? } else { self.read::<4>(addr)? };
+            *w = if size == 8 {
+                self.read::<8>(addr)?
+            } else {
+                self.read::<4>(addr)?
+            };
         }
         let [rip, cs, rflags, new_rsp, ss] = words;
         let (cs, ss) = (cs as u16, ss as u16);
@@ -337,7 +369,9 @@ impl Cpu {
             return Err(Event::gp(0));
         }
         if !to_64bit {
-            return Err(Event::fatal("SYSRET to compatibility mode is not supported"));
+            return Err(Event::fatal(
+                "SYSRET to compatibility mode is not supported",
+            ));
         }
         let rip = self.regs[gpr::RCX];
         if !crate::mmu::is_canonical(rip) {
@@ -372,7 +406,8 @@ impl Cpu {
         ss.base = 0;
         self.segs[seg::SS] = ss;
         let r11 = self.regs[gpr::R11];
-        self.flags.set((r11 & flags::WRITABLE & !RF & !VM) | flags::FIXED);
+        self.flags
+            .set((r11 & flags::WRITABLE & !RF & !VM) | flags::FIXED);
         self.rip = rip;
         self.user = true;
         self.update_segment_bases();
@@ -499,9 +534,17 @@ pub fn pop_segment(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if index != seg::FS && index != seg::GS {
         return Err(Event::ud());
     }
-    let size = if op.inst.stack_pointer_increment() == 2 { 2 } else { 8 };
+    let size = if op.inst.stack_pointer_increment() == 2 {
+        2
+    } else {
+        8
+    };
     let rsp = cpu.regs[gpr::RSP];
-    let selector = if size == 2 { cpu.read::<2>(rsp)? } else { cpu.read::<8>(rsp)? };
+    let selector = if size == 2 {
+        cpu.read::<2>(rsp)?
+    } else {
+        cpu.read::<8>(rsp)?
+    };
     cpu.load_segment(index, selector as u16)?;
     cpu.regs[gpr::RSP] = rsp.wrapping_add(size);
     Ok(())

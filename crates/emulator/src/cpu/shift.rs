@@ -53,7 +53,8 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
             } else {
                 (msb(r), msb(r) != ((r >> (bits - 2)) & 1 != 0))
             };
-            cpu.flags.set_arith(CF | OF, if cf { CF } else { 0 } | if of { OF } else { 0 });
+            cpu.flags
+                .set_arith(CF | OF, if cf { CF } else { 0 } | if of { OF } else { 0 });
             r
         }
         _ => {
@@ -73,21 +74,37 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
             };
             let r = rotated as u64 & m;
             let cf = (rotated >> bits) & 1 != 0;
-            let of = if OP == RCL { msb(r) != cf } else { msb(a) != carry };
-            cpu.flags.set_arith(CF | OF, if cf { CF } else { 0 } | if of { OF } else { 0 });
+            let of = if OP == RCL {
+                msb(r) != cf
+            } else {
+                msb(a) != carry
+            };
+            cpu.flags
+                .set_arith(CF | OF, if cf { CF } else { 0 } | if of { OF } else { 0 });
             r
         }
     }
 }
 
 /// A shift or rotate of operand 0 by operand 1 (CL or an immediate, including the implicit 1).
-pub fn shift<const OP: u8, const B: usize, const DST: u8, const CNT: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let raw = if CNT == REG { cpu.regs[1] as u32 } else { op.inst.immediate(1) as u32 };
+pub fn shift<const OP: u8, const B: usize, const DST: u8, const CNT: u8>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
+    let raw = if CNT == REG {
+        cpu.regs[1] as u32
+    } else {
+        op.inst.immediate(1) as u32
+    };
     let count = raw & if B == 8 { 0x3f } else { 0x1f };
     if DST == REG {
         let a = cpu.gpr::<B>(op.r[0]);
         // A 32-bit destination is written (zero-extended) even when the count is 0.
-        let r = if count != 0 { compute::<OP, B>(cpu, a, count) } else { a };
+        let r = if count != 0 {
+            compute::<OP, B>(cpu, a, count)
+        } else {
+            a
+        };
         cpu.set_gpr::<B>(op.r[0], r);
     } else {
         let addr = cpu.ea(op);
@@ -102,8 +119,15 @@ pub fn shift<const OP: u8, const B: usize, const DST: u8, const CNT: u8>(cpu: &m
 }
 
 /// SHLD/SHRD: shifts operand 0, filling from operand 1, by operand 2 (CL or immediate).
-pub fn double<const LEFT: bool, const B: usize, const DST: u8, const CNT: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let raw = if CNT == REG { cpu.regs[1] as u32 } else { op.inst.immediate(2) as u32 };
+pub fn double<const LEFT: bool, const B: usize, const DST: u8, const CNT: u8>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
+    let raw = if CNT == REG {
+        cpu.regs[1] as u32
+    } else {
+        op.inst.immediate(2) as u32
+    };
     let count = raw & if B == 8 { 0x3f } else { 0x1f };
     let src = cpu.gpr::<B>(op.r[1]);
     let place = if DST == REG {

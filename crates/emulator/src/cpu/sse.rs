@@ -37,7 +37,9 @@ fn d4(x: V) -> [u32; 4] {
 }
 #[inline(always)]
 fn from_d4(d: [u32; 4]) -> V {
-    d.iter().enumerate().fold(0, |acc, (i, v)| acc | (V::from(*v) << (32 * i)))
+    d.iter()
+        .enumerate()
+        .fold(0, |acc, (i, v)| acc | (V::from(*v) << (32 * i)))
 }
 #[inline(always)]
 fn q2(x: V) -> [u64; 2] {
@@ -153,19 +155,28 @@ fn binary_op(op: Binary, a: V, b: V) -> V {
         SubD => map_d(a, b, u32::wrapping_sub),
         SubQ => map_q(a, b, u64::wrapping_sub),
         AddSB => map_b(a, b, |x, y| sat_i8(i32::from(x as i8) + i32::from(y as i8))),
-        AddSW => map_w(a, b, |x, y| sat_i16(i32::from(x as i16) + i32::from(y as i16))),
+        AddSW => map_w(a, b, |x, y| {
+            sat_i16(i32::from(x as i16) + i32::from(y as i16))
+        }),
         AddUSB => map_b(a, b, |x, y| sat_u8(i32::from(x) + i32::from(y))),
         AddUSW => map_w(a, b, |x, y| sat_u16(i32::from(x) + i32::from(y))),
         SubSB => map_b(a, b, |x, y| sat_i8(i32::from(x as i8) - i32::from(y as i8))),
-        SubSW => map_w(a, b, |x, y| sat_i16(i32::from(x as i16) - i32::from(y as i16))),
+        SubSW => map_w(a, b, |x, y| {
+            sat_i16(i32::from(x as i16) - i32::from(y as i16))
+        }),
         SubUSB => map_b(a, b, |x, y| sat_u8(i32::from(x) - i32::from(y))),
         SubUSW => map_w(a, b, |x, y| sat_u16(i32::from(x) - i32::from(y))),
         MulLW => map_w(a, b, |x, y| x.wrapping_mul(y)),
-        MulHW => map_w(a, b, |x, y| ((i32::from(x as i16) * i32::from(y as i16)) >> 16) as u16),
+        MulHW => map_w(a, b, |x, y| {
+            ((i32::from(x as i16) * i32::from(y as i16)) >> 16) as u16
+        }),
         MulHUW => map_w(a, b, |x, y| ((u32::from(x) * u32::from(y)) >> 16) as u16),
         MulUDQ => {
             let (x, y) = (d4(a), d4(b));
-            from_q2([u64::from(x[0]) * u64::from(y[0]), u64::from(x[2]) * u64::from(y[2])])
+            from_q2([
+                u64::from(x[0]) * u64::from(y[0]),
+                u64::from(x[2]) * u64::from(y[2]),
+            ])
         }
         MAddWD => {
             let (x, y) = (w8(a), w8(b));
@@ -182,15 +193,24 @@ fn binary_op(op: Binary, a: V, b: V) -> V {
         MaxSW => map_w(a, b, |x, y| (x as i16).max(y as i16) as u16),
         SadBW => {
             let (x, y) = (b16(a), b16(b));
-            let sum = |r: std::ops::Range<usize>| r.map(|i| u64::from(x[i].abs_diff(y[i]))).sum::<u64>();
+            let sum =
+                |r: std::ops::Range<usize>| r.map(|i| u64::from(x[i].abs_diff(y[i]))).sum::<u64>();
             from_q2([sum(0..8), sum(8..16)])
         }
         CmpEqB => map_b(a, b, |x, y| if x == y { 0xff } else { 0 }),
         CmpEqW => map_w(a, b, |x, y| if x == y { 0xffff } else { 0 }),
         CmpEqD => map_d(a, b, |x, y| if x == y { u32::MAX } else { 0 }),
         CmpGtB => map_b(a, b, |x, y| if (x as i8) > (y as i8) { 0xff } else { 0 }),
-        CmpGtW => map_w(a, b, |x, y| if (x as i16) > (y as i16) { 0xffff } else { 0 }),
-        CmpGtD => map_d(a, b, |x, y| if (x as i32) > (y as i32) { u32::MAX } else { 0 }),
+        CmpGtW => map_w(
+            a,
+            b,
+            |x, y| if (x as i16) > (y as i16) { 0xffff } else { 0 },
+        ),
+        CmpGtD => map_d(
+            a,
+            b,
+            |x, y| if (x as i32) > (y as i32) { u32::MAX } else { 0 },
+        ),
         And => a & b,
         AndN => !a & b,
         Or => a | b,
@@ -198,32 +218,63 @@ fn binary_op(op: Binary, a: V, b: V) -> V {
         UnpackLowB | UnpackHighB => {
             let (x, y) = (b16(a), b16(b));
             let base = if op == UnpackLowB { 0 } else { 8 };
-            from_b16(std::array::from_fn(|i| if i % 2 == 0 { x[base + i / 2] } else { y[base + i / 2] }))
+            from_b16(std::array::from_fn(|i| {
+                if i % 2 == 0 {
+                    x[base + i / 2]
+                } else {
+                    y[base + i / 2]
+                }
+            }))
         }
         UnpackLowW | UnpackHighW => {
             let (x, y) = (w8(a), w8(b));
             let base = if op == UnpackLowW { 0 } else { 4 };
-            from_w8(std::array::from_fn(|i| if i % 2 == 0 { x[base + i / 2] } else { y[base + i / 2] }))
+            from_w8(std::array::from_fn(|i| {
+                if i % 2 == 0 {
+                    x[base + i / 2]
+                } else {
+                    y[base + i / 2]
+                }
+            }))
         }
         UnpackLowD | UnpackHighD => {
             let (x, y) = (d4(a), d4(b));
             let base = if op == UnpackLowD { 0 } else { 2 };
-            from_d4(std::array::from_fn(|i| if i % 2 == 0 { x[base + i / 2] } else { y[base + i / 2] }))
+            from_d4(std::array::from_fn(|i| {
+                if i % 2 == 0 {
+                    x[base + i / 2]
+                } else {
+                    y[base + i / 2]
+                }
+            }))
         }
         UnpackLowQ => from_q2([q2(a)[0], q2(b)[0]]),
         UnpackHighQ => from_q2([q2(a)[1], q2(b)[1]]),
         PackSSWB | PackUSWB => {
             let (x, y) = (w8(a), w8(b));
-            let pack = |v: u16| if op == PackSSWB { sat_i8(i32::from(v as i16)) } else { sat_u8(i32::from(v as i16)) };
-            from_b16(std::array::from_fn(|i| if i < 8 { pack(x[i]) } else { pack(y[i - 8]) }))
+            let pack = |v: u16| {
+                if op == PackSSWB {
+                    sat_i8(i32::from(v as i16))
+                } else {
+                    sat_u8(i32::from(v as i16))
+                }
+            };
+            from_b16(std::array::from_fn(|i| {
+                if i < 8 {
+                    pack(x[i])
+                } else {
+                    pack(y[i - 8])
+                }
+            }))
         }
         PackSSDW => {
             let (x, y) = (d4(a), d4(b));
-            from_w8(std::array::from_fn(|i| sat_i16(if i < 4 { x[i] as i32 } else { y[i - 4] as i32 }.clamp(-32768, 32767))))
+            from_w8(std::array::from_fn(|i| {
+                sat_i16(if i < 4 { x[i] as i32 } else { y[i - 4] as i32 }.clamp(-32768, 32767))
+            }))
         }
-        ShiftLeftW | ShiftLeftD | ShiftLeftQ | ShiftRightW | ShiftRightD | ShiftRightQ | ShiftArithW | ShiftArithD => {
-            shift_lanes(op, a, b as u64)
-        }
+        ShiftLeftW | ShiftLeftD | ShiftLeftQ | ShiftRightW | ShiftRightD | ShiftRightQ
+        | ShiftArithW | ShiftArithD => shift_lanes(op, a, b as u64),
     }
 }
 
@@ -298,10 +349,62 @@ pub fn binary<const OP: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 const BINARY_OPS: [Binary; 57] = {
     use Binary::*;
     [
-        AddB, AddW, AddD, AddQ, SubB, SubW, SubD, SubQ, AddSB, AddSW, AddUSB, AddUSW, SubSB, SubSW, SubUSB, SubUSW, MulLW, MulHW,
-        MulHUW, MulUDQ, MAddWD, AvgB, AvgW, MinUB, MaxUB, MinSW, MaxSW, SadBW, CmpEqB, CmpEqW, CmpEqD, CmpGtB, CmpGtW, CmpGtD,
-        And, AndN, Or, Xor, UnpackLowB, UnpackLowW, UnpackLowD, UnpackLowQ, UnpackHighB, UnpackHighW, UnpackHighD, UnpackHighQ,
-        PackSSWB, PackSSDW, PackUSWB, ShiftLeftW, ShiftLeftD, ShiftLeftQ, ShiftRightW, ShiftRightD, ShiftRightQ, ShiftArithW,
+        AddB,
+        AddW,
+        AddD,
+        AddQ,
+        SubB,
+        SubW,
+        SubD,
+        SubQ,
+        AddSB,
+        AddSW,
+        AddUSB,
+        AddUSW,
+        SubSB,
+        SubSW,
+        SubUSB,
+        SubUSW,
+        MulLW,
+        MulHW,
+        MulHUW,
+        MulUDQ,
+        MAddWD,
+        AvgB,
+        AvgW,
+        MinUB,
+        MaxUB,
+        MinSW,
+        MaxSW,
+        SadBW,
+        CmpEqB,
+        CmpEqW,
+        CmpEqD,
+        CmpGtB,
+        CmpGtW,
+        CmpGtD,
+        And,
+        AndN,
+        Or,
+        Xor,
+        UnpackLowB,
+        UnpackLowW,
+        UnpackLowD,
+        UnpackLowQ,
+        UnpackHighB,
+        UnpackHighW,
+        UnpackHighD,
+        UnpackHighQ,
+        PackSSWB,
+        PackSSDW,
+        PackUSWB,
+        ShiftLeftW,
+        ShiftLeftD,
+        ShiftLeftQ,
+        ShiftRightW,
+        ShiftRightD,
+        ShiftRightQ,
+        ShiftArithW,
         ShiftArithD,
     ]
 };
@@ -346,11 +449,19 @@ pub fn pshuf<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         }
         1 => {
             let s = w8(src);
-            from_w8(std::array::from_fn(|i| if i < 4 { s[i] } else { s[4 + sel(i - 4)] }))
+            from_w8(std::array::from_fn(|i| {
+                if i < 4 {
+                    s[i]
+                } else {
+                    s[4 + sel(i - 4)]
+                }
+            }))
         }
         _ => {
             let s = w8(src);
-            from_w8(std::array::from_fn(|i| if i < 4 { s[sel(i)] } else { s[i] }))
+            from_w8(std::array::from_fn(
+                |i| if i < 4 { s[sel(i)] } else { s[i] },
+            ))
         }
     };
     cpu.fpu.xmm[Cpu::xmm_reg(op, 0)] = r;
@@ -368,7 +479,12 @@ pub fn shufp<const DOUBLE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         from_q2([q2(dst)[imm & 1], q2(src)[(imm >> 1) & 1]])
     } else {
         let (a, b) = (d4(dst), d4(src));
-        from_d4([a[imm & 3], a[(imm >> 2) & 3], b[(imm >> 4) & 3], b[(imm >> 6) & 3]])
+        from_d4([
+            a[imm & 3],
+            a[(imm >> 2) & 3],
+            b[(imm >> 4) & 3],
+            b[(imm >> 6) & 3],
+        ])
     };
     Ok(())
 }
@@ -393,7 +509,11 @@ pub fn mov128<const ALIGNED: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> 
 /// MOVSS/MOVSD (`B` = 4 or 8): a memory load zeroes the rest; register moves merge.
 pub fn mov_scalar<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
-    let lane: V = if B == 4 { 0xffff_ffff } else { u128::from(u64::MAX) };
+    let lane: V = if B == 4 {
+        0xffff_ffff
+    } else {
+        u128::from(u64::MAX)
+    };
     match (op.inst.op_kind(0), op.inst.op_kind(1)) {
         (OpKind::Register, OpKind::Register) => {
             let src = cpu.fpu.xmm[Cpu::xmm_reg(op, 1)];
@@ -428,7 +548,11 @@ pub fn mov_half<const HIGH: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
             Code::Movlhps_xmm_xmm => cpu.fpu.xmm[Cpu::xmm_reg(op, 1)] & low_mask,
             _ => cpu.xmm_operand(op, 1, 8, false)?,
         };
-        cpu.fpu.xmm[d] = if HIGH { (cpu.fpu.xmm[d] & low_mask) | (half << 64) } else { (cpu.fpu.xmm[d] & !low_mask) | half };
+        cpu.fpu.xmm[d] = if HIGH {
+            (cpu.fpu.xmm[d] & low_mask) | (half << 64)
+        } else {
+            (cpu.fpu.xmm[d] & !low_mask) | half
+        };
         Ok(())
     } else {
         let addr = cpu.ea(op);
@@ -441,12 +565,22 @@ pub fn mov_half<const HIGH: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// MOVD/MOVQ between XMM and general registers or memory, and MOVQ xmm, xmm/m64.
 pub fn movd_movq<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
-    let lane: V = if B == 4 { 0xffff_ffff } else { u128::from(u64::MAX) };
+    let lane: V = if B == 4 {
+        0xffff_ffff
+    } else {
+        u128::from(u64::MAX)
+    };
     let to_xmm = op.inst.op_kind(0) == OpKind::Register && op.inst.op0_register().is_xmm();
     if to_xmm {
         let v = match op.inst.op_kind(1) {
-            OpKind::Register if op.inst.op1_register().is_xmm() => cpu.fpu.xmm[Cpu::xmm_reg(op, 1)] & lane,
-            OpKind::Register => u128::from(if B == 4 { cpu.gpr::<4>(op.r[1]) } else { cpu.gpr::<8>(op.r[1]) }),
+            OpKind::Register if op.inst.op1_register().is_xmm() => {
+                cpu.fpu.xmm[Cpu::xmm_reg(op, 1)] & lane
+            }
+            OpKind::Register => u128::from(if B == 4 {
+                cpu.gpr::<4>(op.r[1])
+            } else {
+                cpu.gpr::<8>(op.r[1])
+            }),
             _ => cpu.xmm_operand(op, 1, B, false)?,
         };
         cpu.fpu.xmm[Cpu::xmm_reg(op, 0)] = v;
@@ -479,7 +613,9 @@ pub fn movmsk<const KIND: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
     let v = cpu.fpu.xmm[Cpu::xmm_reg(op, 1)];
     let lanes = 16 / KIND;
-    let mask = (0..lanes).fold(0u64, |m, i| m | ((((v >> (i * KIND * 8 + KIND * 8 - 1)) & 1) as u64) << i));
+    let mask = (0..lanes).fold(0u64, |m, i| {
+        m | ((((v >> (i * KIND * 8 + KIND * 8 - 1)) & 1) as u64) << i)
+    });
     cpu.set_gpr::<8>(op.r[0], mask);
     Ok(())
 }
@@ -514,7 +650,8 @@ pub fn maskmovdqu(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
     let data = b16(cpu.fpu.xmm[Cpu::xmm_reg(op, 1)]);
     let mask = b16(cpu.fpu.xmm[Cpu::xmm_reg(op, 2)]);
-    let base = (cpu.regs[super::gpr::RDI] & op.addr_mask).wrapping_add(cpu.seg_base[op.seg as usize & 7]);
+    let base =
+        (cpu.regs[super::gpr::RDI] & op.addr_mask).wrapping_add(cpu.seg_base[op.seg as usize & 7]);
     for i in 0..16 {
         if mask[i] & 0x80 != 0 {
             cpu.write::<1>(base.wrapping_add(i as u64), u64::from(data[i]))?;
@@ -549,7 +686,8 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
             }
         };
     }
-    let xmm0 = inst.op_count() > 0 && inst.op_kind(0) == OpKind::Register && inst.op0_register().is_xmm();
+    let xmm0 =
+        inst.op_count() > 0 && inst.op_kind(0) == OpKind::Register && inst.op0_register().is_xmm();
     let h = match inst.mnemonic() {
         Paddb => bin!(AddB),
         Paddw => bin!(AddW),

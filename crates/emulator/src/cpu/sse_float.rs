@@ -14,7 +14,11 @@ fn commit_flags(cpu: &mut Cpu, after: u32) -> Result<(), Event> {
     cpu.fpu.mxcsr |= raised;
     let unmasked = raised & !(cpu.fpu.mxcsr >> 7) & 0x3f;
     if unmasked != 0 {
-        return Err(if cpu.cr4 & cr4::OSXMMEXCPT != 0 { Event::exception(vector::XM, None) } else { Event::ud() });
+        return Err(if cpu.cr4 & cr4::OSXMMEXCPT != 0 {
+            Event::exception(vector::XM, None)
+        } else {
+            Event::ud()
+        });
     }
     Ok(())
 }
@@ -122,7 +126,8 @@ pub fn comi<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let (ah, after) = f(a, src, cpu.fpu.mxcsr);
     commit_flags(cpu, after)?;
     let ah = u64::from(ah);
-    cpu.flags.set_arith(flags::ARITH, ah & (flags::ZF | flags::PF | flags::CF));
+    cpu.flags
+        .set_arith(flags::ARITH, ah & (flags::ZF | flags::PF | flags::CF));
     Ok(())
 }
 
@@ -185,7 +190,9 @@ pub fn to_int<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// The handler for an SSE floating-point instruction, if `inst` is one.
 pub fn select(inst: &Instruction) -> Option<Handler> {
     use Mnemonic::*;
-    if (0..inst.op_count()).any(|i| inst.op_kind(i) == OpKind::Register && inst.op_register(i).is_mm()) {
+    if (0..inst.op_count())
+        .any(|i| inst.op_kind(i) == OpKind::Register && inst.op_register(i).is_mm())
+    {
         return None;
     }
     let index: u8 = match inst.mnemonic() {
@@ -240,7 +247,11 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Comisd => return Some(comi::<2>),
         Ucomisd => return Some(comi::<3>),
         Cvtsi2ss | Cvtsi2sd => {
-            let wide = if inst.op_kind(1) == OpKind::Register { inst.op1_register().size() == 8 } else { inst.memory_size().size() == 8 };
+            let wide = if inst.op_kind(1) == OpKind::Register {
+                inst.op1_register().size() == 8
+            } else {
+                inst.memory_size().size() == 8
+            };
             let double = inst.mnemonic() == Cvtsi2sd;
             return Some(match (double, wide) {
                 (false, false) => from_int::<false, false>,
@@ -281,5 +292,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
             }
         };
     }
-    Some(table!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41))
+    Some(
+        table!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41),
+    )
 }

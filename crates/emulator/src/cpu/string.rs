@@ -44,14 +44,21 @@ fn set_index<const A32: bool>(cpu: &mut Cpu, reg: usize, value: u64) {
 }
 
 /// One string instruction.
-pub fn string<const KIND: u8, const B: usize, const REP: u8, const A32: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub fn string<const KIND: u8, const B: usize, const REP: u8, const A32: bool>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     if matches!(KIND, INS | OUTS) {
         let iopl = ((cpu.flags.get() & super::flags::IOPL) >> 12) as u8;
         if cpu.cpl() > iopl {
             return Err(Event::gp(0));
         }
     }
-    let step = if cpu.flags.system(DF) { (B as u64).wrapping_neg() } else { B as u64 };
+    let step = if cpu.flags.system(DF) {
+        (B as u64).wrapping_neg()
+    } else {
+        B as u64
+    };
     let amask = address_mask::<A32>();
     if REP == ONCE {
         return element::<KIND, B, A32>(cpu, op, step).map(|_| ());
@@ -79,7 +86,11 @@ pub fn string<const KIND: u8, const B: usize, const REP: u8, const A32: bool>(cp
 
 /// One iteration; returns whether a comparison found equality (CMPS/SCAS).
 #[inline(always)]
-fn element<const KIND: u8, const B: usize, const A32: bool>(cpu: &mut Cpu, op: &Op, step: u64) -> Result<bool, Event> {
+fn element<const KIND: u8, const B: usize, const A32: bool>(
+    cpu: &mut Cpu,
+    op: &Op,
+    step: u64,
+) -> Result<bool, Event> {
     let amask = address_mask::<A32>();
     let rsi = cpu.regs[gpr::RSI] & amask;
     let rdi = cpu.regs[gpr::RDI] & amask;
@@ -147,7 +158,10 @@ fn fast_host(cpu: &Cpu, linear: u64, len: u64, write: bool) -> Option<usize> {
 }
 
 /// REP MOVS / REP STOS with DF clear.
-fn bulk<const KIND: u8, const B: usize, const A32: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+fn bulk<const KIND: u8, const B: usize, const A32: bool>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), Event> {
     let amask = address_mask::<A32>();
     let mut budget = BYTES_PER_RUN;
     loop {
@@ -171,8 +185,16 @@ fn bulk<const KIND: u8, const B: usize, const A32: bool>(cpu: &mut Cpu, op: &Op)
         let elements = (room / B as u64).min(count).min(budget / B as u64 + 1);
         let bytes = elements * B as u64;
         let wrapped = A32 && (rdi + bytes > 1 << 32 || (KIND == MOVS && rsi + bytes > 1 << 32));
-        let host_dst = if elements > 0 && !wrapped { fast_host(cpu, rdi, bytes, true) } else { None };
-        let host_src = if KIND == MOVS { host_dst.and_then(|_| fast_host(cpu, src, bytes, false)) } else { None };
+        let host_dst = if elements > 0 && !wrapped {
+            fast_host(cpu, rdi, bytes, true)
+        } else {
+            None
+        };
+        let host_src = if KIND == MOVS {
+            host_dst.and_then(|_| fast_host(cpu, src, bytes, false))
+        } else {
+            None
+        };
         let fast = match KIND {
             MOVS => match (host_dst, host_src) {
                 // A forward copy onto a later overlapping destination replicates data; leave
@@ -198,7 +220,11 @@ fn bulk<const KIND: u8, const B: usize, const A32: bool>(cpu: &mut Cpu, op: &Op)
                         for i in 0..elements as usize {
                             // SAFETY: as above; each element lies inside the checked range.
                             unsafe {
-                                std::ptr::copy_nonoverlapping(pattern.as_ptr(), (d + i * B) as *mut u8, B);
+                                std::ptr::copy_nonoverlapping(
+                                    pattern.as_ptr(),
+                                    (d + i * B) as *mut u8,
+                                    B,
+                                );
                             }
                         }
                     }

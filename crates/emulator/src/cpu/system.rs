@@ -37,8 +37,15 @@ pub fn unimplemented(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if cpu.warned.insert(code) {
         let mut bytes = vec![0u8; op.inst.len()];
         let ip = op.inst.ip();
-        let shown = cpu.read_bytes(ip, &mut bytes, cpu.user).map(|_| format!("{bytes:02x?}")).unwrap_or_default();
-        warn!("Unimplemented instruction {:?} {} at {ip:#x}: raising #UD", op.inst.code(), shown);
+        let shown = cpu
+            .read_bytes(ip, &mut bytes, cpu.user)
+            .map(|_| format!("{bytes:02x?}"))
+            .unwrap_or_default();
+        warn!(
+            "Unimplemented instruction {:?} {} at {ip:#x}: raising #UD",
+            op.inst.code(),
+            shown
+        );
     }
     Err(Event::ud())
 }
@@ -122,7 +129,13 @@ impl Cpu {
 
     /// WRMSR.
     pub fn write_msr(&mut self, number: u32, value: u64) -> Result<(), Event> {
-        let canonical = || if crate::mmu::is_canonical(value) { Ok(()) } else { Err(Event::gp(0)) };
+        let canonical = || {
+            if crate::mmu::is_canonical(value) {
+                Ok(())
+            } else {
+                Err(Event::gp(0))
+            }
+        };
         match number {
             index::TSC => self.tsc_offset = value.wrapping_sub(self.clock.now()),
             index::EFER => {
@@ -189,7 +202,10 @@ impl Cpu {
     pub fn write_control(&mut self, n: u8, value: u64) -> Result<(), Event> {
         match n {
             0 => {
-                if value >> 32 != 0 || (value & cr0::PG != 0 && value & cr0::PE == 0) || (value & cr0::NW != 0 && value & cr0::CD == 0) {
+                if value >> 32 != 0
+                    || (value & cr0::PG != 0 && value & cr0::PE == 0)
+                    || (value & cr0::NW != 0 && value & cr0::CD == 0)
+                {
                     return Err(Event::gp(0));
                 }
                 let long = self.efer & efer::LME != 0;
@@ -197,7 +213,9 @@ impl Cpu {
                     return Err(Event::gp(0));
                 }
                 if self.efer & efer::LMA != 0 && value & cr0::PG == 0 {
-                    return Err(Event::fatal("Leaving long mode (clearing CR0.PG) is not supported"));
+                    return Err(Event::fatal(
+                        "Leaving long mode (clearing CR0.PG) is not supported",
+                    ));
                 }
                 self.cr0 = value | cr0::ET;
                 if value & cr0::PG != 0 && long {
@@ -215,7 +233,9 @@ impl Cpu {
                 self.tlb.flush();
             }
             4 => {
-                if value & !cr4::WRITABLE != 0 || (self.efer & efer::LMA != 0 && value & cr4::PAE == 0) {
+                if value & !cr4::WRITABLE != 0
+                    || (self.efer & efer::LMA != 0 && value & cr4::PAE == 0)
+                {
                     return Err(Event::gp(0));
                 }
                 self.cr4 = value;
@@ -386,7 +406,11 @@ pub fn lldt(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// STR/SLDT r/m: a register gets the zero-extended selector, memory 16 bits.
 pub fn store_selector<const LDT: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let selector = u64::from(if LDT { cpu.ldtr.selector } else { cpu.tr.selector });
+    let selector = u64::from(if LDT {
+        cpu.ldtr.selector
+    } else {
+        cpu.tr.selector
+    });
     store_word_or_register(cpu, op, selector)
 }
 
@@ -453,7 +477,11 @@ pub fn hlt(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 /// IN AL/AX/EAX, imm8/DX.
 pub fn port_in<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     require_iopl(cpu)?;
-    let port = if op.inst.op_kind(1) == OpKind::Register { cpu.regs[gpr::RDX] as u16 } else { op.inst.immediate(1) as u16 };
+    let port = if op.inst.op_kind(1) == OpKind::Register {
+        cpu.regs[gpr::RDX] as u16
+    } else {
+        op.inst.immediate(1) as u16
+    };
     let value = cpu.port_read(port, B);
     cpu.set_gpr::<B>(0, value);
     Ok(())
@@ -462,7 +490,11 @@ pub fn port_in<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// OUT imm8/DX, AL/AX/EAX.
 pub fn port_out<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     require_iopl(cpu)?;
-    let port = if op.inst.op_kind(0) == OpKind::Register { cpu.regs[gpr::RDX] as u16 } else { op.inst.immediate(0) as u16 };
+    let port = if op.inst.op_kind(0) == OpKind::Register {
+        cpu.regs[gpr::RDX] as u16
+    } else {
+        op.inst.immediate(0) as u16
+    };
     let value = cpu.gpr::<B>(0);
     cpu.port_write(port, B, value);
     Ok(())
@@ -540,7 +572,11 @@ pub fn verify<const WRITE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let selector = cpu.read_operand::<2>(op, 0)? as u16;
     let ok = descriptor_visible(cpu, selector, |d, _| {
         let code = d.type_ & 0x8 != 0;
-        d.s && if WRITE { !code && d.type_ & 0x2 != 0 } else { !code || d.type_ & 0x2 != 0 }
+        d.s && if WRITE {
+            !code && d.type_ & 0x2 != 0
+        } else {
+            !code || d.type_ & 0x2 != 0
+        }
     })?
     .is_some();
     cpu.flags.set_flag(flags::ZF, ok);

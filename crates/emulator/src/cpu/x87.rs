@@ -82,7 +82,6 @@ impl Cpu {
         }
         Ok(())
     }
-
 }
 
 /// Reads the raw bytes of the instruction's memory operand (faults come first).
@@ -103,7 +102,9 @@ fn convert_load(mnemonic: Mnemonic, bytes: &[u8; 10], size: usize, cw: &host::En
         (Mnemonic::Fbld, _) => host::load_bcd(b, cw),
         (Mnemonic::Fild, 2) => host::load_i16(&[b[0], b[1]], cw),
         (Mnemonic::Fild, 4) => host::load_i32(&[b[0], b[1], b[2], b[3]], cw),
-        (Mnemonic::Fild, _) => host::load_i64(&[b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]], cw),
+        (Mnemonic::Fild, _) => {
+            host::load_i64(&[b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]], cw)
+        }
         (_, 4) => host::load_f32(&[b[0], b[1], b[2], b[3]], cw),
         (_, 8) => host::load_f64(&[b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]], cw),
         _ => (*b, 0),
@@ -135,7 +136,6 @@ impl Cpu {
     }
 }
 
-
 /// Executes any x87 instruction.
 pub fn execute(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_x87()?;
@@ -143,13 +143,31 @@ pub fn execute(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     use Mnemonic::*;
     let mnemonic = inst.mnemonic();
     // Non-waiting control instructions do not check for pending exceptions.
-    let no_wait = matches!(mnemonic, Fninit | Fnclex | Fnstcw | Fnstsw | Fnstenv | Fnsave | Fnop | Fldcw | Fldenv | Frstor);
+    let no_wait = matches!(
+        mnemonic,
+        Fninit | Fnclex | Fnstcw | Fnstsw | Fnstenv | Fnsave | Fnop | Fldcw | Fldenv | Frstor
+    );
     if !no_wait {
         cpu.wait_check()?;
     }
     let control = matches!(
         mnemonic,
-        Fninit | Finit | Fnclex | Fclex | Fnstcw | Fstcw | Fnstsw | Fstsw | Fnstenv | Fstenv | Fldcw | Fldenv | Fnsave | Fsave | Frstor | Wait
+        Fninit
+            | Finit
+            | Fnclex
+            | Fclex
+            | Fnstcw
+            | Fstcw
+            | Fnstsw
+            | Fstsw
+            | Fnstenv
+            | Fstenv
+            | Fldcw
+            | Fldenv
+            | Fnsave
+            | Fsave
+            | Frstor
+            | Wait
     );
     if !control {
         cpu.fpu.fip = inst.ip();
@@ -311,14 +329,22 @@ pub fn execute(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
                 cpu.indefinite_into(0);
             } else {
                 let mut v = cpu.st(0);
-                v[9] = if mnemonic == Fchs { v[9] ^ 0x80 } else { v[9] & 0x7f };
+                v[9] = if mnemonic == Fchs {
+                    v[9] ^ 0x80
+                } else {
+                    v[9] & 0x7f
+                };
                 cpu.set_st(0, v);
                 cpu.fpu.fsw &= !SW_C1;
             }
         }
         Fxam => {
             let v = cpu.st(0);
-            let class = if cpu.st_empty(0) { SW_C3 | SW_C0 } else { classify(&v) };
+            let class = if cpu.st_empty(0) {
+                SW_C3 | SW_C0
+            } else {
+                classify(&v)
+            };
             let sign = if v[9] & 0x80 != 0 { SW_C1 } else { 0 };
             cpu.fpu.fsw = (cpu.fpu.fsw & !CONDITION) | class | sign;
         }
@@ -331,11 +357,10 @@ pub fn execute(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
                 cpu.merge_status(sw, CONDITION);
             }
         }
-        Fadd | Faddp | Fiadd | Fsub | Fsubp | Fisub | Fsubr | Fsubrp | Fisubr | Fmul | Fmulp | Fimul | Fdiv | Fdivp | Fidiv | Fdivr
-        | Fdivrp | Fidivr => arithmetic(cpu, op, mnemonic)?,
-        Fcom | Fcomp | Fcompp | Fucom | Fucomp | Fucompp | Ficom | Ficomp | Fcomi | Fcomip | Fucomi | Fucomip => {
-            compare(cpu, op, mnemonic)?
-        }
+        Fadd | Faddp | Fiadd | Fsub | Fsubp | Fisub | Fsubr | Fsubrp | Fisubr | Fmul | Fmulp
+        | Fimul | Fdiv | Fdivp | Fidiv | Fdivr | Fdivrp | Fidivr => arithmetic(cpu, op, mnemonic)?,
+        Fcom | Fcomp | Fcompp | Fucom | Fucomp | Fucompp | Ficom | Ficomp | Fcomi | Fcomip
+        | Fucomi | Fucomip => compare(cpu, op, mnemonic)?,
         Fsqrt | Frndint | F2xm1 | Fsin | Fcos => {
             if cpu.st_empty(0) {
                 cpu.fpu.fsw &= !SW_C2;
@@ -476,7 +501,11 @@ fn store(cpu: &mut Cpu, op: &Op, mnemonic: Mnemonic) -> Result<(), Event> {
     }
     let addr = cpu.ea(op);
     cpu.fpu.fdp = addr;
-    let size = if mnemonic == Fbstp { 10 } else { inst.memory_size().size() };
+    let size = if mnemonic == Fbstp {
+        10
+    } else {
+        inst.memory_size().size()
+    };
     // The destination must be writable before anything changes.
     cpu.check_writable_range(addr, size)?;
     let empty = cpu.st_empty(0);
@@ -581,7 +610,10 @@ fn arithmetic(cpu: &mut Cpu, op: &Op, mnemonic: Mnemonic) -> Result<(), Event> {
         return Ok(());
     }
     // Register forms: ST(0) op= ST(i), or ST(i) op= ST(0) (optionally popping).
-    let (dest, x, y) = if inst.op_register(0) == iced_x86::Register::ST0 && inst.op_count() == 2 && inst.op_register(1) != iced_x86::Register::ST0 {
+    let (dest, x, y) = if inst.op_register(0) == iced_x86::Register::ST0
+        && inst.op_count() == 2
+        && inst.op_register(1) != iced_x86::Register::ST0
+    {
         (0, 0, op.r[1] as usize & 7)
     } else if inst.op_count() == 2 {
         let i = op.r[0] as usize & 7;
@@ -598,7 +630,11 @@ fn arithmetic(cpu: &mut Cpu, op: &Op, mnemonic: Mnemonic) -> Result<(), Event> {
         return Ok(());
     }
     let reverse = matches!(mnemonic, Fsubr | Fsubrp | Fdivr | Fdivrp);
-    let (a, b) = if reverse { (cpu.st(y), cpu.st(x)) } else { (cpu.st(x), cpu.st(y)) };
+    let (a, b) = if reverse {
+        (cpu.st(y), cpu.st(x))
+    } else {
+        (cpu.st(x), cpu.st(y))
+    };
     let (r, sw) = match mnemonic {
         Fadd | Faddp => host::fadd(&a, &b, cw),
         Fsub | Fsubp | Fsubr | Fsubrp => host::fsub(&a, &b, cw),
@@ -624,7 +660,11 @@ fn compare(cpu: &mut Cpu, op: &Op, mnemonic: Mnemonic) -> Result<(), Event> {
         _ => 0,
     };
     let sets_eflags = matches!(mnemonic, Fcomi | Fcomip | Fucomi | Fucomip);
-    let memory = if inst.op_kind(0) == OpKind::Memory { Some(read_operand_bytes(cpu, op)?) } else { None };
+    let memory = if inst.op_kind(0) == OpKind::Memory {
+        Some(read_operand_bytes(cpu, op)?)
+    } else {
+        None
+    };
     let other = match mnemonic {
         Fcompp | Fucompp => 1,
         _ if memory.is_some() => 0,
@@ -743,11 +783,21 @@ fn environment(cpu: &Cpu, short: bool) -> Vec<u8> {
 
 fn load_environment(cpu: &mut Cpu, env: &[u8; 28], short: bool) {
     let word = |o: usize| u16::from_le_bytes([env[o], env[o + 1]]);
-    let (fcw, fsw, tags) = if short { (word(0), word(2), word(4)) } else { (word(0), word(4), word(8)) };
+    let (fcw, fsw, tags) = if short {
+        (word(0), word(2), word(4))
+    } else {
+        (word(0), word(4), word(8))
+    };
     cpu.fpu.fcw = load_control_word(fcw);
     // ES and B are recomputed from the loaded flags and masks.
     cpu.fpu.fsw = fsw & !(ES | BUSY);
-    cpu.fpu.ftw = (0..8).fold(0u8, |t, p| if (tags >> (2 * p)) & 3 != 3 { t | (1 << p) } else { t });
+    cpu.fpu.ftw = (0..8).fold(0u8, |t, p| {
+        if (tags >> (2 * p)) & 3 != 3 {
+            t | (1 << p)
+        } else {
+            t
+        }
+    });
     if short {
         cpu.fpu.fip = u64::from(word(6));
         cpu.fpu.fdp = u64::from(word(10));
@@ -762,7 +812,15 @@ fn load_environment(cpu: &mut Cpu, env: &[u8; 28], short: bool) {
 /// The handler for an x87 instruction, if `inst` is one.
 pub fn select(inst: &Instruction) -> Option<Handler> {
     let m = format!("{:?}", inst.mnemonic());
-    let x87 = (m.starts_with('F') && !matches!(inst.mnemonic(), Mnemonic::Fxsave | Mnemonic::Fxsave64 | Mnemonic::Fxrstor | Mnemonic::Fxrstor64 | Mnemonic::Femms))
+    let x87 = (m.starts_with('F')
+        && !matches!(
+            inst.mnemonic(),
+            Mnemonic::Fxsave
+                | Mnemonic::Fxsave64
+                | Mnemonic::Fxrstor
+                | Mnemonic::Fxrstor64
+                | Mnemonic::Femms
+        ))
         || inst.mnemonic() == Mnemonic::Wait;
     if !x87 || inst.code() == Code::INVALID {
         return None;

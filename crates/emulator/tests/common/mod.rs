@@ -40,7 +40,10 @@ pub struct Recorder {
 impl BusDevice for Recorder {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = self.read_value.wrapping_add(offset as u8).wrapping_add(i as u8);
+            *b = self
+                .read_value
+                .wrapping_add(offset as u8)
+                .wrapping_add(i as u8);
         }
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -72,10 +75,20 @@ impl Machine {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let io = Arc::new(IoBus::new());
         let vm = EmulatorEngine::new()
-            .create_vm(VmSpec { memory: memory.clone(), vcpu_count: 1, io: io.clone() })
+            .create_vm(VmSpec {
+                memory: memory.clone(),
+                vcpu_count: 1,
+                io: io.clone(),
+            })
             .unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
-        let mut m = Machine { memory, io, vm, vcpu, next_table: PT_POOL };
+        let mut m = Machine {
+            memory,
+            io,
+            vm,
+            vcpu,
+            next_table: PT_POOL,
+        };
         m.write_u64(PML4, PDPT | 7);
         m.write_u64(PDPT, PD | 7);
         for i in 0..512u64 {
@@ -120,9 +133,18 @@ impl Machine {
         s.fs = data;
         s.gs = data;
         s.tr = tr;
-        s.ldt = Segment { unusable: true, ..Default::default() };
-        s.gdt = DescriptorTable { base: GDT, limit: 9 * 8 - 1 };
-        s.idt = DescriptorTable { base: IDT, limit: 256 * 16 - 1 };
+        s.ldt = Segment {
+            unusable: true,
+            ..Default::default()
+        };
+        s.gdt = DescriptorTable {
+            base: GDT,
+            limit: 9 * 8 - 1,
+        };
+        s.idt = DescriptorTable {
+            base: IDT,
+            limit: 256 * 16 - 1,
+        };
         s.cr0 = 0x8005_0033;
         s.cr3 = PML4;
         s.cr4 = 0x6a0; // PAE, PGE, OSFXSR, OSXMMEXCPT
@@ -190,7 +212,10 @@ impl Machine {
             let table = self.next_table;
             self.next_table += 0x1000;
             for i in 0..512u64 {
-                self.write_u64(table + i * 8, (pde & !0x1f_ffff & !0x80) + (i << 12) | (pde & 0xfff & !0x80));
+                self.write_u64(
+                    table + i * 8,
+                    ((pde & !0x1f_ffff & !0x80) + (i << 12)) | (pde & 0xfff & !0x80),
+                );
             }
             self.write_u64(PD + pd_index * 8, table | 7);
             table
@@ -208,7 +233,10 @@ impl Machine {
 
     pub fn add_pio(&self, base: u16, len: u16) -> Arc<Mutex<Recorder>> {
         let dev = Arc::new(Mutex::new(Recorder::default()));
-        self.io.pio.insert(dev.clone(), u64::from(base), u64::from(len)).unwrap();
+        self.io
+            .pio
+            .insert(dev.clone(), u64::from(base), u64::from(len))
+            .unwrap();
         dev
     }
 

@@ -76,11 +76,21 @@ impl Engine {
         m.set_state(PROLOGUE);
         m.modify_state(|s| {
             let r = &mut s.regs;
-            [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15] =
-                state.regs;
+            [
+                r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+                r.r12, r.r13, r.r14, r.r15,
+            ] = state.regs;
             r.rflags = state.rflags;
-            let user_code = lodge_engine::Segment { selector: USER_CS, dpl: 3, ..s.sregs.cs };
-            let user_data = lodge_engine::Segment { selector: USER_DS, dpl: 3, ..s.sregs.ss };
+            let user_code = lodge_engine::Segment {
+                selector: USER_CS,
+                dpl: 3,
+                ..s.sregs.cs
+            };
+            let user_data = lodge_engine::Segment {
+                selector: USER_DS,
+                dpl: 3,
+                ..s.sregs.ss
+            };
             s.sregs.cs = user_code;
             s.sregs.ss = user_data;
             s.sregs.ds = user_data;
@@ -92,14 +102,19 @@ impl Engine {
         let vector = m.read(FAULT_MARK, 1)[0];
         // The handler ran on RSP0 with the interrupted frame on top.
         let frame_base = KERNEL_STACK_TOP - if has_error_code(vector) { 48 } else { 40 };
-        let error_code = if has_error_code(vector) { m.read_u64(frame_base) } else { 0 };
+        let error_code = if has_error_code(vector) {
+            m.read_u64(frame_base)
+        } else {
+            0
+        };
         let frame = frame_base + if has_error_code(vector) { 8 } else { 0 };
         let rip = m.read_u64(frame);
         let rflags = m.read_u64(frame + 16);
         let saved_rsp = m.read_u64(frame + 24);
         let r = &after.regs;
         let mut regs = [
-            r.rax, r.rcx, r.rdx, r.rbx, saved_rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
+            r.rax, r.rcx, r.rdx, r.rbx, saved_rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
         ];
         if vector == 13 && rip == hlt_at {
             let mut out = MachineState {
@@ -112,14 +127,22 @@ impl Engine {
                 stack: m.read(STACK, STACK_SIZE as usize),
             };
             from_fx_image(&m.read(FX_OUT, 512), &mut out);
-            return Outcome::Completed(out);
+            return Outcome::Completed(Box::new(out));
         }
-        assert!(vector < 32, "engine stopped without an exception (rip {:#x})", after.regs.rip);
+        assert!(
+            vector < 32,
+            "engine stopped without an exception (rip {:#x})",
+            after.regs.rip
+        );
         assert!(
             (INSN..hlt_at).contains(&rip) || rip == PROLOGUE || rip < INSN,
             "fault at {rip:#x} outside the test code"
         );
         regs[4] = saved_rsp;
-        Outcome::Faulted { vector, error_code, regs }
+        Outcome::Faulted {
+            vector,
+            error_code,
+            regs,
+        }
     }
 }

@@ -2,10 +2,12 @@
 //! machine state that keeps its memory operands inside the test data (or just across the
 //! guard page, to test faults).
 
-use iced_x86::{Code, Encoder, EncodingKind, Instruction, MemorySize, Mnemonic, OpCodeOperandKind as K, OpKind, Register};
+use iced_x86::{
+    Code, Encoder, EncodingKind, Instruction, MemorySize, Mnemonic, OpCodeOperandKind as K, OpKind,
+    Register,
+};
 
 use super::native::*;
-
 
 /// Deterministic xorshift64* generator.
 pub struct Rng(u64);
@@ -54,6 +56,9 @@ impl Rng {
     }
 }
 
+/// Base register, optional (index register, scale), displacement.
+type MemoryOperand = (usize, Option<(usize, u32)>, i64);
+
 /// A generated test.
 pub struct Case {
     pub inst: Instruction,
@@ -99,7 +104,6 @@ fn reg_at(i: usize) -> Register {
     Register::values().nth(i).unwrap()
 }
 
-
 /// Registers whose values the generator sets for addressing; not picked as random operands
 /// in a way that breaks that (RSP is never an explicit operand).
 struct Reserved {
@@ -129,7 +133,24 @@ fn is_string(mnemonic: Mnemonic) -> bool {
     use Mnemonic::*;
     matches!(
         mnemonic,
-        Movsb | Movsw | Movsq | Stosb | Stosw | Stosd | Stosq | Lodsb | Lodsw | Lodsd | Lodsq | Cmpsb | Cmpsw | Cmpsq | Scasb | Scasw | Scasd | Scasq
+        Movsb
+            | Movsw
+            | Movsq
+            | Stosb
+            | Stosw
+            | Stosd
+            | Stosq
+            | Lodsb
+            | Lodsw
+            | Lodsd
+            | Lodsq
+            | Cmpsb
+            | Cmpsw
+            | Cmpsq
+            | Scasb
+            | Scasw
+            | Scasd
+            | Scasq
     )
 }
 
@@ -156,7 +177,7 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
     }
     let mut inst = Instruction::default();
     inst.set_code(code);
-    let mut memory: Option<(usize, Option<(usize, u32)>, i64)> = None;
+    let mut memory: Option<MemoryOperand> = None;
     let mut uses_high_byte = false;
     let mut needs_rex = false;
     for n in 0..info.op_count() {
@@ -168,7 +189,10 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
             K::r64_reg | K::r64_rm | K::r64_opcode | K::r64_reg_mem | K::r64_or_mem => Some(8),
             _ => None,
         };
-        let or_mem = matches!(kind, K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::xmm_or_mem);
+        let or_mem = matches!(
+            kind,
+            K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::xmm_or_mem
+        );
         if (or_mem && rng.chance(50)) || kind == K::mem {
             // Memory operand.
             let base = random_gpr_index(rng, &reserved);
@@ -192,7 +216,13 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
                 inst.set_memory_index_scale(scale);
             }
             inst.set_memory_displacement64(disp as u64);
-            inst.set_memory_displ_size(if disp == 0 { 0 } else if (-128..128).contains(&disp) { 1 } else { 4 });
+            inst.set_memory_displ_size(if disp == 0 {
+                0
+            } else if (-128..128).contains(&disp) {
+                1
+            } else {
+                4
+            });
             memory = Some((base, index, disp));
             continue;
         }
@@ -208,7 +238,10 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
         match kind {
             K::xmm_reg | K::xmm_rm | K::xmm_or_mem => {
                 inst.set_op_kind(n, OpKind::Register);
-                inst.set_op_register(n, reg_at(Register::XMM0 as u32 as usize + rng.below(16) as usize));
+                inst.set_op_register(
+                    n,
+                    reg_at(Register::XMM0 as u32 as usize + rng.below(16) as usize),
+                );
             }
             K::al | K::cl | K::ax | K::dx | K::eax | K::rax => {
                 let r = match kind {
@@ -264,7 +297,10 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
             }
             K::sti_opcode => {
                 inst.set_op_kind(n, OpKind::Register);
-                inst.set_op_register(n, reg_at(Register::ST0 as u32 as usize + rng.below(8) as usize));
+                inst.set_op_register(
+                    n,
+                    reg_at(Register::ST0 as u32 as usize + rng.below(8) as usize),
+                );
             }
             K::seg_rSI => inst.set_op_kind(n, OpKind::MemorySegRSI),
             K::es_rDI => inst.set_op_kind(n, OpKind::MemoryESRDI),
@@ -320,7 +356,11 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
         if backwards {
             rflags |= 0x400;
         }
-        regs[1] = if decoded.has_rep_prefix() || decoded.has_repne_prefix() { rng.below(40) } else { rng.next() };
+        regs[1] = if decoded.has_rep_prefix() || decoded.has_repne_prefix() {
+            rng.below(40)
+        } else {
+            rng.next()
+        };
         regs[6] = DATA + 0x600 + rng.below(0x200);
         regs[7] = DATA + 0x1000 + rng.below(0x200);
         if rng.chance(20) {
@@ -359,12 +399,23 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
     let float = is_float(&decoded);
     let mut xmm = [0u128; 16];
     for x in xmm.iter_mut() {
-        let mut half = || if float && rng.chance(70) { float_bits(rng) } else { rng.interesting() };
+        let mut half = || {
+            if float && rng.chance(70) {
+                float_bits(rng)
+            } else {
+                rng.interesting()
+            }
+        };
         *x = (u128::from(half()) << 64) | u128::from(half());
     }
     let mut data = vec![0u8; DATA_SIZE as usize];
     for chunk in data.chunks_mut(8) {
-        let v = if float && rng.chance(70) { float_bits(rng) } else { rng.interesting() }.to_le_bytes();
+        let v = if float && rng.chance(70) {
+            float_bits(rng)
+        } else {
+            rng.interesting()
+        }
+        .to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
     let mut mxcsr = 0x1f80;
@@ -390,7 +441,19 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
         let value = u64::from_le_bytes(stack[top..top + 8].try_into().unwrap()) & !0x4_0100;
         stack[top..top + 8].copy_from_slice(&value.to_le_bytes());
     }
-    Some(Case { inst: decoded, bytes, state: MachineState { regs, rflags, xmm, mxcsr, x87, data, stack } })
+    Some(Case {
+        inst: decoded,
+        bytes,
+        state: MachineState {
+            regs,
+            rflags,
+            xmm,
+            mxcsr,
+            x87,
+            data,
+            stack,
+        },
+    })
 }
 
 /// Input adjustments so that more cases exercise the interesting path.
@@ -412,7 +475,9 @@ fn fixups(inst: &Instruction, rng: &mut Rng, regs: &mut [u64; 16]) {
         }
         // Bit offsets into memory: keep them near the operand most of the time.
         Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
-            if inst.op_kind(0) == OpKind::Memory && inst.op_kind(1) == OpKind::Register && rng.chance(80) =>
+            if inst.op_kind(0) == OpKind::Memory
+                && inst.op_kind(1) == OpKind::Register
+                && rng.chance(80) =>
         {
             let r = (inst.op1_register().full_register() as u32 - Register::RAX as u32) as usize;
             if !matches!(r, 4) && inst.memory_base() != inst.op1_register().full_register() {
@@ -423,7 +488,13 @@ fn fixups(inst: &Instruction, rng: &mut Rng, regs: &mut [u64; 16]) {
         Mnemonic::Shld | Mnemonic::Shrd if size == 2 && inst.op_kind(2) == OpKind::Register => {
             regs[1] = rng.below(17);
         }
-        Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar | Mnemonic::Rol | Mnemonic::Ror | Mnemonic::Rcl | Mnemonic::Rcr
+        Mnemonic::Shl
+        | Mnemonic::Shr
+        | Mnemonic::Sar
+        | Mnemonic::Rol
+        | Mnemonic::Ror
+        | Mnemonic::Rcl
+        | Mnemonic::Rcr
             if rng.chance(70) =>
         {
             regs[1] = (regs[1] & !0xff) | rng.below(70);
@@ -440,7 +511,9 @@ fn is_float(inst: &Instruction) -> bool {
         || m.ends_with("ps")
         || m.ends_with("pd")
         || m.ends_with("ss")
-        || (m.ends_with("sd") && inst.code() != Code::Movsd_m32_m32 && inst.code() != Code::Cmpsd_m32_m32)
+        || (m.ends_with("sd")
+            && inst.code() != Code::Movsd_m32_m32
+            && inst.code() != Code::Cmpsd_m32_m32)
         || m.starts_with("Cvt")
         || m.contains("comis")
 }
@@ -462,8 +535,8 @@ fn float_bits(rng: &mut Rng) -> u64 {
         1e10,
         -1e-10,
         2147483648.0,
-        9.223372036854775807e18,
-        -9.223372036854775808e18,
+        9.223_372_036_854_776e18,
+        -9.223_372_036_854_776e18,
         f64::MAX,
         f64::MIN_POSITIVE,
         5e-324,
@@ -471,8 +544,24 @@ fn float_bits(rng: &mut Rng) -> u64 {
         f64::NEG_INFINITY,
         123456.789,
     ];
-    const F32: [f32; 16] =
-        [0.0, -0.0, 1.0, -1.0, 0.5, 1.5, 3.0, -4.5, 0.1, 1e10, 2147483648.0, f32::MAX, f32::MIN_POSITIVE, 1e-45, f32::INFINITY, 65504.0];
+    const F32: [f32; 16] = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        0.5,
+        1.5,
+        3.0,
+        -4.5,
+        0.1,
+        1e10,
+        2147483648.0,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-45,
+        f32::INFINITY,
+        65504.0,
+    ];
     match rng.below(6) {
         0 => F64[rng.below(F64.len() as u64) as usize].to_bits(),
         1 => {
@@ -480,7 +569,12 @@ fn float_bits(rng: &mut Rng) -> u64 {
             let b = F32[rng.below(F32.len() as u64) as usize].to_bits();
             u64::from(a) | (u64::from(b) << 32)
         }
-        2 => [0x7ff8_0000_0000_0000, 0x7ff0_0000_0000_0001, 0xfff8_0000_0000_0000, 0x7fc0_0000_7f80_0001][rng.below(4) as usize],
+        2 => [
+            0x7ff8_0000_0000_0000,
+            0x7ff0_0000_0000_0001,
+            0xfff8_0000_0000_0000,
+            0x7fc0_0000_7f80_0001,
+        ][rng.below(4) as usize],
         3 => {
             // A normal double with a moderate exponent.
             let exponent = 1023 + rng.below(80) - 40;
@@ -526,11 +620,20 @@ fn x87_state(rng: &mut Rng) -> X87State {
         fcw = 0x007f | ([0u16, 2, 3][rng.below(3) as usize] << 8) | ((rng.below(4) as u16) << 10);
     }
     let top = rng.below(8) as u16;
-    let fsw = (top << 11) | if rng.chance(20) { (rng.next() as u16) & 0x4700 } else { 0 };
+    let fsw = (top << 11)
+        | if rng.chance(20) {
+            (rng.next() as u16) & 0x4700
+        } else {
+            0
+        };
     let mut ftw = 0u8;
     let mut st = [[0u8; 10]; 8];
     for (i, reg) in st.iter_mut().enumerate() {
-        let valid = if i < 2 { rng.chance(90) } else { rng.chance(50) };
+        let valid = if i < 2 {
+            rng.chance(90)
+        } else {
+            rng.chance(50)
+        };
         if valid {
             ftw |= 1 << ((top as usize + i) & 7);
         }

@@ -18,11 +18,17 @@ use generate::{generate, Case, Rng};
 use native::{MachineState, Native, Outcome};
 
 fn seed() -> u64 {
-    std::env::var("LODGE_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234)
+    std::env::var("LODGE_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234)
 }
 
 fn cases(default: usize) -> usize {
-    std::env::var("LODGE_DIFF_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("LODGE_DIFF_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// RFLAGS bits compared: CF, PF, AF, ZF, SF, OF, DF.
@@ -50,7 +56,12 @@ fn undefined_flags(case: &Case) -> u64 {
 fn undefined_conditions(case: &Case) -> u16 {
     let bits = case.inst.rflags_undefined();
     let mut mask = 0;
-    for (iced, sw) in [(RflagsBits::C0, 0x100), (RflagsBits::C1, 0x200), (RflagsBits::C2, 0x400), (RflagsBits::C3, 0x4000)] {
+    for (iced, sw) in [
+        (RflagsBits::C0, 0x100),
+        (RflagsBits::C1, 0x200),
+        (RflagsBits::C2, 0x400),
+        (RflagsBits::C3, 0x4000),
+    ] {
         if bits & iced != 0 {
             mask |= sw;
         }
@@ -67,7 +78,18 @@ fn describe(case: &Case) -> String {
 fn compare(case: &Case, native: &Outcome, engine: &Outcome) -> Result<(), String> {
     match (native, engine) {
         (Outcome::Completed(n), Outcome::Completed(e)) => compare_states(case, n, e),
-        (Outcome::Faulted { vector: nv, error_code: ne, regs: nr }, Outcome::Faulted { vector: ev, error_code: ee, regs: er }) => {
+        (
+            Outcome::Faulted {
+                vector: nv,
+                error_code: ne,
+                regs: nr,
+            },
+            Outcome::Faulted {
+                vector: ev,
+                error_code: ee,
+                regs: er,
+            },
+        ) => {
             if nv != ev {
                 return Err(format!("host raised vector {nv}, engine {ev}"));
             }
@@ -75,37 +97,56 @@ fn compare(case: &Case, native: &Outcome, engine: &Outcome) -> Result<(), String
                 return Err(format!("#PF error code: host {ne:#x}, engine {ee:#x}"));
             }
             if nr != er {
-                return Err(format!("registers at the fault differ:\n  host   {nr:x?}\n  engine {er:x?}"));
+                return Err(format!(
+                    "registers at the fault differ:\n  host   {nr:x?}\n  engine {er:x?}"
+                ));
             }
             Ok(())
         }
-        (Outcome::Faulted { vector, .. }, Outcome::Completed(_)) => Err(format!("host raised vector {vector}, engine completed")),
-        (Outcome::Completed(_), Outcome::Faulted { vector, .. }) => Err(format!("engine raised vector {vector}, host completed")),
+        (Outcome::Faulted { vector, .. }, Outcome::Completed(_)) => {
+            Err(format!("host raised vector {vector}, engine completed"))
+        }
+        (Outcome::Completed(_), Outcome::Faulted { vector, .. }) => {
+            Err(format!("engine raised vector {vector}, host completed"))
+        }
     }
 }
 
 fn compare_states(case: &Case, n: &MachineState, e: &MachineState) -> Result<(), String> {
     let mut problems = Vec::new();
-    const NAMES: [&str; 16] = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
-    for i in 0..16 {
-        if n.regs[i] != e.regs[i] {
-            problems.push(format!("{}: host {:#x}, engine {:#x}", NAMES[i], n.regs[i], e.regs[i]));
+    const NAMES: [&str; 16] = [
+        "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
+        "r13", "r14", "r15",
+    ];
+    for (name, (a, b)) in NAMES.iter().zip(n.regs.iter().zip(e.regs.iter())) {
+        if a != b {
+            problems.push(format!("{name}: host {a:#x}, engine {b:#x}"));
         }
     }
     let mask = COMPARED_FLAGS & !undefined_flags(case);
     if n.rflags & mask != e.rflags & mask {
-        problems.push(format!("rflags (mask {mask:#x}): host {:#x}, engine {:#x}", n.rflags & mask, e.rflags & mask));
+        problems.push(format!(
+            "rflags (mask {mask:#x}): host {:#x}, engine {:#x}",
+            n.rflags & mask,
+            e.rflags & mask
+        ));
     }
     for i in 0..16 {
         if n.xmm[i] != e.xmm[i] {
-            problems.push(format!("xmm{i}: host {:#034x}, engine {:#034x}", n.xmm[i], e.xmm[i]));
+            problems.push(format!(
+                "xmm{i}: host {:#034x}, engine {:#034x}",
+                n.xmm[i], e.xmm[i]
+            ));
         }
     }
     if n.mxcsr != e.mxcsr {
         problems.push(format!("mxcsr: host {:#x}, engine {:#x}", n.mxcsr, e.mxcsr));
     }
     let fsw_mask = !undefined_conditions(case);
-    if n.x87.fcw != e.x87.fcw || n.x87.fsw & fsw_mask != e.x87.fsw & fsw_mask || n.x87.ftw != e.x87.ftw {
+    if n.x87.fcw != e.x87.fcw
+        || n.x87.fsw & fsw_mask != e.x87.fsw & fsw_mask
+        || n.x87.ftw != e.x87.ftw
+    {
         problems.push(format!(
             "x87 control/status/tags: host {:#x}/{:#x}/{:#x}, engine {:#x}/{:#x}/{:#x} (status mask {fsw_mask:#x})",
             n.x87.fcw, n.x87.fsw, n.x87.ftw, e.x87.fcw, e.x87.fsw, e.x87.ftw
@@ -113,12 +154,23 @@ fn compare_states(case: &Case, n: &MachineState, e: &MachineState) -> Result<(),
     }
     for i in 0..8 {
         if n.x87.st[i] != e.x87.st[i] {
-            problems.push(format!("st({i}): host {:02x?}, engine {:02x?}", n.x87.st[i], e.x87.st[i]));
+            problems.push(format!(
+                "st({i}): host {:02x?}, engine {:02x?}",
+                n.x87.st[i], e.x87.st[i]
+            ));
         }
     }
-    for (name, a, b, base) in [("data", &n.data, &e.data, native::DATA), ("stack", &n.stack, &e.stack, native::STACK)] {
+    for (name, a, b, base) in [
+        ("data", &n.data, &e.data, native::DATA),
+        ("stack", &n.stack, &e.stack, native::STACK),
+    ] {
         if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
-            problems.push(format!("{name} at {:#x}: host {:02x?}, engine {:02x?}", base + i as u64, &a[i..(i + 8).min(a.len())], &b[i..(i + 8).min(b.len())]));
+            problems.push(format!(
+                "{name} at {:#x}: host {:02x?}, engine {:02x?}",
+                base + i as u64,
+                &a[i..(i + 8).min(a.len())],
+                &b[i..(i + 8).min(b.len())]
+            ));
         }
     }
     if problems.is_empty() {
@@ -138,14 +190,24 @@ fn check(name: &str, per_code: usize, filter: impl Fn(Code) -> bool) {
         }
     };
     let mut engine = Engine::new();
-    let mut rng = Rng::new(seed() ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))));
+    let mut rng = Rng::new(
+        seed()
+            ^ name
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
+    );
     let mut failures = Vec::new();
     let mut forms = 0;
     let mut total = 0;
     for code in Code::values() {
         // Forms needing features the engine does not report raise #UD by design; the host
         // has them.
-        if !filter(code) || !code.cpuid_features().iter().all(|f| lodge_emulator::cpuid::supports(*f)) {
+        if !filter(code)
+            || !code
+                .cpuid_features()
+                .iter()
+                .all(|f| lodge_emulator::cpuid::supports(*f))
+        {
             continue;
         }
         let mut tested = false;
@@ -172,37 +234,62 @@ fn check(name: &str, per_code: usize, filter: impl Fn(Code) -> bool) {
         }
         forms += usize::from(tested);
     }
-    println!("{name}: {forms} instruction forms, {total} cases, {} failing", failures.len());
+    println!(
+        "{name}: {forms} instruction forms, {total} cases, {} failing",
+        failures.len()
+    );
     assert!(forms > 0, "{name}: no instruction form was generated");
     if !failures.is_empty() {
         let shown: Vec<_> = failures.iter().take(40).cloned().collect();
-        panic!("{name}: {} failures (seed {:#x}):\n{}", failures.len(), seed(), shown.join("\n"));
+        panic!(
+            "{name}: {} failures (seed {:#x}):\n{}",
+            failures.len(),
+            seed(),
+            shown.join("\n")
+        );
     }
 }
 
 #[test]
 fn integer_arithmetic_and_logic() {
     use Mnemonic::*;
-    check("alu", cases(300), |c| matches!(c.mnemonic(), Add | Or | Adc | Sbb | And | Sub | Xor | Cmp | Test | Inc | Dec | Neg | Not));
+    check("alu", cases(300), |c| {
+        matches!(
+            c.mnemonic(),
+            Add | Or | Adc | Sbb | And | Sub | Xor | Cmp | Test | Inc | Dec | Neg | Not
+        )
+    });
 }
 
 #[test]
 fn shifts_and_rotates() {
     use Mnemonic::*;
-    check("shift", cases(400), |c| matches!(c.mnemonic(), Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd));
+    check("shift", cases(400), |c| {
+        matches!(
+            c.mnemonic(),
+            Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd
+        )
+    });
 }
 
 #[test]
 fn multiply_and_divide() {
     use Mnemonic::*;
-    check("muldiv", cases(400), |c| matches!(c.mnemonic(), Mul | Imul | Div | Idiv));
+    check("muldiv", cases(400), |c| {
+        matches!(c.mnemonic(), Mul | Imul | Div | Idiv)
+    });
 }
 
 #[test]
 fn bit_operations() {
     use Mnemonic::*;
     // TZCNT is not compared: the engine reports no BMI1 and runs it as BSF, the host has BMI1.
-    check("bits", cases(300), |c| matches!(c.mnemonic(), Bt | Bts | Btr | Btc | Bsf | Bsr | Popcnt | Lzcnt | Bswap));
+    check("bits", cases(300), |c| {
+        matches!(
+            c.mnemonic(),
+            Bt | Bts | Btr | Btc | Bsf | Bsr | Popcnt | Lzcnt | Bswap
+        )
+    });
 }
 
 #[test]
@@ -255,7 +342,27 @@ fn string_instructions() {
     use Mnemonic::*;
     check("string", cases(300), |c| {
         matches!(c, Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32)
-            || matches!(c.mnemonic(), Movsb | Movsw | Movsq | Stosb | Stosw | Stosd | Stosq | Lodsb | Lodsw | Lodsd | Lodsq | Cmpsb | Cmpsw | Cmpsq | Scasb | Scasw | Scasd | Scasq)
+            || matches!(
+                c.mnemonic(),
+                Movsb
+                    | Movsw
+                    | Movsq
+                    | Stosb
+                    | Stosw
+                    | Stosd
+                    | Stosq
+                    | Lodsb
+                    | Lodsw
+                    | Lodsd
+                    | Lodsq
+                    | Cmpsb
+                    | Cmpsw
+                    | Cmpsq
+                    | Scasb
+                    | Scasw
+                    | Scasd
+                    | Scasq
+            )
     });
 }
 
@@ -263,29 +370,128 @@ fn sse_integer_or_move(m: Mnemonic) -> bool {
     use Mnemonic::*;
     matches!(
         m,
-        Paddb | Paddw | Paddd | Paddq | Psubb | Psubw | Psubd | Psubq | Paddsb | Paddsw | Paddusb | Paddusw | Psubsb | Psubsw
-            | Psubusb | Psubusw | Pmullw | Pmulhw | Pmulhuw | Pmuludq | Pmaddwd | Pavgb | Pavgw | Pminub | Pmaxub | Pminsw
-            | Pmaxsw | Psadbw | Pcmpeqb | Pcmpeqw | Pcmpeqd | Pcmpgtb | Pcmpgtw | Pcmpgtd | Pand | Pandn | Por | Pxor | Andps
-            | Andpd | Andnps | Andnpd | Orps | Orpd | Xorps | Xorpd | Punpcklbw | Punpcklwd | Punpckldq | Punpcklqdq | Punpckhbw
-            | Punpckhwd | Punpckhdq | Punpckhqdq | Unpcklps | Unpckhps | Unpcklpd | Unpckhpd | Packsswb | Packssdw | Packuswb
-            | Psllw | Pslld | Psllq | Psrlw | Psrld | Psrlq | Psraw | Psrad | Pslldq | Psrldq | Pshufd | Pshufhw | Pshuflw
-            | Shufps | Shufpd | Movaps | Movapd | Movdqa | Movups | Movupd | Movdqu | Movntps | Movntpd | Movntdq | Movss
-            | Movlps | Movlpd | Movhps | Movhpd | Movhlps | Movlhps | Movd | Movq | Movmskps | Movmskpd | Pmovmskb | Pextrw
-            | Pinsrw | Ldmxcsr | Stmxcsr
+        Paddb
+            | Paddw
+            | Paddd
+            | Paddq
+            | Psubb
+            | Psubw
+            | Psubd
+            | Psubq
+            | Paddsb
+            | Paddsw
+            | Paddusb
+            | Paddusw
+            | Psubsb
+            | Psubsw
+            | Psubusb
+            | Psubusw
+            | Pmullw
+            | Pmulhw
+            | Pmulhuw
+            | Pmuludq
+            | Pmaddwd
+            | Pavgb
+            | Pavgw
+            | Pminub
+            | Pmaxub
+            | Pminsw
+            | Pmaxsw
+            | Psadbw
+            | Pcmpeqb
+            | Pcmpeqw
+            | Pcmpeqd
+            | Pcmpgtb
+            | Pcmpgtw
+            | Pcmpgtd
+            | Pand
+            | Pandn
+            | Por
+            | Pxor
+            | Andps
+            | Andpd
+            | Andnps
+            | Andnpd
+            | Orps
+            | Orpd
+            | Xorps
+            | Xorpd
+            | Punpcklbw
+            | Punpcklwd
+            | Punpckldq
+            | Punpcklqdq
+            | Punpckhbw
+            | Punpckhwd
+            | Punpckhdq
+            | Punpckhqdq
+            | Unpcklps
+            | Unpckhps
+            | Unpcklpd
+            | Unpckhpd
+            | Packsswb
+            | Packssdw
+            | Packuswb
+            | Psllw
+            | Pslld
+            | Psllq
+            | Psrlw
+            | Psrld
+            | Psrlq
+            | Psraw
+            | Psrad
+            | Pslldq
+            | Psrldq
+            | Pshufd
+            | Pshufhw
+            | Pshuflw
+            | Shufps
+            | Shufpd
+            | Movaps
+            | Movapd
+            | Movdqa
+            | Movups
+            | Movupd
+            | Movdqu
+            | Movntps
+            | Movntpd
+            | Movntdq
+            | Movss
+            | Movlps
+            | Movlpd
+            | Movhps
+            | Movhpd
+            | Movhlps
+            | Movlhps
+            | Movd
+            | Movq
+            | Movmskps
+            | Movmskpd
+            | Pmovmskb
+            | Pextrw
+            | Pinsrw
+            | Ldmxcsr
+            | Stmxcsr
     )
 }
 
 /// Whether an instruction form uses MMX registers (not implemented, not compared).
 fn uses_mmx(code: Code) -> bool {
     (0..code.op_code().op_count()).any(|i| {
-        matches!(code.op_code().op_kind(i), iced_x86::OpCodeOperandKind::mm_reg | iced_x86::OpCodeOperandKind::mm_rm | iced_x86::OpCodeOperandKind::mm_or_mem)
+        matches!(
+            code.op_code().op_kind(i),
+            iced_x86::OpCodeOperandKind::mm_reg
+                | iced_x86::OpCodeOperandKind::mm_rm
+                | iced_x86::OpCodeOperandKind::mm_or_mem
+        )
     })
 }
 
 #[test]
 fn sse_integer_and_moves() {
     check("sse-int", cases(200), |c| {
-        (sse_integer_or_move(c.mnemonic()) || (c.mnemonic() == Mnemonic::Movsd && c != Code::Movsd_m32_m32)) && !uses_mmx(c)
+        (sse_integer_or_move(c.mnemonic())
+            || (c.mnemonic() == Mnemonic::Movsd && c != Code::Movsd_m32_m32))
+            && !uses_mmx(c)
     });
 }
 
@@ -297,11 +503,61 @@ fn sse_floating_point() {
         !uses_mmx(c)
             && (matches!(
                 m,
-                Addps | Addpd | Addss | Addsd | Subps | Subpd | Subss | Subsd | Mulps | Mulpd | Mulss | Mulsd | Divps | Divpd | Divss
-                    | Divsd | Minps | Minpd | Minss | Minsd | Maxps | Maxpd | Maxss | Maxsd | Sqrtps | Sqrtpd | Sqrtss | Sqrtsd
-                    | Rcpps | Rcpss | Rsqrtps | Rsqrtss | Cmpps | Cmppd | Cmpss | Comiss | Ucomiss | Comisd | Ucomisd | Cvtss2sd
-                    | Cvtsd2ss | Cvtps2pd | Cvtpd2ps | Cvtdq2ps | Cvtps2dq | Cvttps2dq | Cvtdq2pd | Cvtpd2dq | Cvttpd2dq | Cvtsi2ss
-                    | Cvtsi2sd | Cvtss2si | Cvtsd2si | Cvttss2si | Cvttsd2si
+                Addps
+                    | Addpd
+                    | Addss
+                    | Addsd
+                    | Subps
+                    | Subpd
+                    | Subss
+                    | Subsd
+                    | Mulps
+                    | Mulpd
+                    | Mulss
+                    | Mulsd
+                    | Divps
+                    | Divpd
+                    | Divss
+                    | Divsd
+                    | Minps
+                    | Minpd
+                    | Minss
+                    | Minsd
+                    | Maxps
+                    | Maxpd
+                    | Maxss
+                    | Maxsd
+                    | Sqrtps
+                    | Sqrtpd
+                    | Sqrtss
+                    | Sqrtsd
+                    | Rcpps
+                    | Rcpss
+                    | Rsqrtps
+                    | Rsqrtss
+                    | Cmpps
+                    | Cmppd
+                    | Cmpss
+                    | Comiss
+                    | Ucomiss
+                    | Comisd
+                    | Ucomisd
+                    | Cvtss2sd
+                    | Cvtsd2ss
+                    | Cvtps2pd
+                    | Cvtpd2ps
+                    | Cvtdq2ps
+                    | Cvtps2dq
+                    | Cvttps2dq
+                    | Cvtdq2pd
+                    | Cvtpd2dq
+                    | Cvttpd2dq
+                    | Cvtsi2ss
+                    | Cvtsi2sd
+                    | Cvtss2si
+                    | Cvtsd2si
+                    | Cvttss2si
+                    | Cvttsd2si
             ) || (m == Cmpsd && c != Code::Cmpsd_m32_m32))
     });
 }

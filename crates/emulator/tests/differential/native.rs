@@ -91,9 +91,13 @@ pub fn from_fx_image(img: &[u8], state: &mut MachineState) {
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Completed(MachineState),
+    Completed(Box<MachineState>),
     /// Exception vector, error code (for #PF/#GP), registers at the fault.
-    Faulted { vector: u8, error_code: u64, regs: [u64; 16] },
+    Faulted {
+        vector: u8,
+        error_code: u64,
+        regs: [u64; 16],
+    },
 }
 
 static LOCK: Mutex<()> = Mutex::new(());
@@ -121,7 +125,11 @@ const REG_EFL: usize = 17;
 const REG_ERR: usize = 19;
 const REG_TRAPNO: usize = 20;
 
-extern "C" fn on_signal(signal: libc::c_int, _info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+extern "C" fn on_signal(
+    signal: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
     // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
     let uc = unsafe { &mut *(context as *mut libc::ucontext_t) };
     let g = &mut uc.uc_mcontext.gregs;
@@ -133,8 +141,22 @@ extern "C" fn on_signal(signal: libc::c_int, _info: *mut libc::siginfo_t, contex
         return;
     }
     let regs = [
-        g[REG_RAX], g[REG_RCX], g[REG_RDX], g[REG_RBX], g[REG_RSP], g[REG_RBP], g[REG_RSI], g[REG_RDI], g[REG_R8],
-        g[REG_R8 + 1], g[REG_R8 + 2], g[REG_R8 + 3], g[REG_R8 + 4], g[REG_R8 + 5], g[REG_R8 + 6], g[REG_R8 + 7],
+        g[REG_RAX],
+        g[REG_RCX],
+        g[REG_RDX],
+        g[REG_RBX],
+        g[REG_RSP],
+        g[REG_RBP],
+        g[REG_RSI],
+        g[REG_RDI],
+        g[REG_R8],
+        g[REG_R8 + 1],
+        g[REG_R8 + 2],
+        g[REG_R8 + 3],
+        g[REG_R8 + 4],
+        g[REG_R8 + 5],
+        g[REG_R8 + 6],
+        g[REG_R8 + 7],
     ]
     .map(|v| v as u64);
     FAULT[1].store(g[REG_TRAPNO] as u64, Ordering::SeqCst);
@@ -211,7 +233,9 @@ fn restore_host(a: &mut CodeAssembler) {
     a.ret().unwrap();
 }
 
-pub const GPRS: [AsmRegister64; 16] = [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15];
+pub const GPRS: [AsmRegister64; 16] = [
+    rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,
+];
 
 impl Native {
     /// Maps the region (or returns why it cannot).
@@ -232,7 +256,10 @@ impl Native {
                     )
                 };
                 if p as u64 != REGION {
-                    return Err(format!("cannot map {REGION:#x}: {}", std::io::Error::last_os_error()));
+                    return Err(format!(
+                        "cannot map {REGION:#x}: {}",
+                        std::io::Error::last_os_error()
+                    ));
                 }
                 // SAFETY: the guard page is inside our mapping.
                 unsafe { libc::mprotect(GUARD as *mut libc::c_void, 0x1000, libc::PROT_NONE) };
@@ -240,7 +267,13 @@ impl Native {
                 let mut a = CodeAssembler::new(64).unwrap();
                 restore_host(&mut a);
                 write_bytes(RECOVERY, &a.assemble(RECOVERY).unwrap());
-                for signal in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL, libc::SIGTRAP] {
+                for signal in [
+                    libc::SIGSEGV,
+                    libc::SIGBUS,
+                    libc::SIGFPE,
+                    libc::SIGILL,
+                    libc::SIGTRAP,
+                ] {
                     // SAFETY: installing a handler with a zeroed, filled-in sigaction.
                     unsafe {
                         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -309,6 +342,6 @@ impl Native {
             stack: read_bytes(STACK, STACK_SIZE as usize),
         };
         from_fx_image(&read_bytes(FX_OUT, 512), &mut out);
-        Outcome::Completed(out)
+        Outcome::Completed(Box::new(out))
     }
 }
