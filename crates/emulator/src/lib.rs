@@ -158,7 +158,28 @@ impl Vcpu for EmulatorVcpu {
     }
 
     fn run(&mut self) -> Result<VcpuExit, EngineError> {
-        match self.cpu.run(&mut self.cache, &self.signals) {
+        let start = std::time::Instant::now();
+        let (icount, halted) = (self.cpu.icount, self.cpu.stats.halted_ns);
+        let exit = self.cpu.run(&mut self.cache, &self.signals);
+        let busy = start.elapsed().as_nanos() as u64 - (self.cpu.stats.halted_ns - halted);
+        let executed = self.cpu.icount - icount;
+        let s = self.cpu.stats;
+        tracing::debug!(
+            "Software engine: {executed} instructions in {:.3} s busy ({:.0} M/s), {:.3} s halted; \
+             {} blocks translated ({} cached), {} page walks, {} TLB flushes, {} code invalidations, \
+             {} exceptions, {} interrupts",
+            busy as f64 / 1e9,
+            executed as f64 * 1e3 / busy.max(1) as f64,
+            (s.halted_ns - halted) as f64 / 1e9,
+            s.blocks_translated,
+            self.cache.len(),
+            s.page_walks,
+            self.cpu.tlb.flushes,
+            s.code_invalidations,
+            s.exceptions,
+            s.interrupts,
+        );
+        match exit {
             RunExit::Stopped => Ok(VcpuExit::Stopped),
             RunExit::Halted => Ok(VcpuExit::Halted),
             RunExit::TripleFault => Ok(VcpuExit::TripleFault),

@@ -54,6 +54,8 @@ pub struct PageRights {
 pub struct Tlb {
     entries: Box<[TlbEntry]>,
     generation: u64,
+    /// Full flushes so far.
+    pub flushes: u64,
     /// 2 MiB / 1 GiB mappings cached as 4 KiB entries: an INVLPG inside one flushes everything.
     large_pages: Vec<(u64, u64)>,
 }
@@ -69,6 +71,7 @@ impl Tlb {
         Tlb {
             entries: vec![TlbEntry::EMPTY; 2 * TLB_ENTRIES].into_boxed_slice(),
             generation: 1,
+            flushes: 0,
             large_pages: Vec::new(),
         }
     }
@@ -133,6 +136,7 @@ impl Tlb {
 
     /// Drops every entry.
     pub fn flush(&mut self) {
+        self.flushes += 1;
         self.large_pages.clear();
         self.generation += 1;
         if self.generation > TAG_GENERATION_MASK {

@@ -250,6 +250,7 @@ impl Cpu {
                 address: linear,
             }));
         }
+        self.stats.page_walks += 1;
         let translation = if self.paging_enabled() {
             match mmu::walk(&self.mem, &self.paging, linear, kind, user) {
                 Ok(t) => t,

@@ -106,6 +106,7 @@ impl CodeCache {
     }
 
     fn translate(&mut self, cpu: &mut Cpu, linear: u64, phys: u64) -> Result<BlockRef, Event> {
+        cpu.stats.blocks_translated += 1;
         if !cpu.mem.is_ram(phys) {
             return Err(Event::fatal(format!(
                 "Executing outside RAM at {linear:#x} (physical {phys:#x})"
@@ -199,6 +200,7 @@ impl CodeCache {
     /// Drops blocks overlapping the physical ranges the guest wrote (`cpu.code_writes`).
     pub fn invalidate_writes(&mut self, cpu: &mut Cpu) {
         let writes = std::mem::take(&mut cpu.code_writes);
+        let mut invalidated = 0;
         for &(addr, len) in &writes {
             let page = addr & !PAGE_OFFSET_MASK;
             let Some(list) = self.pages.get_mut(&page) else {
@@ -215,6 +217,7 @@ impl CodeCache {
                 // The last instruction may extend a little past phys_end's page; compare ranges.
                 let overlaps = addr < block.phys_end.max(block.phys + 1) && end > block.phys;
                 if overlaps {
+                    invalidated += 1;
                     map.remove(&(block.linear, block.phys));
                     blocks[index as usize] = None;
                     free.push(index);
@@ -226,6 +229,7 @@ impl CodeCache {
                 cpu.code_pages.remove(&page);
             }
         }
+        cpu.stats.code_invalidations += invalidated;
         cpu.code_writes = writes;
         cpu.code_writes.clear();
     }

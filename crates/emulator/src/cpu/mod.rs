@@ -166,6 +166,20 @@ pub struct Cpu {
     pub icount: u64,
     /// Instructions already reported as unimplemented.
     pub warned: HashSet<u16>,
+    pub stats: Stats,
+}
+
+/// Counters for performance work (logged at debug level when `run` returns).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub blocks_translated: u64,
+    pub page_walks: u64,
+    pub tlb_flushes: u64,
+    pub code_invalidations: u64,
+    pub exceptions: u64,
+    pub interrupts: u64,
+    /// Time spent sleeping in HLT.
+    pub halted_ns: u64,
 }
 
 impl Cpu {
@@ -206,6 +220,7 @@ impl Cpu {
             interrupt_shadow: false,
             icount: 0,
             warned: HashSet::new(),
+            stats: Stats::default(),
         };
         cpu.update_modes();
         cpu

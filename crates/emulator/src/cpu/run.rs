@@ -88,6 +88,7 @@ impl Cpu {
             }
             if self.pic.has_interrupt() && !self.interrupt_shadow && self.flags.system(IF) {
                 if let Some(vector) = self.pic.acknowledge() {
+                    self.stats.interrupts += 1;
                     if let Err(e) = self.raise_external(vector) {
                         return exit_for(e);
                     }
@@ -112,6 +113,7 @@ impl Cpu {
             match result {
                 Ok(()) => {}
                 Err(Event::Exception(e)) => {
+                    self.stats.exceptions += 1;
                     if let Err(e) = self.raise(e) {
                         return exit_for(e);
                     }
@@ -141,11 +143,10 @@ impl Cpu {
             if self.pic.has_interrupt() {
                 return None;
             }
-            let timeout = self
-                .pit
-                .deadline()
-                .map(|due| Duration::from_nanos(due.saturating_sub(self.clock.now())));
+            let now = self.clock.now();
+            let timeout = self.pit.deadline().map(|due| Duration::from_nanos(due.saturating_sub(now)));
             signals.wait(timeout);
+            self.stats.halted_ns += self.clock.now().saturating_sub(now);
         }
     }
 }
