@@ -1,9 +1,14 @@
 //! What other threads tell a running vCPU: interrupt edges and stop requests, plus the
 //! wake-up for a vCPU sleeping in HLT.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
+
+thread_local! {
+    static ON_VCPU_THREAD: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Bit set in the pending word when a stop was requested.
 const STOP: u32 = 1 << 16;
@@ -14,6 +19,9 @@ const LINES: u32 = 0xffff;
 #[derive(Debug, Default)]
 pub struct Signals {
     pending: AtomicU32,
+    /// Bumped by interrupts raised from other threads: a device may have written guest memory
+    /// (DMA) before raising it, so decoded code must be checked against memory again.
+    dma_epoch: AtomicU64,
     sleeping: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
@@ -26,8 +34,23 @@ impl Signals {
 
     /// Records an edge on PIC input `irq` and wakes the vCPU.
     pub fn raise(&self, irq: u32) {
+        if !ON_VCPU_THREAD.with(Cell::get) {
+            self.dma_epoch.fetch_add(1, Ordering::SeqCst);
+        }
         self.pending.fetch_or(1 << (irq & 15), Ordering::SeqCst);
         self.notify();
+    }
+
+    /// The current DMA epoch (see `dma_epoch`).
+    #[inline]
+    pub fn dma_epoch(&self) -> u64 {
+        self.dma_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Marks the calling thread as the vCPU thread: interrupts it raises (devices emulated
+    /// synchronously during port or MMIO accesses) cannot follow a concurrent DMA.
+    pub fn enter_vcpu_thread() {
+        ON_VCPU_THREAD.with(|c| c.set(true));
     }
 
     /// Asks the vCPU to stop and wakes it.

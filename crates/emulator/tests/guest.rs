@@ -482,3 +482,44 @@ fn interrupt_lines_and_vcpus_are_validated() {
         .unwrap());
     let _ = Arc::strong_count(&m.vm);
 }
+
+#[test]
+fn code_rewritten_by_a_device_is_noticed_after_its_interrupt() {
+    let mut m = Machine::new(16 << 20);
+    let function = 0x40_0000u64;
+    let handler = CODE + 0x1000;
+    m.set_gate(0x35, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.mov(al, 0x20u32).unwrap();
+        a.out(0x20, al).unwrap();
+        a.iretq().unwrap();
+    });
+    m.assemble(function, |a| {
+        a.mov(eax, 1).unwrap();
+        a.ret().unwrap();
+    });
+    m.assemble(CODE, |a| {
+        init_pic(a, !0x20, 0xff);
+        a.call(function).unwrap();
+        a.mov(ebx, eax).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.cli().unwrap();
+        a.call(function).unwrap();
+        a.hlt().unwrap();
+    });
+    let memory = m.memory.clone();
+    let line = m.vm.interrupt_line(5).unwrap();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        // A device (another thread) rewrites the code, then interrupts.
+        use vm_memory::Bytes;
+        memory.write_slice(&[0xb8, 2, 0, 0, 0], vm_memory::GuestAddress(function)).unwrap();
+        line.trigger().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    t.join().unwrap();
+    let s = m.state();
+    assert_eq!(s.regs.rbx, 1);
+    assert_eq!(s.regs.rax, 2, "the rewritten instruction ran");
+}

@@ -25,6 +25,10 @@ pub struct Block {
     pub phys: u64,
     /// Physical end of the bytes decoded.
     pub phys_end: u64,
+    /// The bytes decoded, to notice changes made behind the engine's back (device DMA).
+    bytes: Box<[u8]>,
+    /// The DMA epoch at which `bytes` last matched memory.
+    epoch: u64,
 }
 
 /// A block to execute.
@@ -67,23 +71,70 @@ impl CodeCache {
         ((linear ^ (linear >> 12)) as usize) & (JUMP_ENTRIES - 1)
     }
 
-    /// The block starting at `linear` (physical `phys`), decoding it if needed.
+    /// The block starting at `linear` (physical `phys`), decoding it if needed. `epoch` is the
+    /// current DMA epoch: a block not checked since it changed is compared with memory first.
     #[inline]
-    pub fn find(&mut self, cpu: &mut Cpu, linear: u64, phys: u64) -> Result<BlockRef, Event> {
+    pub fn find(&mut self, cpu: &mut Cpu, linear: u64, phys: u64, epoch: u64) -> Result<BlockRef, Event> {
         let slot = Self::jump_slot(linear);
         let (cached_linear, index) = self.jump[slot];
+        let mut found = None;
         if cached_linear == linear {
             if let Some(Some(block)) = self.blocks.get(index as usize) {
                 if block.phys == phys && block.linear == linear {
-                    return Ok(BlockRef::Cached(index));
+                    found = Some(index);
                 }
             }
         }
-        if let Some(&index) = self.map.get(&(linear, phys)) {
-            self.jump[slot] = (linear, index);
-            return Ok(BlockRef::Cached(index));
+        if found.is_none() {
+            if let Some(&index) = self.map.get(&(linear, phys)) {
+                self.jump[slot] = (linear, index);
+                found = Some(index);
+            }
         }
-        self.translate(cpu, linear, phys)
+        if let Some(index) = found {
+            if self.still_valid(cpu, index, epoch) {
+                return Ok(BlockRef::Cached(index));
+            }
+            self.remove(cpu, index);
+        }
+        self.translate(cpu, linear, phys, epoch)
+    }
+
+    /// Whether block `index` still matches memory (checked once per DMA epoch).
+    fn still_valid(&mut self, cpu: &Cpu, index: u32, epoch: u64) -> bool {
+        let Some(Some(block)) = self.blocks.get_mut(index as usize) else {
+            return false;
+        };
+        if block.epoch == epoch {
+            return true;
+        }
+        let mut current = [0u8; WINDOW as usize];
+        let current = &mut current[..block.bytes.len()];
+        cpu.mem.read(block.phys, current);
+        if *current != *block.bytes {
+            return false;
+        }
+        block.epoch = epoch;
+        true
+    }
+
+    /// Drops block `index`.
+    fn remove(&mut self, cpu: &mut Cpu, index: u32) {
+        let Some(Some(block)) = self.blocks.get_mut(index as usize) else {
+            return;
+        };
+        let page = block.phys & !PAGE_OFFSET_MASK;
+        self.map.remove(&(block.linear, block.phys));
+        self.blocks[index as usize] = None;
+        self.free.push(index);
+        if let Some(list) = self.pages.get_mut(&page) {
+            list.retain(|&i| i != index);
+            if list.is_empty() {
+                self.pages.remove(&page);
+                cpu.code_pages.remove(&page);
+            }
+        }
+        cpu.stats.code_invalidations += 1;
     }
 
     /// The block behind `r`.
@@ -105,7 +156,7 @@ impl CodeCache {
         self.map.is_empty()
     }
 
-    fn translate(&mut self, cpu: &mut Cpu, linear: u64, phys: u64) -> Result<BlockRef, Event> {
+    fn translate(&mut self, cpu: &mut Cpu, linear: u64, phys: u64, epoch: u64) -> Result<BlockRef, Event> {
         cpu.stats.blocks_translated += 1;
         if !cpu.mem.is_ram(phys) {
             return Err(Event::fatal(format!(
@@ -145,12 +196,15 @@ impl CodeCache {
         let ends = ops
             .last()
             .map_or(0, |op: &Op| op.inst.next_ip().wrapping_sub(linear));
-        let phys_end = phys + ends.min(length);
+        let decoded = ends.min(length);
+        let phys_end = phys + decoded;
         let block = Block {
             ops: ops.into_boxed_slice(),
             linear,
             phys,
             phys_end,
+            bytes: bytes[..decoded as usize].into(),
+            epoch,
         };
         let index = match self.free.pop() {
             Some(i) => {
@@ -193,6 +247,8 @@ impl CodeCache {
             linear,
             phys,
             phys_end: phys,
+            bytes: Box::new([]),
+            epoch: 0,
         });
         Ok(BlockRef::Scratch)
     }

@@ -74,6 +74,7 @@ impl Cpu {
     /// Runs until a stop request, a halt with interrupts disabled, a triple fault or a fatal
     /// emulation error.
     pub fn run(&mut self, cache: &mut CodeCache, signals: &Signals) -> RunExit {
+        Signals::enter_vcpu_thread();
         let mut next_poll = self.icount;
         loop {
             if signals.any() {
@@ -98,7 +99,7 @@ impl Cpu {
 
             let rip = self.rip;
             let result = match self.translate(rip, AccessKind::Execute, self.user) {
-                Ok(phys) => match cache.find(self, rip, phys) {
+                Ok(phys) => match cache.find(self, rip, phys, signals.dma_epoch()) {
                     Ok(r) => match cache.block(r) {
                         Some(block) => self.execute(block),
                         None => Err(Event::fatal("Decoded block vanished")),
