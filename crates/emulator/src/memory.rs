@@ -112,15 +112,34 @@ impl PhysicalMemory {
         }
     }
 
+    /// The host address of `len` bytes at `addr` if they are RAM in one region.
+    #[inline]
+    fn host_range(&self, addr: u64, len: u64) -> Option<usize> {
+        let region = self.regions.iter().find(|r| addr >= r.start && addr < r.end)?;
+        (addr.checked_add(len)? <= region.end).then(|| region.host + (addr - region.start) as usize)
+    }
+
     /// Reads a little-endian u64 (page-table entries, descriptors).
+    #[inline]
     pub fn read_u64(&self, addr: u64) -> u64 {
+        if let Some(host) = self.host_range(addr, 8) {
+            // SAFETY: `host_range` checked that the 8 bytes lie inside a mapped RAM region,
+            // which stays mapped while `self` (holding the GuestMemoryMmap) lives.
+            return unsafe { std::ptr::read_unaligned(host as *const u64) };
+        }
         let mut b = [0u8; 8];
         self.read(addr, &mut b);
         u64::from_le_bytes(b)
     }
 
     /// Writes a little-endian u64.
+    #[inline]
     pub fn write_u64(&self, addr: u64, value: u64) {
+        if let Some(host) = self.host_range(addr, 8) {
+            // SAFETY: as in `read_u64`.
+            unsafe { std::ptr::write_unaligned(host as *mut u64, value) };
+            return;
+        }
         self.write(addr, &value.to_le_bytes());
     }
 

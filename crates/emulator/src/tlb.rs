@@ -160,6 +160,15 @@ impl Tlb {
         }
     }
 
+    /// Gives the entry for `linear` fast writes again (its page no longer holds code).
+    pub fn allow_fast_write(&mut self, linear: u64, user: bool) {
+        let tag = self.tag(linear);
+        let entry = &mut self.entries[Self::index(linear, user)];
+        if entry.write == tag | SLOW {
+            entry.write = tag;
+        }
+    }
+
     /// Removes fast write access to physical page `phys_page` (it now holds decoded code).
     pub fn protect_code_page(&mut self, phys_page: u64) {
         for e in self.entries.iter_mut() {

@@ -217,10 +217,14 @@ impl Cpu {
         }
     }
 
-    /// Writes guest-physical memory, noting writes to pages with decoded code.
+    /// Writes guest-physical memory. The first write to a page with decoded code schedules
+    /// all of that page's blocks for removal (at the end of the current block, which stops
+    /// after this instruction) and makes the page ordinary data again, so the rest of a bulk
+    /// write (clearing a freed page, say) runs at full speed.
     pub fn write_phys(&mut self, phys: u64, data: &[u8]) {
-        if !self.code_pages.is_empty() && self.code_pages.contains(&(phys & !PAGE_OFFSET_MASK)) {
-            self.code_writes.push((phys, data.len() as u64));
+        let page = phys & !PAGE_OFFSET_MASK;
+        if !self.code_pages.is_empty() && self.code_pages.remove(&page) {
+            self.code_writes.push(page);
             self.break_block = true;
         }
         self.mem.write(phys, data);
@@ -235,7 +239,14 @@ impl Cpu {
             AccessKind::Execute => entry.exec,
         };
         if self.tlb.matches_slow(tag, linear) {
-            return Ok(entry.phys | (linear & PAGE_OFFSET_MASK));
+            let phys_page = entry.phys;
+            if kind == AccessKind::Write && tag & crate::tlb::SLOW != 0 && !self.code_pages.contains(&phys_page) {
+                // Was slow because the page held code; it no longer does.
+                if self.mem.host_page(phys_page).is_some() {
+                    self.tlb.allow_fast_write(linear, user);
+                }
+            }
+            return Ok(phys_page | (linear & PAGE_OFFSET_MASK));
         }
         self.translate_miss(linear, kind, user)
     }

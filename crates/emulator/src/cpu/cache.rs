@@ -7,7 +7,7 @@ use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
 use super::decode;
 use super::op::Op;
-use super::{Cpu, Event};
+use super::{Cpu, Event, FastHash};
 use crate::memory::{PAGE_OFFSET_MASK, PAGE_SIZE};
 use crate::mmu::AccessKind;
 
@@ -43,8 +43,8 @@ pub enum BlockRef {
 pub struct CodeCache {
     blocks: Vec<Option<Block>>,
     free: Vec<u32>,
-    map: HashMap<(u64, u64), u32>,
-    pages: HashMap<u64, Vec<u32>>,
+    map: HashMap<(u64, u64), u32, FastHash>,
+    pages: HashMap<u64, Vec<u32>, FastHash>,
     jump: Box<[(u64, u32)]>,
     scratch: Option<Block>,
 }
@@ -60,8 +60,8 @@ impl CodeCache {
         CodeCache {
             blocks: Vec::new(),
             free: Vec::new(),
-            map: HashMap::new(),
-            pages: HashMap::new(),
+            map: HashMap::default(),
+            pages: HashMap::default(),
             jump: vec![(u64::MAX, 0); JUMP_ENTRIES].into_boxed_slice(),
             scratch: None,
         }
@@ -253,41 +253,26 @@ impl CodeCache {
         Ok(BlockRef::Scratch)
     }
 
-    /// Drops blocks overlapping the physical ranges the guest wrote (`cpu.code_writes`).
+    /// Drops the blocks of the code pages the guest wrote (`cpu.code_writes`).
     pub fn invalidate_writes(&mut self, cpu: &mut Cpu) {
-        let writes = std::mem::take(&mut cpu.code_writes);
-        let mut invalidated = 0;
-        for &(addr, len) in &writes {
-            let page = addr & !PAGE_OFFSET_MASK;
-            let Some(list) = self.pages.get_mut(&page) else {
+        let mut writes = std::mem::take(&mut cpu.code_writes);
+        for &page in &writes {
+            let Some(list) = self.pages.remove(&page) else {
                 continue;
             };
-            let end = addr + len;
-            let blocks = &mut self.blocks;
-            let map = &mut self.map;
-            let free = &mut self.free;
-            list.retain(|&index| {
-                let Some(block) = blocks.get(index as usize).and_then(Option::as_ref) else {
-                    return false;
-                };
-                // The last instruction may extend a little past phys_end's page; compare ranges.
-                let overlaps = addr < block.phys_end.max(block.phys + 1) && end > block.phys;
-                if overlaps {
-                    invalidated += 1;
-                    map.remove(&(block.linear, block.phys));
-                    blocks[index as usize] = None;
-                    free.push(index);
+            for index in list {
+                if let Some(Some(block)) = self.blocks.get(index as usize) {
+                    if block.phys & !PAGE_OFFSET_MASK == page {
+                        self.map.remove(&(block.linear, block.phys));
+                        self.blocks[index as usize] = None;
+                        self.free.push(index);
+                        cpu.stats.code_invalidations += 1;
+                    }
                 }
-                !overlaps
-            });
-            if list.is_empty() {
-                self.pages.remove(&page);
-                cpu.code_pages.remove(&page);
             }
         }
-        cpu.stats.code_invalidations += invalidated;
+        writes.clear();
         cpu.code_writes = writes;
-        cpu.code_writes.clear();
     }
 
     /// Drops everything.

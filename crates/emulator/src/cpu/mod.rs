@@ -40,6 +40,31 @@ use crate::tlb::Tlb;
 use flags::Flags;
 use fpu::Fpu;
 
+/// A hasher for page-aligned addresses and small keys (the default SipHash is needlessly slow
+/// for lookups on the interpreter's paths, and no key here is chosen by an attacker who could
+/// exploit collisions beyond slowing its own VM).
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0x51_7cc1_b727_220a_95);
+    }
+}
+
+/// Hash builder for [`FastHasher`].
+pub type FastHash = std::hash::BuildHasherDefault<FastHasher>;
+/// A set of physical page addresses.
+pub type PageSet = HashSet<u64, FastHash>;
+
 /// Indices of the segment registers (the x86 encoding).
 pub mod seg {
     pub const ES: usize = 0;
@@ -136,9 +161,9 @@ pub struct Cpu {
     pub tlb: Tlb,
     pub mem: PhysicalMemory,
     /// Physical pages holding decoded instructions (writes there take the slow path).
-    pub code_pages: HashSet<u64>,
-    /// Physical ranges written on code pages since the last block.
-    pub code_writes: Vec<(u64, u64)>,
+    pub code_pages: PageSet,
+    /// Pages with decoded code written since the last block.
+    pub code_writes: Vec<u64>,
 
     pub segs: [Segment; 6],
     pub ldtr: Segment,
@@ -193,7 +218,7 @@ impl Cpu {
             break_block: false,
             tlb: Tlb::new(),
             mem,
-            code_pages: HashSet::new(),
+            code_pages: PageSet::default(),
             code_writes: Vec::new(),
             segs: [Segment::default(); 6],
             ldtr: Segment::default(),
