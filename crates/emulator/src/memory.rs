@@ -115,7 +115,10 @@ impl PhysicalMemory {
     /// The host address of `len` bytes at `addr` if they are RAM in one region.
     #[inline]
     fn host_range(&self, addr: u64, len: u64) -> Option<usize> {
-        let region = self.regions.iter().find(|r| addr >= r.start && addr < r.end)?;
+        let region = self
+            .regions
+            .iter()
+            .find(|r| addr >= r.start && addr < r.end)?;
         (addr.checked_add(len)? <= region.end).then(|| region.host + (addr - region.start) as usize)
     }
 

@@ -514,7 +514,9 @@ fn code_rewritten_by_a_device_is_noticed_after_its_interrupt() {
         std::thread::sleep(Duration::from_millis(50));
         // A device (another thread) rewrites the code, then interrupts.
         use vm_memory::Bytes;
-        memory.write_slice(&[0xb8, 2, 0, 0, 0], vm_memory::GuestAddress(function)).unwrap();
+        memory
+            .write_slice(&[0xb8, 2, 0, 0, 0], vm_memory::GuestAddress(function))
+            .unwrap();
         line.trigger().unwrap();
     });
     assert_eq!(m.run(), VcpuExit::Halted);

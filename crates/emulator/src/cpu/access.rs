@@ -240,7 +240,10 @@ impl Cpu {
         };
         if self.tlb.matches_slow(tag, linear) {
             let phys_page = entry.phys;
-            if kind == AccessKind::Write && tag & crate::tlb::SLOW != 0 && !self.code_pages.contains(&phys_page) {
+            if kind == AccessKind::Write
+                && tag & crate::tlb::SLOW != 0
+                && !self.code_pages.contains(&phys_page)
+            {
                 // Was slow because the page held code; it no longer does.
                 if self.mem.host_page(phys_page).is_some() {
                     self.tlb.allow_fast_write(linear, user);

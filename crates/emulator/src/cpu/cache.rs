@@ -74,7 +74,13 @@ impl CodeCache {
     /// The block starting at `linear` (physical `phys`), decoding it if needed. `epoch` is the
     /// current DMA epoch: a block not checked since it changed is compared with memory first.
     #[inline]
-    pub fn find(&mut self, cpu: &mut Cpu, linear: u64, phys: u64, epoch: u64) -> Result<BlockRef, Event> {
+    pub fn find(
+        &mut self,
+        cpu: &mut Cpu,
+        linear: u64,
+        phys: u64,
+        epoch: u64,
+    ) -> Result<BlockRef, Event> {
         let slot = Self::jump_slot(linear);
         let (cached_linear, index) = self.jump[slot];
         let mut found = None;
@@ -156,7 +162,13 @@ impl CodeCache {
         self.map.is_empty()
     }
 
-    fn translate(&mut self, cpu: &mut Cpu, linear: u64, phys: u64, epoch: u64) -> Result<BlockRef, Event> {
+    fn translate(
+        &mut self,
+        cpu: &mut Cpu,
+        linear: u64,
+        phys: u64,
+        epoch: u64,
+    ) -> Result<BlockRef, Event> {
         cpu.stats.blocks_translated += 1;
         if !cpu.mem.is_ram(phys) {
             return Err(Event::fatal(format!(

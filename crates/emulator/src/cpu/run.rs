@@ -145,7 +145,10 @@ impl Cpu {
                 return None;
             }
             let now = self.clock.now();
-            let timeout = self.pit.deadline().map(|due| Duration::from_nanos(due.saturating_sub(now)));
+            let timeout = self
+                .pit
+                .deadline()
+                .map(|due| Duration::from_nanos(due.saturating_sub(now)));
             signals.wait(timeout);
             self.stats.halted_ns += self.clock.now().saturating_sub(now);
         }
