@@ -164,8 +164,8 @@ impl Vcpu for EmulatorVcpu {
         let busy = start.elapsed().as_nanos() as u64 - (self.cpu.stats.halted_ns - halted);
         let executed = self.cpu.icount - icount;
         let s = self.cpu.stats;
-        tracing::debug!(
-            "Software engine: {executed} instructions in {:.3} s busy ({:.0} M/s), {:.3} s halted; \
+        tracing::info!(
+            "Software engine executed {executed} instructions in {:.3} s busy ({:.0} M/s), {:.3} s halted; \
              {} blocks translated ({} cached), {} page walks, {} TLB flushes, {} code invalidations, \
              {} exceptions, {} interrupts",
             busy as f64 / 1e9,
