@@ -525,3 +525,42 @@ fn code_rewritten_by_a_device_is_noticed_after_its_interrupt() {
     assert_eq!(s.regs.rbx, 1);
     assert_eq!(s.regs.rax, 2, "the rewritten instruction ran");
 }
+
+#[test]
+fn instructions_crossing_pages_follow_the_second_page_mapping() {
+    let mut m = Machine::new(16 << 20);
+    // A 10-byte `mov rax, imm64` at 0x40_0ffb spans pages 0x40_0000 and 0x40_1000.
+    let start = 0x40_0ffbu64;
+    m.map_page(0x40_0000, 0x40_0000, 0x7);
+    m.map_page(0x40_1000, 0x60_0000, 0x7);
+    // Both pages are in the page table map_page created first, at PT_POOL.
+    let pte = PT_POOL + ((0x40_1000 >> 12) & 0x1ff) * 8;
+    let mut code = vec![0x48, 0xb8];
+    code.extend_from_slice(&0x1111_2222_3333_4444u64.to_le_bytes());
+    code.push(0xc3); // ret
+    m.write(start, &code[..5]);
+    m.write(0x60_0000, &code[5..]);
+    // Another tail on another physical page.
+    let mut other = code.clone();
+    other[2..10].copy_from_slice(&0x5555_6666_7777_8888u64.to_le_bytes());
+    m.write(0x70_0000, &other[5..]);
+    m.assemble(CODE, |a| {
+        a.call(start).unwrap();
+        a.mov(rbx, rax).unwrap();
+        a.call(start).unwrap();
+        a.mov(rcx, rax).unwrap();
+        // Remap the second page, as a kernel would, and run it again.
+        a.mov(rax, 0x70_0007u64).unwrap();
+        a.mov(qword_ptr(pte), rax).unwrap();
+        a.mov(rdi, 0x40_1000u64).unwrap();
+        a.invlpg(byte_ptr(rdi)).unwrap();
+        a.call(start).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, 0x1111_2222_3333_4444);
+    assert_eq!(s.regs.rcx, 0x1111_2222_3333_4444);
+    // Head bytes 44 44 33 from the first page, tail 77 66 66 55 55 from the new second page.
+    assert_eq!(s.regs.rax, 0x5555_6666_7733_4444);
+}

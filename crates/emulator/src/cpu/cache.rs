@@ -29,14 +29,17 @@ pub struct Block {
     bytes: Box<[u8]>,
     /// The DMA epoch at which `bytes` last matched memory.
     epoch: u64,
+    /// For an instruction crossing into the next page: that page's physical address (the
+    /// block is valid only while the linear page still maps there), and how many of `bytes`
+    /// lie in the first page. `u64::MAX` otherwise.
+    phys2: u64,
+    split: usize,
 }
 
 /// A block to execute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockRef {
     Cached(u32),
-    /// The scratch block: an instruction crossing a page boundary, decoded every time.
-    Scratch,
 }
 
 /// All decoded blocks of one vCPU.
@@ -46,7 +49,6 @@ pub struct CodeCache {
     map: HashMap<(u64, u64), u32, FastHash>,
     pages: HashMap<u64, Vec<u32>, FastHash>,
     jump: Box<[(u64, u32)]>,
-    scratch: Option<Block>,
 }
 
 impl Default for CodeCache {
@@ -63,7 +65,6 @@ impl CodeCache {
             map: HashMap::default(),
             pages: HashMap::default(),
             jump: vec![(u64::MAX, 0); JUMP_ENTRIES].into_boxed_slice(),
-            scratch: None,
         }
     }
 
@@ -98,7 +99,16 @@ impl CodeCache {
             }
         }
         if let Some(index) = found {
-            if self.still_valid(cpu, index, epoch) {
+            let phys2 = self
+                .blocks
+                .get(index as usize)
+                .and_then(Option::as_ref)
+                .map_or(u64::MAX, |b| b.phys2);
+            let same_mapping = phys2 == u64::MAX || {
+                let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
+                cpu.translate(next_page, AccessKind::Execute, cpu.user)? == phys2
+            };
+            if same_mapping && self.still_valid(cpu, index, epoch) {
                 return Ok(BlockRef::Cached(index));
             }
             self.remove(cpu, index);
@@ -116,7 +126,13 @@ impl CodeCache {
         }
         let mut current = [0u8; WINDOW as usize];
         let current = &mut current[..block.bytes.len()];
-        cpu.mem.read(block.phys, current);
+        if block.phys2 == u64::MAX {
+            cpu.mem.read(block.phys, current);
+        } else {
+            let (head, tail) = current.split_at_mut(block.split.min(block.bytes.len()));
+            cpu.mem.read(block.phys, head);
+            cpu.mem.read(block.phys2, tail);
+        }
         if *current != *block.bytes {
             return false;
         }
@@ -129,15 +145,21 @@ impl CodeCache {
         let Some(Some(block)) = self.blocks.get_mut(index as usize) else {
             return;
         };
-        let page = block.phys & !PAGE_OFFSET_MASK;
+        let pages = [
+            block.phys & !PAGE_OFFSET_MASK,
+            block.phys2 & !PAGE_OFFSET_MASK,
+        ];
+        let crossing = block.phys2 != u64::MAX;
         self.map.remove(&(block.linear, block.phys));
         self.blocks[index as usize] = None;
         self.free.push(index);
-        if let Some(list) = self.pages.get_mut(&page) {
-            list.retain(|&i| i != index);
-            if list.is_empty() {
-                self.pages.remove(&page);
-                cpu.code_pages.remove(&page);
+        for page in &pages[..1 + usize::from(crossing)] {
+            if let Some(list) = self.pages.get_mut(page) {
+                list.retain(|&i| i != index);
+                if list.is_empty() {
+                    self.pages.remove(page);
+                    cpu.code_pages.remove(page);
+                }
             }
         }
         cpu.stats.code_invalidations += 1;
@@ -148,7 +170,6 @@ impl CodeCache {
     pub fn block(&self, r: BlockRef) -> Option<&Block> {
         match r {
             BlockRef::Cached(i) => self.blocks.get(i as usize).and_then(Option::as_ref),
-            BlockRef::Scratch => self.scratch.as_ref(),
         }
     }
 
@@ -194,7 +215,7 @@ impl CodeCache {
                     break;
                 }
                 // The first instruction crosses into the next page.
-                return self.translate_crossing(cpu, linear, &bytes[position..]);
+                return self.translate_crossing(cpu, linear, phys, &bytes[position..], epoch);
             }
             ops.push(decode::prepare(&inst));
             if decode::ends_block(&inst)
@@ -217,7 +238,15 @@ impl CodeCache {
             phys_end,
             bytes: bytes[..decoded as usize].into(),
             epoch,
+            phys2: u64::MAX,
+            split: decoded as usize,
         };
+        Ok(BlockRef::Cached(self.insert(cpu, block)))
+    }
+
+    /// Adds a translated block to the cache and marks its pages as code.
+    fn insert(&mut self, cpu: &mut Cpu, block: Block) -> u32 {
+        let (linear, phys, phys2) = (block.linear, block.phys, block.phys2);
         let index = match self.free.pop() {
             Some(i) => {
                 self.blocks[i as usize] = Some(block);
@@ -229,40 +258,47 @@ impl CodeCache {
             }
         };
         self.map.insert((linear, phys), index);
-        let page = phys & !PAGE_OFFSET_MASK;
-        self.pages.entry(page).or_default().push(index);
-        if cpu.code_pages.insert(page) {
-            cpu.tlb.protect_code_page(page);
+        let pages = [phys & !PAGE_OFFSET_MASK, phys2 & !PAGE_OFFSET_MASK];
+        for &page in &pages[..1 + usize::from(phys2 != u64::MAX)] {
+            self.pages.entry(page).or_default().push(index);
+            if cpu.code_pages.insert(page) {
+                cpu.tlb.protect_code_page(page);
+            }
         }
         self.jump[Self::jump_slot(linear)] = (linear, index);
-        Ok(BlockRef::Cached(index))
+        index
     }
 
-    /// Decodes one instruction that starts in one page and ends in the next (not cached).
+    /// Decodes one instruction that starts in one page and ends in the next, as a block of
+    /// its own tied to both physical pages.
     fn translate_crossing(
         &mut self,
         cpu: &mut Cpu,
         linear: u64,
+        phys: u64,
         head: &[u8],
+        epoch: u64,
     ) -> Result<BlockRef, Event> {
         let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
         let next_phys = cpu.translate(next_page, AccessKind::Execute, cpu.user)?;
         let mut bytes = head.to_vec();
         let mut tail = [0u8; 15];
-        cpu.mem.read(next_phys, &mut tail);
+        cpu.mem.read(next_phys & !PAGE_OFFSET_MASK, &mut tail);
         bytes.extend_from_slice(&tail);
         let mut decoder = Decoder::with_ip(64, &bytes, linear, DecoderOptions::NONE);
         let inst = decoder.decode();
-        let phys = cpu.translate(linear, AccessKind::Execute, cpu.user)?;
-        self.scratch = Some(Block {
+        let length = inst.len().max(1).min(bytes.len());
+        let block = Block {
             ops: vec![decode::prepare(&inst)].into_boxed_slice(),
             linear,
             phys,
-            phys_end: phys,
-            bytes: Box::new([]),
-            epoch: 0,
-        });
-        Ok(BlockRef::Scratch)
+            phys_end: phys + head.len() as u64,
+            bytes: bytes[..length].into(),
+            epoch,
+            phys2: next_phys & !PAGE_OFFSET_MASK,
+            split: head.len(),
+        };
+        Ok(BlockRef::Cached(self.insert(cpu, block)))
     }
 
     /// Drops the blocks of the code pages the guest wrote (`cpu.code_writes`).
@@ -274,7 +310,9 @@ impl CodeCache {
             };
             for index in list {
                 if let Some(Some(block)) = self.blocks.get(index as usize) {
-                    if block.phys & !PAGE_OFFSET_MASK == page {
+                    if block.phys & !PAGE_OFFSET_MASK == page
+                        || block.phys2 & !PAGE_OFFSET_MASK == page
+                    {
                         self.map.remove(&(block.linear, block.phys));
                         self.blocks[index as usize] = None;
                         self.free.push(index);
@@ -294,7 +332,6 @@ impl CodeCache {
         self.map.clear();
         self.pages.clear();
         self.jump.fill((u64::MAX, 0));
-        self.scratch = None;
         cpu.code_pages.clear();
         cpu.code_writes.clear();
         cpu.tlb.flush();
