@@ -533,8 +533,9 @@ fn instructions_crossing_pages_follow_the_second_page_mapping() {
     let start = 0x40_0ffbu64;
     m.map_page(0x40_0000, 0x40_0000, 0x7);
     m.map_page(0x40_1000, 0x60_0000, 0x7);
-    // Both pages are in the page table map_page created first, at PT_POOL.
-    let pte = PT_POOL + ((0x40_1000 >> 12) & 0x1ff) * 8;
+    // Both pages are in the page table map_page created first, at PT_POOL; 0x40_1000 is its
+    // second entry.
+    let pte = PT_POOL + 8;
     let mut code = vec![0x48, 0xb8];
     code.extend_from_slice(&0x1111_2222_3333_4444u64.to_le_bytes());
     code.push(0xc3); // ret
