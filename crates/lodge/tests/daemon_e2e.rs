@@ -1,16 +1,9 @@
-//! End to end: the real `lodge daemon` process runs two VMs as real `lodge run` VMMs on the
-//! software engine, driven through the `lodge vm` CLI; the daemon is killed with SIGKILL
-//! mid-run and restarted, and the inventory and the running VMs survive it.
-//!
-//! The guest is the default guest image on the software engine when both are available (its
-//! init answers the power button, so the graceful stop is the guest's own poweroff);
-//! otherwise a hand-assembled kernel that prints a banner and halts, on whichever engine
-//! runs it (it ignores the power button, so the graceful stop ends forced after its
-//! timeout). The test prints which guest and engine ran, and skips with the reason when no
-//! engine can run a guest.
+//! End to end: the real `lodge daemon` process runs two VMs as real `lodge run` VMMs (the
+//! default guest on the software engine), driven through the `lodge vm` CLI; the daemon is
+//! killed with SIGKILL mid-run and restarted, and the inventory and the running VMs survive
+//! it. The graceful stop is the guest's own shutdown: its init answers the power button.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -159,148 +152,33 @@ impl Drop for Host {
     }
 }
 
-/// The guest to run.
-struct Guest {
-    /// `--kernel`; None for the default guest image.
-    kernel: Option<String>,
-    engine: &'static str,
-    /// Console text proving it runs.
-    banner: &'static str,
-    /// Its init answers the power button.
-    answers_power_button: bool,
-}
+/// Console text proving the default guest's kernel runs.
+const BANNER: &str = "Run /init";
 
-fn guest(dir: &Path) -> Option<Guest> {
-    let tiny = tiny_kernel(dir);
-    let emulator = engine_works(&tiny, "emulator");
-    if let Err(why) = &emulator {
-        println!("note: the software engine cannot run here: {why}");
-    }
-    // Only worth building (minutes on a fresh machine) when the software engine can run it.
-    if emulator.is_ok() {
-        let image = Command::new(LODGE)
-            .arg("guest-image")
-            .env("LODGE_LOG", "warn")
-            .output()
-            .unwrap();
-        if image.status.success() {
-            println!(
-                "guest: the default guest image ({})",
-                String::from_utf8_lossy(&image.stdout).trim()
-            );
-            return Some(Guest {
-                kernel: None,
-                engine: "emulator",
-                banner: "Run /init",
-                answers_power_button: true,
-            });
-        }
-        println!(
-            "note: the default guest image is unavailable: {}",
-            String::from_utf8_lossy(&image.stderr).trim()
-        );
-    }
-    // The hand-assembled kernel runs on either engine; KVM where `auto` would not pick it
-    // (this project's hosts have a KVM that cannot run Linux).
-    let engine = if emulator.is_ok() {
-        "emulator"
-    } else if let Err(why) = engine_works(&tiny, "kvm") {
-        println!("SKIP: neither engine can run a guest here (kvm: {why})");
-        return None;
-    } else {
-        "kvm"
-    };
-    println!("guest: a hand-assembled kernel on the {engine} engine");
-    Some(Guest {
-        kernel: Some(tiny.display().to_string()),
-        engine,
-        banner: "tiny guest says hello",
-        answers_power_button: false,
-    })
-}
-
-/// A kernel that prints a banner on the serial port and halts.
-fn tiny_kernel(dir: &Path) -> PathBuf {
-    let mut code = Vec::new();
-    for byte in b"tiny guest says hello\n" {
-        code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-        code.extend_from_slice(&[0xb0, *byte]); // mov al, byte
-        code.push(0xee); // out dx, al
-    }
-    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
-    let path = dir.join("tiny-vmlinux");
-    std::fs::File::create(&path)
-        .unwrap()
-        .write_all(&lodge_vmm::testing::vmlinux_from_code(&code))
-        .unwrap();
-    path
-}
-
-/// Boots the tiny kernel with `lodge run` on `engine`: Ok once it printed its banner and
-/// stays halted.
-fn engine_works(kernel: &Path, engine: &str) -> Result<(), String> {
-    let console = kernel.with_extension(format!("{engine}.console"));
-    let mut child = Command::new(LODGE)
-        .args(["run", "--engine", engine, "--memory", "64M", "--kernel"])
-        .arg(kernel)
-        .arg("--console")
-        .arg(format!("file:{}", console.display()))
+/// Builds (or finds) the default guest image, so the first VM start does not have to.
+fn ensure_default_guest() {
+    let image = Command::new(LODGE)
+        .arg("guest-image")
         .env("LODGE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let result = loop {
-        if std::fs::read_to_string(&console)
-            .unwrap_or_default()
-            .contains("tiny guest says hello")
-        {
-            // The guest halts for good; the VM must stay up, as the test needs it running.
-            std::thread::sleep(Duration::from_millis(300));
-            break match child.try_wait().unwrap() {
-                None => Ok(()),
-                Some(status) => Err(format!("the halted guest ended the VM ({status})")),
-            };
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-            break Err(format!("lodge run ended ({status}): {}", stderr.trim()));
-        }
-        if Instant::now() > deadline {
-            break Err("no console output within 30 s".to_owned());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    result
+    assert!(
+        image.status.success(),
+        "the default guest image builds: {}",
+        String::from_utf8_lossy(&image.stderr)
+    );
 }
 
 #[test]
 fn two_vms_survive_a_daemon_crash_and_stop_cleanly() {
     let mut host = Host::new();
-    let Some(guest) = guest(host.dir.path()) else {
-        return;
-    };
-    let banner = guest.banner;
+    ensure_default_guest();
+    let banner = BANNER;
     host.start_daemon();
     for name in ["alpha", "beta"] {
-        let mut args = vec![
-            "vm",
-            "create",
-            name,
-            "--engine",
-            guest.engine,
-            "--memory",
-            "128M",
-        ];
-        if let Some(kernel) = &guest.kernel {
-            args.extend(["--kernel", kernel]);
-        }
-        host.ok(&args);
+        host.ok(&[
+            "vm", "create", name, "--engine", "emulator", "--memory", "128M",
+        ]);
     }
     for name in ["alpha", "beta"] {
         let started = host.ok(&["vm", "start", name]);
@@ -335,24 +213,22 @@ fn two_vms_survive_a_daemon_crash_and_stop_cleanly() {
     let logs = host.ok(&["vm", "logs", "alpha", "--lines", "50"]);
     assert!(logs.contains(banner), "{logs}");
 
-    // alpha stops gracefully (forced after the timeout if the guest ignores the button).
-    let timeout = if guest.answers_power_button {
-        "120"
-    } else {
-        "2"
-    };
-    let stopped = host.ok(&["vm", "stop", "alpha", "--timeout", timeout]);
+    // alpha stops gracefully: the guest sees the power button and reboots by itself.
+    let stopped = host.ok(&["vm", "stop", "alpha", "--timeout", "120"]);
     assert!(stopped.starts_with("alpha: stopped"), "{stopped}");
     let alpha = host.vm("alpha");
-    let expected_reason = if guest.answers_power_button {
-        ""
-    } else {
-        "stop requested"
-    };
     let reason = alpha["last_exit"]["reason"].as_str().unwrap();
     println!("alpha stopped: {reason}");
-    assert!(reason.contains(expected_reason), "{alpha:#}");
+    assert_eq!(
+        reason, "Guest reset",
+        "the guest shut itself down: {alpha:#}"
+    );
     assert_eq!(alpha["last_exit"]["status"], 0, "{alpha:#}");
+    let console = host.ok(&["vm", "logs", "alpha", "--lines", "20"]);
+    assert!(
+        console.contains("lodge-guest: power button pressed, shutting down"),
+        "{console}"
+    );
     // beta is killed.
     let killed = host.ok(&["vm", "kill", "beta"]);
     assert!(killed.starts_with("beta: stopped"), "{killed}");
