@@ -141,17 +141,12 @@ fn serial_then_reset_kernel() -> tempfile::NamedTempFile {
     file
 }
 
-#[test]
-fn kvm_guest_reset_ends_lodge_run_with_status_0() {
-    if let Err(reason) = lodge_engine::kvm::probe() {
-        println!("SKIP kvm_guest_reset_ends_lodge_run_with_status_0: {reason}");
-        return;
-    }
+fn guest_reset_ends_lodge_run_with_status_0(engine: &str) {
     let kernel = serial_then_reset_kernel();
     let output = lodge(&[
         "run",
         "--engine",
-        "kvm",
+        engine,
         "--kernel",
         kernel.path().to_str().unwrap(),
         "--console",
@@ -160,17 +155,29 @@ fn kvm_guest_reset_ends_lodge_run_with_status_0() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&output.stdout), "ok\n");
-    assert!(stderr.contains("lodge: engine kvm"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("lodge: engine {engine}")),
+        "{stderr}"
+    );
     assert!(stderr.contains("guest userspace started after"), "{stderr}");
     assert!(stderr.contains("Guest reset"), "{stderr}");
 }
 
 #[test]
-fn exit_file_records_how_the_vm_ended() {
-    if let Err(reason) = lodge_engine::kvm::probe() {
-        println!("SKIP exit_file_records_how_the_vm_ended: {reason}");
-        return;
+fn emulator_guest_reset_ends_lodge_run_with_status_0() {
+    guest_reset_ends_lodge_run_with_status_0("emulator");
+}
+
+#[test]
+fn kvm_guest_reset_ends_lodge_run_with_status_0() {
+    match lodge_engine::kvm::probe() {
+        Ok(_) => guest_reset_ends_lodge_run_with_status_0("kvm"),
+        Err(reason) => println!("SKIP kvm_guest_reset_ends_lodge_run_with_status_0: {reason}"),
     }
+}
+
+#[test]
+fn exit_file_records_how_the_vm_ended() {
     let kernel = serial_then_reset_kernel();
     let dir = tempfile::tempdir().unwrap();
     let exit_file = dir.path().join("exit.json");
@@ -179,7 +186,7 @@ fn exit_file_records_how_the_vm_ended() {
         &config,
         serde_json::json!({
             "kernel": kernel.path(),
-            "engine": "kvm",
+            "engine": "emulator",
             "console": "none",
             "exit_file": exit_file,
         })

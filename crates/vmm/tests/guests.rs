@@ -2,8 +2,8 @@
 //! loop) on each engine: serial output, MMIO, the i8042 reset, the boot timer, stopping a
 //! halted vCPU, triple faults.
 //!
-//! KVM tests skip with a printed reason where `/dev/kvm` is unusable; they run on this
-//! project's PVM hosts (small guests work there).
+//! The software engine runs them everywhere. KVM tests skip with a printed reason where
+//! `/dev/kvm` is unusable; they run on this project's PVM hosts (small guests work there).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -338,4 +338,52 @@ fn kvm_triple_fault_is_reported() {
     if kvm_available("kvm_triple_fault_is_reported") {
         triple_fault_is_reported(EngineChoice::Kvm);
     }
+}
+
+fn halting_with_interrupts_off_powers_off(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        print(asm, "bye\n")?;
+        asm.cli()?;
+        asm.hlt()
+    });
+    let summary = guest.run();
+    assert_eq!(summary.reason, ExitReason::GuestPowerOff);
+    assert_eq!(guest.console_output(), "bye\n");
+}
+
+#[test]
+fn emulator_serial_boot_timer_and_reset() {
+    serial_boot_timer_and_reset(EngineChoice::Emulator);
+}
+
+#[test]
+fn emulator_reads_virtio_magic_over_mmio() {
+    reads_virtio_magic_over_mmio(EngineChoice::Emulator);
+}
+
+#[test]
+fn emulator_stops_a_halted_guest() {
+    stops_a_halted_guest(EngineChoice::Emulator);
+}
+
+#[test]
+fn emulator_pause_and_resume() {
+    pause_and_resume(EngineChoice::Emulator);
+}
+
+#[test]
+fn emulator_sockets_drive_the_vm() {
+    sockets_drive_the_vm(EngineChoice::Emulator);
+}
+
+#[test]
+fn emulator_triple_fault_is_reported() {
+    triple_fault_is_reported(EngineChoice::Emulator);
+}
+
+/// Only the software engine sees a halt with interrupts off: KVM keeps such a vCPU in the
+/// kernel, where nothing can wake it.
+#[test]
+fn emulator_halting_with_interrupts_off_powers_off() {
+    halting_with_interrupts_off_powers_off(EngineChoice::Emulator);
 }
