@@ -131,6 +131,22 @@ fn reads_virtio_magic_over_mmio(engine: EngineChoice) {
     assert_eq!(config_guest.console_output(), "virt");
 }
 
+/// Port accesses reach devices at the guest's width: a 2-byte `out` to COM1 after 1-byte
+/// ones is one access (THR, then IER), not two writes to THR.
+fn port_accesses_keep_their_width(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        print(asm, "a")?;
+        // Low byte 'b' to the transmit register, high byte 0 to the interrupt enable one.
+        asm.mov(ax, 0x0062u32)?;
+        asm.out(dx, ax)?;
+        print(asm, "c")?;
+        i8042_reset(asm)
+    });
+    let summary = guest.run();
+    assert_eq!(summary.reason, ExitReason::GuestReset);
+    assert_eq!(guest.console_output(), "abc");
+}
+
 fn stops_a_halted_guest(engine: EngineChoice) {
     let guest = TestGuest::new(engine, |asm| {
         print(asm, "halting\n")?;
@@ -313,6 +329,13 @@ fn kvm_reads_virtio_magic_over_mmio() {
 }
 
 #[test]
+fn kvm_port_accesses_keep_their_width() {
+    if kvm_available("kvm_port_accesses_keep_their_width") {
+        port_accesses_keep_their_width(EngineChoice::Kvm);
+    }
+}
+
+#[test]
 fn kvm_stops_a_halted_guest() {
     if kvm_available("kvm_stops_a_halted_guest") {
         stops_a_halted_guest(EngineChoice::Kvm);
@@ -359,6 +382,11 @@ fn emulator_serial_boot_timer_and_reset() {
 #[test]
 fn emulator_reads_virtio_magic_over_mmio() {
     reads_virtio_magic_over_mmio(EngineChoice::Emulator);
+}
+
+#[test]
+fn emulator_port_accesses_keep_their_width() {
+    port_accesses_keep_their_width(EngineChoice::Emulator);
 }
 
 #[test]
