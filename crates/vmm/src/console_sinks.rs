@@ -111,8 +111,9 @@ pub struct ConsoleClients {
 }
 
 impl ConsoleClients {
-    fn add(&self, stream: UnixStream) {
-        self.lock().insert(stream.as_raw_fd(), stream);
+    /// Adds the write end of the client whose read end is `fd` (the key it is removed by).
+    fn add(&self, fd: RawFd, stream: UnixStream) {
+        self.lock().insert(fd, stream);
     }
 
     fn remove(&self, fd: RawFd) -> Option<UnixStream> {
@@ -172,7 +173,7 @@ impl ConsoleSocket {
                             let fd = stream.as_raw_fd();
                             if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
                                 self.readers.insert(fd, stream);
-                                self.clients.add(writer);
+                                self.clients.add(fd, writer);
                             }
                         }
                         Err(e) => tracing::warn!("Console client setup failed: {e}"),
@@ -275,8 +276,8 @@ mod tests {
         let (b, b_peer) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
-        clients.add(a);
-        clients.add(b);
+        clients.add(a.as_raw_fd(), a);
+        clients.add(b.as_raw_fd(), b);
         drop(b_peer);
         clients.broadcast(b"hello");
         let mut received = [0u8; 5];
@@ -294,11 +295,42 @@ mod tests {
         let clients = ConsoleClients::default();
         let (a, _a_peer) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        clients.add(a);
+        clients.add(a.as_raw_fd(), a);
         let chunk = vec![b'x'; 64 << 10];
         for _ in 0..64 {
             clients.broadcast(&chunk);
         }
         assert_eq!(clients.lock().len(), 1);
+    }
+
+    #[test]
+    fn a_client_that_disconnects_leaves_the_broadcast_list() {
+        use event_manager::{EventManager, SubscriberOps};
+        use lodge_bus::{InterruptError, InterruptLine};
+
+        struct NoInterrupt;
+        impl InterruptLine for NoInterrupt {
+            fn trigger(&self) -> Result<(), InterruptError> {
+                Ok(())
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let clients = Arc::new(ConsoleClients::default());
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            Arc::new(NoInterrupt),
+            Box::new(io::sink()),
+        )));
+        let socket = ConsoleSocket::bind(&path, clients.clone(), serial).unwrap();
+        let mut events: EventManager<Arc<Mutex<ConsoleSocket>>> = EventManager::new().unwrap();
+        events.add_subscriber(Arc::new(Mutex::new(socket)));
+
+        let client = UnixStream::connect(&path).unwrap();
+        events.run_with_timeout(1000).unwrap();
+        assert_eq!(clients.lock().len(), 1, "the client is not served");
+        drop(client);
+        events.run_with_timeout(1000).unwrap();
+        assert_eq!(clients.lock().len(), 0, "the gone client still gets output");
     }
 }
