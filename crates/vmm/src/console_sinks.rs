@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use lodge_devices::serial::SerialConsole;
+
+use crate::unix_socket::UnixSocketListener;
 
 /// Serial output fanned out to the primary console, the log and the socket clients.
 pub struct ConsoleFanout {
@@ -138,7 +140,7 @@ impl ConsoleClients {
 
 /// Accepts console-socket clients and forwards their input to the serial port.
 pub struct ConsoleSocket {
-    listener: UnixListener,
+    listener: UnixSocketListener,
     clients: Arc<ConsoleClients>,
     serial: Arc<Mutex<SerialConsole>>,
     /// Clients' read ends, by fd (the write ends are in `clients`).
@@ -152,9 +154,8 @@ impl ConsoleSocket {
         clients: Arc<ConsoleClients>,
         serial: Arc<Mutex<SerialConsole>>,
     ) -> io::Result<Self> {
-        let listener = bind_unix_listener(path)?;
         Ok(Self {
-            listener,
+            listener: UnixSocketListener::bind(path)?,
             clients,
             serial,
             readers: HashMap::new(),
@@ -162,30 +163,26 @@ impl ConsoleSocket {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    let registered = stream
-                        .set_nonblocking(true)
-                        .and_then(|_| stream.try_clone());
-                    match registered {
-                        Ok(writer) => {
-                            let fd = stream.as_raw_fd();
-                            if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
-                                self.readers.insert(fd, stream);
-                                self.clients.add(fd, writer);
-                            }
-                        }
-                        Err(e) => tracing::warn!("Console client setup failed: {e}"),
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+        let Self {
+            listener,
+            clients,
+            readers,
+            ..
+        } = self;
+        listener.accept_pending("Console socket", |stream| {
+            let writer = match stream.try_clone() {
+                Ok(writer) => writer,
                 Err(e) => {
-                    tracing::warn!("Console socket accept failed: {e}");
+                    tracing::warn!("Console client setup failed: {e}");
                     return;
                 }
+            };
+            let fd = stream.as_raw_fd();
+            if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
+                readers.insert(fd, stream);
+                clients.add(fd, writer);
             }
-        }
+        });
     }
 
     fn read_client(&mut self, fd: RawFd, ops: &mut EventOps) {
@@ -226,18 +223,6 @@ impl MutEventSubscriber for ConsoleSocket {
             tracing::error!("Cannot watch the console socket: {e:?}");
         }
     }
-}
-
-/// Binds a non-blocking Unix listener at `path`, removing a stale socket file first.
-pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -22,8 +22,8 @@ use lodge_devices::{BootTimeHandle, PowerButtonHandle};
 use lodge_engine::EngineKind;
 use serde::{Deserialize, Serialize};
 
-use crate::console_sinks::bind_unix_listener;
 use crate::machine::MachineHandle;
+use crate::unix_socket::UnixSocketListener;
 
 /// Longest request line accepted; a client sending more is disconnected.
 const MAX_REQUEST: usize = 4096;
@@ -69,7 +69,7 @@ pub enum ControlResponse {
 
 /// Serves the control socket from the VMM's event loop.
 pub struct ControlSocket {
-    listener: UnixListener,
+    listener: UnixSocketListener,
     machine: MachineHandle,
     boot_time: BootTimeHandle,
     power_button: PowerButtonHandle,
@@ -92,7 +92,7 @@ impl ControlSocket {
         engine: EngineKind,
     ) -> std::io::Result<Self> {
         Ok(Self {
-            listener: bind_unix_listener(path)?,
+            listener: UnixSocketListener::bind(path)?,
             machine,
             boot_time,
             power_button,
@@ -133,28 +133,20 @@ impl ControlSocket {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
-                        let connection = Connection {
-                            stream,
-                            pending: Vec::new(),
-                        };
-                        self.connections
-                            .insert(connection.stream.as_raw_fd(), connection);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    tracing::warn!("Control socket accept failed: {e}");
-                    return;
-                }
+        let Self {
+            listener,
+            connections,
+            ..
+        } = self;
+        listener.accept_pending("Control socket", |stream| {
+            if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
+                let connection = Connection {
+                    stream,
+                    pending: Vec::new(),
+                };
+                connections.insert(connection.stream.as_raw_fd(), connection);
             }
-        }
+        });
     }
 
     fn serve(&mut self, fd: RawFd, ops: &mut EventOps) {

@@ -281,6 +281,8 @@ fn sockets_drive_the_vm(engine: EngineChoice) {
         std::fs::read_to_string(&log).unwrap(),
         "pingshutting down\n"
     );
+    assert!(!api.exists(), "control socket file left behind");
+    assert!(!console.exists(), "console socket file left behind");
 }
 
 fn wait_for_output(path: &Path, bytes: u64) {
