@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::machine::MachineHandle;
 use crate::unix_socket::UnixSocketListener;
 
-/// Longest request line accepted; a client sending more is disconnected.
+/// Longest request line accepted; a client sending more is disconnected. A client that lets
+/// its responses pile up unread is disconnected too: the event loop never waits for one.
 const MAX_REQUEST: usize = 4096;
 
 /// A control request.
@@ -153,37 +154,39 @@ impl ControlSocket {
         let Some(mut connection) = self.connections.remove(&fd) else {
             return;
         };
-        let mut buffer = [0u8; 1024];
-        let open = loop {
-            match connection.stream.read(&mut buffer) {
-                Ok(0) => break false,
-                Ok(n) => connection.pending.extend_from_slice(&buffer[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
-                Err(_) => break false,
-            }
-        };
-        let mut open = open;
-        while let Some(end) = connection.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = connection.pending.drain(..=end).collect();
-            let mut reply = serde_json::to_vec(&self.handle_line(&line[..end]))
-                .unwrap_or_else(|_| b"{\"ok\":false,\"error\":\"Internal error\"}".to_vec());
-            reply.push(b'\n');
-            // Responses are small; a client that does not read them is dropped.
-            if connection.stream.set_nonblocking(false).is_err()
-                || connection.stream.write_all(&reply).is_err()
-                || connection.stream.set_nonblocking(true).is_err()
-            {
-                open = false;
-                break;
-            }
-        }
-        if connection.pending.len() > MAX_REQUEST {
-            open = false;
-        }
-        if open {
+        if self.answer(&mut connection) {
             self.connections.insert(fd, connection);
         } else {
             let _ = ops.remove(Events::new(&connection.stream, EventSet::IN));
+        }
+    }
+
+    /// Reads what the client sent and answers each complete line as it arrives; false when
+    /// the connection is to be closed.
+    fn answer(&self, connection: &mut Connection) -> bool {
+        let mut buffer = [0u8; 1024];
+        loop {
+            match connection.stream.read(&mut buffer) {
+                Ok(0) => return false,
+                Ok(n) => connection.pending.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            while let Some(end) = connection.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = connection.pending.drain(..=end).collect();
+                let mut reply = serde_json::to_vec(&self.handle_line(&line[..end]))
+                    .unwrap_or_else(|_| b"{\"ok\":false,\"error\":\"Internal error\"}".to_vec());
+                reply.push(b'\n');
+                // The socket is non-blocking: a reply that does not fit means the client has
+                // stopped reading.
+                if connection.stream.write_all(&reply).is_err() {
+                    return false;
+                }
+            }
+            if connection.pending.len() > MAX_REQUEST {
+                return false;
+            }
         }
     }
 }

@@ -285,6 +285,53 @@ fn sockets_drive_the_vm(engine: EngineChoice) {
     assert!(!console.exists(), "console socket file left behind");
 }
 
+/// A control client that sends requests without reading the responses is dropped once they
+/// pile up; the VMM goes on serving the others.
+#[test]
+fn control_socket_outlives_a_client_that_does_not_read() {
+    let mut guest = TestGuest::new(EngineChoice::Emulator, |asm| {
+        let mut halt = asm.create_label();
+        asm.set_label(&mut halt)?;
+        asm.sti()?;
+        asm.hlt()?;
+        asm.jmp(halt)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    guest.config.api_socket = Some(api.clone());
+    let machine = guest.machine();
+    let runner = std::thread::spawn(move || machine.run().unwrap());
+
+    let mut flooder = UnixStream::connect(&api).unwrap();
+    let (flood_result, flood_done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Far more responses than a socket buffer holds.
+        let requests = "{\"request\":\"status\"}\n".repeat(1 << 16);
+        let _ = flood_result.send(flooder.write_all(requests.as_bytes()));
+    });
+    let flooded = flood_done
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the VMM neither served nor dropped the client");
+    assert!(flooded.is_err(), "the VMM did not hang up on the client");
+
+    let control = UnixStream::connect(&api).unwrap();
+    control
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut control = BufReader::new(control);
+    control
+        .get_mut()
+        .write_all(b"{\"request\":\"stop\"}\n")
+        .unwrap();
+    let mut reply = String::new();
+    control
+        .read_line(&mut reply)
+        .expect("the VMM answers the next client");
+    assert!(reply.contains(r#""ok":true"#), "{reply}");
+    let summary = runner.join().unwrap();
+    assert!(matches!(summary.reason, ExitReason::Stopped(_)));
+}
+
 fn wait_for_output(path: &Path, bytes: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::metadata(path).unwrap().len() < bytes {
