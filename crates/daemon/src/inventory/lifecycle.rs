@@ -82,8 +82,8 @@ impl Inventory {
             }) else {
                 let (state, exit) = exit_outcome(&paths, stopping, None, false);
                 tracing::warn!(vm = vm.name, reason = exit.reason, "VMM process is gone");
-                self.db().set_exited(vm.id, state, &exit)?;
                 let _ = std::fs::remove_dir_all(&paths.run);
+                self.db().set_exited(vm.id, state, &exit)?;
                 summary.vanished += 1;
                 continue;
             };
@@ -607,10 +607,12 @@ impl Inventory {
             }
         }
         tracing::info!(pid = process.pid, state = %state, reason = exit.reason, "VMM ended");
+        // Before the state change: once the VM is inactive a new start may create the run
+        // directory again, and its VMM's sockets must not be removed with the old ones.
+        let _ = std::fs::remove_dir_all(&process.paths.run);
         if let Err(e) = self.db().set_exited(process.id, state, &exit) {
             tracing::error!("Cannot record the end of VMM {}: {e}", process.pid);
         }
-        let _ = std::fs::remove_dir_all(&process.paths.run);
         process.exited.send_replace(true);
     }
 }
