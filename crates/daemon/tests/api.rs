@@ -228,6 +228,44 @@ async fn concurrent_creates_of_one_name_have_exactly_one_winner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_sharing_a_writable_disk_have_exactly_one_winner() {
+    let daemon = TestDaemon::start();
+    let api = &daemon.api;
+    assert_eq!(
+        api.post(
+            "/v1/disks",
+            json!({"name": "shared", "size_bytes": 1 << 20})
+        )
+        .await
+        .0,
+        201
+    );
+    let names: Vec<String> = (0..8).map(|i| format!("writer{i}")).collect();
+    for name in &names {
+        api.create_vm(json!({"name": name, "memory_mib": 64, "disks": [{"disk": "shared"}]}))
+            .await;
+    }
+    let mut tasks = Vec::new();
+    for name in &names {
+        let client = daemon.api.client.clone();
+        let path = format!("/v1/vms/{name}/start");
+        tasks.push(tokio::spawn(async move {
+            client.send(Method::POST, &path, None, None).await.unwrap()
+        }));
+    }
+    let mut started = 0;
+    for task in tasks {
+        let response = task.await.unwrap();
+        match response.status.as_u16() {
+            202 => started += 1,
+            409 => assert_eq!(response.json().unwrap()["error"]["code"], "disk_in_use"),
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(started, 1, "two VMs were started writing one disk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_is_checked_at_create_and_start() {
     let host = lodge_daemon::capacity::HostCapacity::detect(1.0, false);
     // A capacity of 1000 MiB whatever this host has.

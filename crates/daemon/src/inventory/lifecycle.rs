@@ -273,9 +273,11 @@ impl Inventory {
         if record.state.is_active() {
             return Err(wrong_state(record, "it is already started"));
         }
-        self.check_disks_usable(record)?;
         {
             let _start = self.start_lock.lock().await;
+            // Under the start lock, like the capacity check: two VMs starting at once
+            // cannot both pass it for the same writable disk.
+            self.check_disks_usable(record)?;
             let allocated = self
                 .db()
                 .vms()?
