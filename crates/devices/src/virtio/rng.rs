@@ -8,7 +8,6 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{Bytes, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use super::chain::{collect_chain, ChainError};
-use super::queue::process_available;
 use super::{Activation, DeviceError, VirtioDevice, COMMON_FEATURES};
 use crate::logging::LogLimiter;
 
@@ -73,36 +72,22 @@ impl VirtioDevice for VirtioRng {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        if activation.queues.len() != self.queue_max_sizes.len() {
-            return Err(DeviceError::QueueCount {
-                expected: self.queue_max_sizes.len(),
-                actual: activation.queues.len(),
-            });
-        }
         self.active = Some(activation);
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
         let active = self.active.as_mut().ok_or(DeviceError::NotActivated)?;
-        let queue = active
-            .queues
-            .get_mut(index)
-            .ok_or(DeviceError::NoSuchQueue(index))?;
-        let memory = &active.memory;
         let log = &mut self.log;
-        process_available(queue, memory, &active.interrupt, |chain| {
-            match fill_chain(chain, memory) {
-                Ok(written) => written,
-                Err(error) => {
-                    if let Some(suppressed) = log.check() {
-                        tracing::warn!(suppressed, "virtio-rng: dropped request: {error}");
-                    }
-                    0
+        active.process_queue(index, |chain, memory| match fill_chain(chain, memory) {
+            Ok(written) => written,
+            Err(error) => {
+                if let Some(suppressed) = log.check() {
+                    tracing::warn!(suppressed, "virtio-rng: dropped request: {error}");
                 }
+                0
             }
         })
-        .map_err(|source| DeviceError::Queue { index, source })
     }
 
     fn reset(&mut self) {

@@ -17,7 +17,6 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
-use super::queue::process_available;
 use super::{read_config_bytes, Activation, DeviceError, VirtioDevice, COMMON_FEATURES};
 use request::{handle_chain, Disk, RequestLogs};
 
@@ -209,29 +208,16 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        if activation.queues.len() != self.queue_max_sizes.len() {
-            return Err(DeviceError::QueueCount {
-                expected: self.queue_max_sizes.len(),
-                actual: activation.queues.len(),
-            });
-        }
         self.active = Some(activation);
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
         let active = self.active.as_mut().ok_or(DeviceError::NotActivated)?;
-        let queue = active
-            .queues
-            .get_mut(index)
-            .ok_or(DeviceError::NoSuchQueue(index))?;
-        let memory = &active.memory;
-        let disk = &mut self.disk;
-        let logs = &mut self.logs;
-        process_available(queue, memory, &active.interrupt, |chain| {
+        let (disk, logs) = (&mut self.disk, &mut self.logs);
+        active.process_queue(index, |chain, memory| {
             handle_chain(chain, memory, disk, logs)
         })
-        .map_err(|source| DeviceError::Queue { index, source })
     }
 
     fn reset(&mut self) {
