@@ -7,7 +7,10 @@ use std::time::Instant;
 
 use event_manager::MutEventSubscriber;
 use lodge_bus::{BusError, IoBus};
-use lodge_devices::virtio::{self, MmioTransport, VirtioDevice};
+use lodge_devices::i8042::I8042_PORT;
+use lodge_devices::rtc::{RTC_PORT, RTC_PORT_COUNT};
+use lodge_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
+use lodge_devices::virtio::{self, MmioTransport, VirtioDevice, QUEUE_NOTIFY_OFFSET};
 use lodge_devices::{
     BootTimeHandle, BootTimer, CmosRtc, I8042Controller, PowerButton, PowerButtonHandle,
     SerialConsole,
@@ -20,14 +23,6 @@ use crate::layout::{
     BOOT_TIMER_SIZE, BOOT_TIMER_START, POWER_BUTTON_SIZE, POWER_BUTTON_START,
     VIRTIO_MMIO_MAX_DEVICES, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
-
-/// COM1.
-const SERIAL_PORT: u64 = 0x3f8;
-const SERIAL_IRQ: u32 = 4;
-const I8042_PORT: u64 = 0x60;
-const RTC_PORT: u64 = 0x70;
-/// The virtio-mmio QueueNotify register, where ioeventfds match the queue index.
-const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 
 /// Errors from building devices.
 #[derive(Debug, thiserror::Error)]
@@ -71,22 +66,27 @@ impl DeviceManager {
         start: Instant,
     ) -> Result<Self, DeviceError> {
         let serial_irq = vm
-            .interrupt_line(SERIAL_IRQ)
+            .interrupt_line(COM1_IRQ)
             .map_err(DeviceError::Interrupt)?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, console_output)));
-        io.pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+        io.pio
+            .insert(serial.clone(), u64::from(COM1_PORT), SERIAL_PORT_COUNT)?;
 
         let reset_event = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         let i8042 = I8042Controller::new(reset_event.try_clone().map_err(DeviceError::EventFd)?);
         // Ports 0x60 and 0x64 only: 0x61 (port B) belongs to the PIT.
         let (data_port, command_port) = i8042.into_ports();
+        let i8042_port = u64::from(I8042_PORT);
         io.pio
-            .insert(Arc::new(Mutex::new(data_port)), I8042_PORT, 1)?;
+            .insert(Arc::new(Mutex::new(data_port)), i8042_port, 1)?;
         io.pio
-            .insert(Arc::new(Mutex::new(command_port)), I8042_PORT + 4, 1)?;
+            .insert(Arc::new(Mutex::new(command_port)), i8042_port + 4, 1)?;
 
-        io.pio
-            .insert(Arc::new(Mutex::new(CmosRtc::new())), RTC_PORT, 2)?;
+        io.pio.insert(
+            Arc::new(Mutex::new(CmosRtc::new())),
+            u64::from(RTC_PORT),
+            RTC_PORT_COUNT,
+        )?;
 
         let boot_timer = BootTimer::new(start);
         let boot_time = boot_timer.handle();

@@ -27,7 +27,7 @@ use queue::process_available;
 
 pub use block::{BlockConfig, BlockError, VirtioBlock, SECTOR_SIZE};
 pub use chain::ChainError;
-pub use mmio::{kernel_cmdline_arg, MmioError, MmioTransport, MMIO_SIZE};
+pub use mmio::{kernel_cmdline_arg, MmioError, MmioTransport, MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
 pub use queue::QueueError;
 pub use rng::VirtioRng;
 
