@@ -548,6 +548,24 @@ async fn daemon_restart_readopts_running_vms_and_marks_vanished_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_socket_file_lives_as_long_as_the_daemon() {
+    let mut daemon = TestDaemon::start();
+    let socket = daemon.config.socket.clone();
+    assert!(socket.exists());
+    daemon.halt();
+    assert!(!socket.exists(), "socket file left behind");
+    // Whatever else is at the path is not the daemon's to delete.
+    std::fs::write(&socket, "not a socket").unwrap();
+    assert!(lodge_daemon::Daemon::bind(daemon.config.clone())
+        .await
+        .is_err());
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not a socket");
+    std::fs::remove_file(&socket).unwrap();
+    daemon.boot();
+    assert_eq!(daemon.api.get("/v1/vms").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_daemon_on_the_same_state_is_refused() {
     let daemon = TestDaemon::start();
     let error = lodge_daemon::Daemon::bind(daemon.config.clone())
