@@ -501,6 +501,26 @@ async fn a_vmm_that_cannot_start_is_a_500_and_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_config_that_cannot_be_written_is_a_500_and_a_crash() {
+    use std::os::unix::ffi::OsStrExt;
+    // The VMM's JSON configuration cannot name a path that is not UTF-8.
+    let daemon = TestDaemon::start_with(|config| {
+        config.run_dir = config
+            .run_dir
+            .with_file_name(std::ffi::OsStr::from_bytes(b"run\xff"))
+    });
+    let api = &daemon.api;
+    api.create_vm(json!({"name": "doomed"})).await;
+    assert_error(&api.action("/v1/vms/doomed/start").await, 500, "internal");
+    let vm = api.get("/v1/vms/doomed").await.1;
+    assert_eq!(vm["state"], "crashed");
+    assert!(vm["last_exit"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("vm.json"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_restart_readopts_running_vms_and_marks_vanished_ones() {
     let mut daemon = TestDaemon::start();
     for name in ["keep", "lose", "watch"] {

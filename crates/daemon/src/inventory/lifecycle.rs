@@ -333,7 +333,11 @@ impl Inventory {
         }
         let config = self.vmm_config(record, &paths);
         let config_path = paths.vmm_config();
-        let json = serde_json::to_vec_pretty(&config).expect("VmmConfig serializes");
+        // Fails only for a path that is not UTF-8 (a state or run directory given so).
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| InventoryError::Io {
+            path: config_path.display().to_string(),
+            source: e.into(),
+        })?;
         write_file(&config_path, &json)?;
         let mut child = supervisor::spawn(&self.config.vmm_binary, &config_path, &paths.vmm_log())?;
         let pid = child.id().unwrap_or(0);
