@@ -124,7 +124,7 @@ fn fill_chain(
 enum RngError {
     #[error("Malformed descriptor chain")]
     Chain(#[source] ChainError),
-    #[error("getrandom failed")]
+    #[error("Reading host entropy failed")]
     Entropy(#[source] vm_memory::GuestMemoryError),
 }
 

@@ -254,7 +254,7 @@ fn install_kick_handler() -> Result<(), EngineError> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
         result = register_signal_handler(SIGRTMIN(), handle_kick).map_err(|e| EngineError::Host {
-            operation: "install vCPU kick signal handler",
+            operation: "Installing the vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
         });
     });
