@@ -363,6 +363,37 @@ fn triple_fault_is_reported(engine: EngineChoice) {
     assert_eq!(summary.reason.exit_status(), 1);
 }
 
+/// The reset pulse ends the VM as a reset whatever the guest runs right after it (Linux
+/// goes on to other reset methods, which the software engine may not support).
+fn reset_wins_over_what_follows_it(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        asm.mov(al, 0xfeu32)?;
+        asm.out(0x64, al)?;
+        // Then at once a triple fault: an IDT of limit 0 and ud2.
+        asm.sub(rsp, 16)?;
+        asm.xor(eax, eax)?;
+        asm.mov(qword_ptr(rsp), rax)?;
+        asm.mov(qword_ptr(rsp + 8), rax)?;
+        asm.lidt(ptr(rsp))?;
+        asm.ud2()
+    });
+    for _ in 0..20 {
+        assert_eq!(guest.run().reason, ExitReason::GuestReset);
+    }
+}
+
+#[test]
+fn kvm_reset_wins_over_what_follows_it() {
+    if kvm_available("kvm_reset_wins_over_what_follows_it") {
+        reset_wins_over_what_follows_it(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn emulator_reset_wins_over_what_follows_it() {
+    reset_wins_over_what_follows_it(EngineChoice::Emulator);
+}
+
 #[test]
 fn kvm_serial_boot_timer_and_reset() {
     if kvm_available("kvm_serial_boot_timer_and_reset") {
