@@ -49,6 +49,8 @@ pub enum MachineError {
     },
     #[error("Cannot open the console output")]
     ConsoleOutput(#[source] std::io::Error),
+    #[error("Cannot read the console input")]
+    ConsoleInput(#[source] std::io::Error),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error("Cannot set up the event loop")]
@@ -304,7 +306,8 @@ impl Machine {
             event_manager.add_subscriber(subscriber.clone());
         }
         if self.options.console_input && self.console_is_stdio {
-            let input = StdinInput::new(self.devices.serial(), exit.clone());
+            let input = StdinInput::new(self.devices.serial(), exit.clone())
+                .map_err(MachineError::ConsoleInput)?;
             event_manager.add_subscriber(Arc::new(Mutex::new(input)));
         }
 
