@@ -11,8 +11,8 @@ use super::chain::{collect_chain, ChainError};
 use super::{Activation, DeviceError, VirtioDevice, COMMON_FEATURES};
 use crate::logging::LogLimiter;
 
-/// Maximum size of the request queue.
-const QUEUE_SIZE: u16 = 256;
+/// One request queue, of at most 256 entries.
+const QUEUE_MAX_SIZES: &[u16] = &[256];
 /// Bytes one request gets at most: plenty for seeding the guest's pool, and a bound on how
 /// long one request keeps the event loop busy.
 pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
@@ -21,7 +21,6 @@ const MAX_DESCRIPTORS: usize = 64;
 
 /// The entropy device.
 pub struct VirtioRng {
-    queue_max_sizes: [u16; 1],
     active: Option<Activation>,
     log: LogLimiter,
 }
@@ -30,7 +29,6 @@ impl VirtioRng {
     /// Creates the device.
     pub fn new() -> Self {
         Self {
-            queue_max_sizes: [QUEUE_SIZE],
             active: None,
             log: LogLimiter::new(),
         }
@@ -49,7 +47,7 @@ impl VirtioDevice for VirtioRng {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        QUEUE_MAX_SIZES
     }
 
     fn features(&self) -> u64 {

@@ -23,8 +23,8 @@ use request::{handle_chain, Disk, RequestLogs};
 /// Bytes per sector, the unit of virtio-blk offsets and of the capacity.
 pub const SECTOR_SIZE: u64 = 512;
 
-/// Maximum size of the request queue.
-const QUEUE_SIZE: u16 = 256;
+/// One request queue, of at most 256 entries.
+const QUEUE_MAX_SIZES: &[u16] = &[256];
 /// Data buffers per request the driver may use (advertised as `seg_max`).
 const SEGMENT_MAX: u32 = 128;
 /// Length of the virtio-blk configuration space the device fills: capacity, size_max, seg_max,
@@ -79,7 +79,6 @@ pub struct VirtioBlock {
     disk: Disk,
     features: u64,
     config_space: [u8; CONFIG_SPACE_SIZE],
-    queue_max_sizes: [u16; 1],
     active: Option<Activation>,
     logs: RequestLogs,
 }
@@ -167,7 +166,6 @@ impl VirtioBlock {
             disk,
             features,
             config_space,
-            queue_max_sizes: [QUEUE_SIZE],
             active: None,
             logs: RequestLogs::default(),
         }
@@ -185,7 +183,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        QUEUE_MAX_SIZES
     }
 
     fn features(&self) -> u64 {
