@@ -113,7 +113,8 @@ impl MachineHandle {
         self.exit.request(ExitReason::Stopped(why.to_owned()));
     }
 
-    /// Parks every vCPU.
+    /// Parks every vCPU. Returns once each is asked to stop, not once it has: a vCPU may
+    /// finish the guest code it is running first.
     pub fn pause(&self) {
         let stoppers = self.stoppers.lock().unwrap_or_else(|e| e.into_inner());
         self.gate.pause(&stoppers);
@@ -124,7 +125,7 @@ impl MachineHandle {
         self.gate.resume();
     }
 
-    /// Whether the vCPUs are parked.
+    /// Whether a pause is in effect.
     pub fn is_paused(&self) -> bool {
         self.gate.is_paused()
     }
