@@ -180,10 +180,11 @@ impl Client {
         let stream = self.connect().await?;
         let mut request = format!("ws://lodge{path}").into_client_request()?;
         if let Some(token) = self.token() {
-            request.headers_mut().insert(
-                AUTHORIZATION,
-                format!("Bearer {token}").parse().expect("token header"),
-            );
+            // A token from the environment may hold bytes a header cannot carry.
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(hyper::http::Error::from)?;
+            request.headers_mut().insert(AUTHORIZATION, value);
         }
         match tokio_tungstenite::client_async(request, stream).await {
             Ok((websocket, _)) => Ok(websocket),
@@ -292,4 +293,26 @@ fn decode<T: DeserializeOwned>(response: RawResponse) -> Result<T, ClientError> 
         status: response.status.as_u16(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_no_header_can_carry_is_an_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = Client::new(Endpoint::Tcp {
+            address: listener.local_addr().unwrap().to_string(),
+            token: Some("line\nbreak".to_owned()),
+        });
+        assert!(matches!(
+            client.websocket("/v1/vms/a/console").await,
+            Err(ClientError::Request(_))
+        ));
+        assert!(matches!(
+            client.get::<serde_json::Value>("/v1/host").await,
+            Err(ClientError::Request(_))
+        ));
+    }
 }

@@ -17,8 +17,8 @@ pub mod vmm;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
@@ -54,6 +54,8 @@ pub struct Daemon {
     inventory: Arc<Inventory>,
     unix: UnixListener,
     tcp: Option<(TcpListener, String)>,
+    /// Removes the API socket's file when the daemon ends.
+    _socket_file: SocketFile,
     /// Holds the state directory's lock for the daemon's life.
     _lock: File,
 }
@@ -78,14 +80,7 @@ impl Daemon {
         if let Some(parent) = config.socket.parent() {
             std::fs::create_dir_all(parent).map_err(|source| io_error(parent, source))?;
         }
-        // The lock proves no other daemon of this state directory serves the socket.
-        let _ = std::fs::remove_file(&config.socket);
-        let unix = UnixListener::bind(&config.socket).map_err(|source| DaemonError::Listen {
-            address: config.socket.display().to_string(),
-            source,
-        })?;
-        std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o660))
-            .map_err(|source| io_error(&config.socket, source))?;
+        let (unix, socket_file) = bind_api_socket(&config.socket)?;
         let tcp = match &config.tcp {
             Some(tcp) => {
                 let listener =
@@ -104,6 +99,7 @@ impl Daemon {
             inventory,
             unix,
             tcp,
+            _socket_file: socket_file,
             _lock: lock,
         })
     }
@@ -171,6 +167,45 @@ fn lock_state_dir(path: &Path) -> Result<File, DaemonError> {
         return Err(DaemonError::Locked(parent.display().to_string()));
     }
     Ok(file)
+}
+
+/// Binds the API socket with mode 0660. A stale socket file is replaced (the state
+/// directory's lock proves no other daemon of it serves there); any other file is kept, and
+/// the bind fails.
+fn bind_api_socket(path: &Path) -> Result<(UnixListener, SocketFile), DaemonError> {
+    let listen_error = |source| DaemonError::Listen {
+        address: path.display().to_string(),
+        source,
+    };
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path).map_err(|source| io_error(path, source))?;
+    }
+    let listener = UnixListener::bind(path).map_err(listen_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|source| io_error(path, source))?;
+    let metadata = std::fs::symlink_metadata(path).map_err(|source| io_error(path, source))?;
+    let file = SocketFile {
+        path: path.to_owned(),
+        identity: (metadata.dev(), metadata.ino()),
+    };
+    Ok((listener, file))
+}
+
+/// The API socket's file, removed on drop unless another daemon bound one in its place.
+struct SocketFile {
+    path: PathBuf,
+    /// Device and inode.
+    identity: (u64, u64),
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> DaemonError {

@@ -228,6 +228,44 @@ async fn concurrent_creates_of_one_name_have_exactly_one_winner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_sharing_a_writable_disk_have_exactly_one_winner() {
+    let daemon = TestDaemon::start();
+    let api = &daemon.api;
+    assert_eq!(
+        api.post(
+            "/v1/disks",
+            json!({"name": "shared", "size_bytes": 1 << 20})
+        )
+        .await
+        .0,
+        201
+    );
+    let names: Vec<String> = (0..8).map(|i| format!("writer{i}")).collect();
+    for name in &names {
+        api.create_vm(json!({"name": name, "memory_mib": 64, "disks": [{"disk": "shared"}]}))
+            .await;
+    }
+    let mut tasks = Vec::new();
+    for name in &names {
+        let client = daemon.api.client.clone();
+        let path = format!("/v1/vms/{name}/start");
+        tasks.push(tokio::spawn(async move {
+            client.send(Method::POST, &path, None, None).await.unwrap()
+        }));
+    }
+    let mut started = 0;
+    for task in tasks {
+        let response = task.await.unwrap();
+        match response.status.as_u16() {
+            202 => started += 1,
+            409 => assert_eq!(response.json().unwrap()["error"]["code"], "disk_in_use"),
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(started, 1, "two VMs were started writing one disk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_is_checked_at_create_and_start() {
     let host = lodge_daemon::capacity::HostCapacity::detect(1.0, false);
     // A capacity of 1000 MiB whatever this host has.
@@ -463,6 +501,26 @@ async fn a_vmm_that_cannot_start_is_a_500_and_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_config_that_cannot_be_written_is_a_500_and_a_crash() {
+    use std::os::unix::ffi::OsStrExt;
+    // The VMM's JSON configuration cannot name a path that is not UTF-8.
+    let daemon = TestDaemon::start_with(|config| {
+        config.run_dir = config
+            .run_dir
+            .with_file_name(std::ffi::OsStr::from_bytes(b"run\xff"))
+    });
+    let api = &daemon.api;
+    api.create_vm(json!({"name": "doomed"})).await;
+    assert_error(&api.action("/v1/vms/doomed/start").await, 500, "internal");
+    let vm = api.get("/v1/vms/doomed").await.1;
+    assert_eq!(vm["state"], "crashed");
+    assert!(vm["last_exit"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("vm.json"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_restart_readopts_running_vms_and_marks_vanished_ones() {
     let mut daemon = TestDaemon::start();
     for name in ["keep", "lose", "watch"] {
@@ -507,6 +565,24 @@ async fn daemon_restart_readopts_running_vms_and_marks_vanished_ones() {
     api.action("/v1/vms/keep/stop").await;
     let keep = api.wait_state("keep", "stopped").await;
     assert_eq!(keep["last_exit"]["reason"], "Guest powered off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_socket_file_lives_as_long_as_the_daemon() {
+    let mut daemon = TestDaemon::start();
+    let socket = daemon.config.socket.clone();
+    assert!(socket.exists());
+    daemon.halt();
+    assert!(!socket.exists(), "socket file left behind");
+    // Whatever else is at the path is not the daemon's to delete.
+    std::fs::write(&socket, "not a socket").unwrap();
+    assert!(lodge_daemon::Daemon::bind(daemon.config.clone())
+        .await
+        .is_err());
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not a socket");
+    std::fs::remove_file(&socket).unwrap();
+    daemon.boot();
+    assert_eq!(daemon.api.get("/v1/vms").await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,10 +11,6 @@ use std::time::{Duration, Instant};
 
 use lodge_bus::BusDevice;
 
-/// Where the VMM maps the boot timer.
-pub const BOOT_TIMER_ADDRESS: u64 = 0xd000_0000;
-/// Length of the boot timer's MMIO range.
-pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 /// The byte guest init writes.
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 

@@ -1,11 +1,13 @@
 //! An i8042 keyboard controller with no keyboard or mouse behind it.
 //!
 //! It exists for one thing: Linux booted with `reboot=k` resets the machine by pulsing the
-//! controller's reset line (command 0xFE on port 0x64), which signals the reset [`EventFd`]
-//! given at construction. The other controller commands Linux sends while probing are answered
-//! the way a controller without a mouse port would, so the probe finishes at once instead of
-//! waiting for timeouts; guests should still be booted with `i8042.noaux i8042.nomux
-//! i8042.nopnp i8042.dumbkbd`, because no keyboard answers and no interrupt is ever raised.
+//! controller's reset line (command 0xFE on port 0x64), which calls the [`ResetHandler`]
+//! given at construction, on the vCPU thread, before the guest runs another instruction
+//! (Linux moves on to other reset methods within a millisecond). The other controller
+//! commands Linux sends while probing are answered the way a controller without a mouse port
+//! would, so the probe finishes at once instead of waiting for timeouts; guests should still
+//! be booted with `i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd`, because no keyboard
+//! answers and no interrupt is ever raised.
 //!
 //! The device decodes ports 0x60 to 0x64: insert it at [`I8042_PORT`] with length
 //! [`I8042_PORT_COUNT`]; ports 0x61 to 0x63 are not part of the controller and read 0xff. To
@@ -16,7 +18,6 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use lodge_bus::BusDevice;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::logging::LogLimiter;
 
@@ -71,9 +72,12 @@ const OUTPUT_PORT_A20: u8 = 0x02;
 /// Bytes the output buffer holds; a guest that never reads can't grow it further.
 const OUTPUT_BUFFER_CAPACITY: usize = 16;
 
+/// What the controller calls each time the guest pulses the reset line.
+pub type ResetHandler = Box<dyn FnMut() + Send>;
+
 /// The i8042 controller; see the module documentation.
 pub struct I8042Controller {
-    reset: EventFd,
+    reset: ResetHandler,
     config: u8,
     output_port: u8,
     status: u8,
@@ -81,13 +85,12 @@ pub struct I8042Controller {
     last_output: u8,
     /// The command whose parameter the next data-port write is.
     awaiting_parameter: Option<u8>,
-    reset_error_log: LogLimiter,
     ignored_log: LogLimiter,
 }
 
 impl I8042Controller {
-    /// Creates a controller that writes to `reset` each time the guest pulses the reset line.
-    pub fn new(reset: EventFd) -> Self {
+    /// Creates a controller that calls `reset` each time the guest pulses the reset line.
+    pub fn new(reset: ResetHandler) -> Self {
         Self {
             reset,
             config: CONFIG_KEYBOARD_INTERRUPT | CONFIG_SYSTEM_FLAG | CONFIG_TRANSLATE,
@@ -96,7 +99,6 @@ impl I8042Controller {
             output: VecDeque::new(),
             last_output: 0,
             awaiting_parameter: None,
-            reset_error_log: LogLimiter::new(),
             ignored_log: LogLimiter::new(),
         }
     }
@@ -195,11 +197,7 @@ impl I8042Controller {
 
     fn signal_reset(&mut self) {
         tracing::info!("Guest pulsed the i8042 reset line");
-        if let Err(error) = self.reset.write(1) {
-            if let Some(suppressed) = self.reset_error_log.check() {
-                tracing::error!(%error, suppressed, "Failed to signal the reset event");
-            }
-        }
+        (self.reset)();
     }
 
     fn log_ignored(&mut self, what: &str, value: u8) {
@@ -264,10 +262,16 @@ impl BusDevice for I8042Port {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
-    fn controller() -> I8042Controller {
-        I8042Controller::new(EventFd::new(EFD_NONBLOCK).unwrap())
+    /// A controller and how often it reset since the last [`reset_count`].
+    fn controller() -> (I8042Controller, Arc<AtomicU64>) {
+        let resets = Arc::new(AtomicU64::new(0));
+        let counter = resets.clone();
+        let device = I8042Controller::new(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        (device, resets)
     }
 
     fn read(device: &mut I8042Controller, offset: u64) -> u8 {
@@ -282,35 +286,35 @@ mod tests {
         (read(device, COMMAND_OFFSET) & STATUS_OUTPUT_FULL != 0).then(|| read(device, DATA_OFFSET))
     }
 
-    fn reset_count(device: &I8042Controller) -> u64 {
-        device.reset.read().unwrap_or(0)
+    fn reset_count(resets: &AtomicU64) -> u64 {
+        resets.swap(0, Ordering::SeqCst)
     }
 
     #[test]
     fn reboot_k_sequence_signals_reset() {
-        let mut device = controller();
+        let (mut device, resets) = controller();
         // kb_wait(): the input buffer must read empty.
         assert_eq!(read(&mut device, COMMAND_OFFSET) & 0x02, 0);
         device.write(COMMAND_OFFSET, &[0xfe]);
-        assert_eq!(reset_count(&device), 1);
+        assert_eq!(reset_count(&resets), 1);
         // Pulsing only other lines does not reset.
         device.write(COMMAND_OFFSET, &[0xfd]);
         device.write(COMMAND_OFFSET, &[0xff]);
-        assert_eq!(reset_count(&device), 0);
+        assert_eq!(reset_count(&resets), 0);
     }
 
     #[test]
     fn clearing_the_output_port_reset_bit_resets() {
-        let mut device = controller();
+        let (mut device, resets) = controller();
         assert_eq!(command(&mut device, COMMAND_READ_OUTPUT_PORT), Some(0x03));
         device.write(COMMAND_OFFSET, &[COMMAND_WRITE_OUTPUT_PORT]);
         device.write(DATA_OFFSET, &[0x02]);
-        assert_eq!(reset_count(&device), 1);
+        assert_eq!(reset_count(&resets), 1);
     }
 
     #[test]
     fn answers_the_linux_probe() {
-        let mut device = controller();
+        let (mut device, _) = controller();
         let status = read(&mut device, COMMAND_OFFSET);
         assert_ne!(status, 0xff, "Linux treats 0xff as no controller");
         assert_eq!(status & STATUS_OUTPUT_FULL, 0);
@@ -333,7 +337,7 @@ mod tests {
 
     #[test]
     fn reports_no_mouse_port_without_timeouts() {
-        let mut device = controller();
+        let (mut device, _) = controller();
         // Linux's loopback test: the echo comes back without the mouse-data bit.
         device.write(COMMAND_OFFSET, &[COMMAND_WRITE_AUX_OUTPUT]);
         device.write(DATA_OFFSET, &[0x5a]);
@@ -349,7 +353,7 @@ mod tests {
 
     #[test]
     fn output_buffer_is_bounded_and_rereads_the_last_byte() {
-        let mut device = controller();
+        let (mut device, _) = controller();
         for _ in 0..100 {
             device.write(COMMAND_OFFSET, &[COMMAND_SELF_TEST]);
         }
@@ -363,9 +367,8 @@ mod tests {
 
     #[test]
     fn split_ports_reach_one_controller() {
-        let reset = EventFd::new(EFD_NONBLOCK).unwrap();
-        let reset_observer = reset.try_clone().unwrap();
-        let (mut data, mut command) = I8042Controller::new(reset).into_ports();
+        let (controller, resets) = controller();
+        let (mut data, mut command) = controller.into_ports();
         command.write(0, &[COMMAND_SELF_TEST]);
         let mut byte = [0u8];
         command.read(0, &mut byte);
@@ -375,17 +378,14 @@ mod tests {
         data.read(1, &mut byte);
         assert_eq!(byte[0], 0xff);
         command.write(1, &[0xfe]);
-        assert!(
-            reset_observer.read().is_err(),
-            "reset from a foreign offset"
-        );
+        assert_eq!(reset_count(&resets), 0, "reset from a foreign offset");
         command.write(0, &[0xfe]);
-        assert_eq!(reset_observer.read().unwrap(), 1);
+        assert_eq!(reset_count(&resets), 1);
     }
 
     #[test]
     fn other_ports_and_sizes_are_harmless() {
-        let mut device = controller();
+        let (mut device, resets) = controller();
         let mut wide = [0u8; 4];
         device.read(DATA_OFFSET, &mut wide);
         assert_eq!(wide, [0xff; 4]);
@@ -394,7 +394,7 @@ mod tests {
         device.write(COMMAND_OFFSET, &[0xfe, 0xfe]);
         device.write(2, &[0xfe]);
         device.write(u64::MAX, &[]);
-        assert_eq!(reset_count(&device), 0);
+        assert_eq!(reset_count(&resets), 0);
         // Keyboard commands go nowhere.
         device.write(DATA_OFFSET, &[0xf2]);
         assert_eq!(read(&mut device, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);

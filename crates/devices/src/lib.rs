@@ -28,7 +28,7 @@ pub mod fuzzing;
 mod logging;
 
 pub use boot_timer::{BootTimeHandle, BootTimer};
-pub use i8042::{I8042Controller, I8042Port};
+pub use i8042::{I8042Controller, I8042Port, ResetHandler};
 pub use power_button::{PowerButton, PowerButtonHandle};
 pub use rtc::CmosRtc;
 pub use serial::SerialConsole;

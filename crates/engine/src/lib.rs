@@ -169,6 +169,7 @@ pub enum EngineError {
     /// A host system call failed.
     #[error("{operation} failed")]
     Host {
+        /// What was being done, capitalized ("Creating an eventfd").
         operation: &'static str,
         #[source]
         source: std::io::Error,

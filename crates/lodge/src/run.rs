@@ -108,7 +108,7 @@ fn run_config(config: &VmConfig, start: Instant) -> (String, u8, Option<u64>) {
     };
     let machine = match Machine::build(config, selected.engine.as_ref(), options) {
         Ok(machine) => machine,
-        Err(e) => return fail(1, error_chain(&e)),
+        Err(e) => return fail(1, format!("{:#}", anyhow::Error::new(e))),
     };
     tracing::debug!(cmdline = machine.cmdline(), "Booting");
     let terminal = if stdio { RawTerminal::enter() } else { None };
@@ -133,7 +133,7 @@ fn run_config(config: &VmConfig, start: Instant) -> (String, u8, Option<u64>) {
             (summary.reason.to_string(), status, boot_time_ms)
         }
         Err(e) => {
-            let text = error_chain(&e);
+            let text = format!("{:#}", anyhow::Error::new(e));
             tracing::error!("{text}");
             (text, 1, None)
         }
@@ -187,18 +187,6 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
         config.console = console.parse::<ConsoleConfig>()?;
     }
     Ok(config)
-}
-
-/// An error and its causes on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn message(text: &str) {

@@ -1,8 +1,8 @@
 //! The serial console's host side: where output goes, the terminal in raw mode, and keyboard
 //! input with an escape sequence to quit.
 
-use std::fs::OpenOptions;
-use std::io::{self, Read, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -106,14 +106,23 @@ impl EscapeFilter {
 
 /// Feeds stdin to the serial console.
 pub struct StdinInput {
+    /// Stdin's descriptor, read without `io::Stdin`'s buffer: bytes that buffer took from
+    /// the descriptor would wait there, unseen by the event loop, until more input came.
+    input: File,
     serial: Arc<Mutex<SerialConsole>>,
     exit: Arc<ExitSignal>,
     filter: EscapeFilter,
 }
 
 impl StdinInput {
-    pub fn new(serial: Arc<Mutex<SerialConsole>>, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(serial: Arc<Mutex<SerialConsole>>, exit: Arc<ExitSignal>) -> io::Result<Self> {
+        let input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+        Ok(Self::from_file(input, serial, exit))
+    }
+
+    fn from_file(input: File, serial: Arc<Mutex<SerialConsole>>, exit: Arc<ExitSignal>) -> Self {
         Self {
+            input,
             serial,
             exit,
             filter: EscapeFilter::default(),
@@ -124,8 +133,8 @@ impl StdinInput {
 impl MutEventSubscriber for StdinInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buffer = [0u8; 4096];
-        let read = io::stdin().lock().read(&mut buffer);
-        match read {
+        match self.input.read(&mut buffer) {
+            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => {}
             Ok(0) | Err(_) => {
                 // End of input (or a broken stdin): the guest keeps running without it.
                 let _ = ops.remove(events);
@@ -145,7 +154,7 @@ impl MutEventSubscriber for StdinInput {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&io::stdin(), EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.input, EventSet::IN)) {
             tracing::warn!("Console input unavailable: {e:?}");
         }
     }
@@ -170,6 +179,44 @@ pub fn write_host_text(text: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_larger_than_one_read_reaches_the_guest_whole() {
+        use event_manager::{EventManager, SubscriberOps};
+        use lodge_bus::{InterruptError, InterruptLine};
+
+        struct NoInterrupt;
+        impl InterruptLine for NoInterrupt {
+            fn trigger(&self) -> Result<(), InterruptError> {
+                Ok(())
+            }
+        }
+
+        let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            Arc::new(NoInterrupt),
+            Box::new(io::sink()),
+        )));
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let input = StdinInput::from_file(
+            File::from(std::os::fd::OwnedFd::from(reader)),
+            serial.clone(),
+            exit,
+        );
+        let mut events: EventManager<Arc<Mutex<StdinInput>>> = EventManager::new().unwrap();
+        events.add_subscriber(Arc::new(Mutex::new(input)));
+        let paste = vec![b'p'; 10_000];
+        writer.write_all(&paste).unwrap();
+        // The UART's FIFO holds 64 bytes; the rest waits in the console's queue.
+        let queued = || serial.lock().unwrap().pending_input() + 64;
+        for _ in 0..10 {
+            if queued() == paste.len() {
+                break;
+            }
+            events.run_with_timeout(100).unwrap();
+        }
+        assert_eq!(queued(), paste.len());
+    }
 
     #[test]
     fn escape_x_quits_and_keeps_earlier_bytes() {

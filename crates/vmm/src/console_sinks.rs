@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use lodge_devices::serial::SerialConsole;
+
+use crate::unix_socket::UnixSocketListener;
 
 /// Serial output fanned out to the primary console, the log and the socket clients.
 pub struct ConsoleFanout {
@@ -111,8 +113,9 @@ pub struct ConsoleClients {
 }
 
 impl ConsoleClients {
-    fn add(&self, stream: UnixStream) {
-        self.lock().insert(stream.as_raw_fd(), stream);
+    /// Adds the write end of the client whose read end is `fd` (the key it is removed by).
+    fn add(&self, fd: RawFd, stream: UnixStream) {
+        self.lock().insert(fd, stream);
     }
 
     fn remove(&self, fd: RawFd) -> Option<UnixStream> {
@@ -137,7 +140,7 @@ impl ConsoleClients {
 
 /// Accepts console-socket clients and forwards their input to the serial port.
 pub struct ConsoleSocket {
-    listener: UnixListener,
+    listener: UnixSocketListener,
     clients: Arc<ConsoleClients>,
     serial: Arc<Mutex<SerialConsole>>,
     /// Clients' read ends, by fd (the write ends are in `clients`).
@@ -151,9 +154,8 @@ impl ConsoleSocket {
         clients: Arc<ConsoleClients>,
         serial: Arc<Mutex<SerialConsole>>,
     ) -> io::Result<Self> {
-        let listener = bind_unix_listener(path)?;
         Ok(Self {
-            listener,
+            listener: UnixSocketListener::bind(path)?,
             clients,
             serial,
             readers: HashMap::new(),
@@ -161,30 +163,26 @@ impl ConsoleSocket {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    let registered = stream
-                        .set_nonblocking(true)
-                        .and_then(|_| stream.try_clone());
-                    match registered {
-                        Ok(writer) => {
-                            let fd = stream.as_raw_fd();
-                            if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
-                                self.readers.insert(fd, stream);
-                                self.clients.add(writer);
-                            }
-                        }
-                        Err(e) => tracing::warn!("Console client setup failed: {e}"),
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+        let Self {
+            listener,
+            clients,
+            readers,
+            ..
+        } = self;
+        listener.accept_pending("Console socket", |stream| {
+            let writer = match stream.try_clone() {
+                Ok(writer) => writer,
                 Err(e) => {
-                    tracing::warn!("Console socket accept failed: {e}");
+                    tracing::warn!("Console client setup failed: {e}");
                     return;
                 }
+            };
+            let fd = stream.as_raw_fd();
+            if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
+                readers.insert(fd, stream);
+                clients.add(fd, writer);
             }
-        }
+        });
     }
 
     fn read_client(&mut self, fd: RawFd, ops: &mut EventOps) {
@@ -227,18 +225,6 @@ impl MutEventSubscriber for ConsoleSocket {
     }
 }
 
-/// Binds a non-blocking Unix listener at `path`, removing a stale socket file first.
-pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,8 +261,8 @@ mod tests {
         let (b, b_peer) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
-        clients.add(a);
-        clients.add(b);
+        clients.add(a.as_raw_fd(), a);
+        clients.add(b.as_raw_fd(), b);
         drop(b_peer);
         clients.broadcast(b"hello");
         let mut received = [0u8; 5];
@@ -294,11 +280,42 @@ mod tests {
         let clients = ConsoleClients::default();
         let (a, _a_peer) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        clients.add(a);
+        clients.add(a.as_raw_fd(), a);
         let chunk = vec![b'x'; 64 << 10];
         for _ in 0..64 {
             clients.broadcast(&chunk);
         }
         assert_eq!(clients.lock().len(), 1);
+    }
+
+    #[test]
+    fn a_client_that_disconnects_leaves_the_broadcast_list() {
+        use event_manager::{EventManager, SubscriberOps};
+        use lodge_bus::{InterruptError, InterruptLine};
+
+        struct NoInterrupt;
+        impl InterruptLine for NoInterrupt {
+            fn trigger(&self) -> Result<(), InterruptError> {
+                Ok(())
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let clients = Arc::new(ConsoleClients::default());
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            Arc::new(NoInterrupt),
+            Box::new(io::sink()),
+        )));
+        let socket = ConsoleSocket::bind(&path, clients.clone(), serial).unwrap();
+        let mut events: EventManager<Arc<Mutex<ConsoleSocket>>> = EventManager::new().unwrap();
+        events.add_subscriber(Arc::new(Mutex::new(socket)));
+
+        let client = UnixStream::connect(&path).unwrap();
+        events.run_with_timeout(1000).unwrap();
+        assert_eq!(clients.lock().len(), 1, "the client is not served");
+        drop(client);
+        events.run_with_timeout(1000).unwrap();
+        assert_eq!(clients.lock().len(), 0, "the gone client still gets output");
     }
 }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -22,10 +22,11 @@ use lodge_devices::{BootTimeHandle, PowerButtonHandle};
 use lodge_engine::EngineKind;
 use serde::{Deserialize, Serialize};
 
-use crate::console_sinks::bind_unix_listener;
 use crate::machine::MachineHandle;
+use crate::unix_socket::UnixSocketListener;
 
-/// Longest request line accepted; a client sending more is disconnected.
+/// Longest request line accepted; a client sending more is disconnected. A client that lets
+/// its responses pile up unread is disconnected too: the event loop never waits for one.
 const MAX_REQUEST: usize = 4096;
 
 /// A control request.
@@ -69,7 +70,7 @@ pub enum ControlResponse {
 
 /// Serves the control socket from the VMM's event loop.
 pub struct ControlSocket {
-    listener: UnixListener,
+    listener: UnixSocketListener,
     machine: MachineHandle,
     boot_time: BootTimeHandle,
     power_button: PowerButtonHandle,
@@ -92,7 +93,7 @@ impl ControlSocket {
         engine: EngineKind,
     ) -> std::io::Result<Self> {
         Ok(Self {
-            listener: bind_unix_listener(path)?,
+            listener: UnixSocketListener::bind(path)?,
             machine,
             boot_time,
             power_button,
@@ -133,65 +134,59 @@ impl ControlSocket {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
-                        let connection = Connection {
-                            stream,
-                            pending: Vec::new(),
-                        };
-                        self.connections
-                            .insert(connection.stream.as_raw_fd(), connection);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    tracing::warn!("Control socket accept failed: {e}");
-                    return;
-                }
+        let Self {
+            listener,
+            connections,
+            ..
+        } = self;
+        listener.accept_pending("Control socket", |stream| {
+            if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
+                let connection = Connection {
+                    stream,
+                    pending: Vec::new(),
+                };
+                connections.insert(connection.stream.as_raw_fd(), connection);
             }
-        }
+        });
     }
 
     fn serve(&mut self, fd: RawFd, ops: &mut EventOps) {
         let Some(mut connection) = self.connections.remove(&fd) else {
             return;
         };
-        let mut buffer = [0u8; 1024];
-        let open = loop {
-            match connection.stream.read(&mut buffer) {
-                Ok(0) => break false,
-                Ok(n) => connection.pending.extend_from_slice(&buffer[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
-                Err(_) => break false,
-            }
-        };
-        let mut open = open;
-        while let Some(end) = connection.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = connection.pending.drain(..=end).collect();
-            let mut reply = serde_json::to_vec(&self.handle_line(&line[..end]))
-                .unwrap_or_else(|_| b"{\"ok\":false,\"error\":\"Internal error\"}".to_vec());
-            reply.push(b'\n');
-            // Responses are small; a client that does not read them is dropped.
-            if connection.stream.set_nonblocking(false).is_err()
-                || connection.stream.write_all(&reply).is_err()
-                || connection.stream.set_nonblocking(true).is_err()
-            {
-                open = false;
-                break;
-            }
-        }
-        if connection.pending.len() > MAX_REQUEST {
-            open = false;
-        }
-        if open {
+        if self.answer(&mut connection) {
             self.connections.insert(fd, connection);
         } else {
             let _ = ops.remove(Events::new(&connection.stream, EventSet::IN));
+        }
+    }
+
+    /// Reads what the client sent and answers each complete line as it arrives; false when
+    /// the connection is to be closed.
+    fn answer(&self, connection: &mut Connection) -> bool {
+        let mut buffer = [0u8; 1024];
+        loop {
+            match connection.stream.read(&mut buffer) {
+                Ok(0) => return false,
+                Ok(n) => connection.pending.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            while let Some(end) = connection.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = connection.pending.drain(..=end).collect();
+                let mut reply = serde_json::to_vec(&self.handle_line(&line[..end]))
+                    .unwrap_or_else(|_| b"{\"ok\":false,\"error\":\"Internal error\"}".to_vec());
+                reply.push(b'\n');
+                // The socket is non-blocking: a reply that does not fit means the client has
+                // stopped reading.
+                if connection.stream.write_all(&reply).is_err() {
+                    return false;
+                }
+            }
+            if connection.pending.len() > MAX_REQUEST {
+                return false;
+            }
         }
     }
 }

@@ -7,27 +7,21 @@ use std::time::Instant;
 
 use event_manager::MutEventSubscriber;
 use lodge_bus::{BusError, IoBus};
-use lodge_devices::virtio::{self, MmioTransport, VirtioDevice};
+use lodge_devices::i8042::I8042_PORT;
+use lodge_devices::rtc::{RTC_PORT, RTC_PORT_COUNT};
+use lodge_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
+use lodge_devices::virtio::{self, MmioTransport, VirtioDevice, QUEUE_NOTIFY_OFFSET};
 use lodge_devices::{
     BootTimeHandle, BootTimer, CmosRtc, I8042Controller, PowerButton, PowerButtonHandle,
-    SerialConsole,
+    ResetHandler, SerialConsole,
 };
 use lodge_engine::{EngineError, Vm};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::layout::{
     BOOT_TIMER_SIZE, BOOT_TIMER_START, POWER_BUTTON_SIZE, POWER_BUTTON_START,
     VIRTIO_MMIO_MAX_DEVICES, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
-
-/// COM1.
-const SERIAL_PORT: u64 = 0x3f8;
-const SERIAL_IRQ: u32 = 4;
-const I8042_PORT: u64 = 0x60;
-const RTC_PORT: u64 = 0x70;
-/// The virtio-mmio QueueNotify register, where ioeventfds match the queue index.
-const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 
 /// Errors from building devices.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +32,6 @@ pub enum DeviceError {
     Interrupt(#[source] EngineError),
     #[error("Cannot register a queue notifier")]
     Notifier(#[source] EngineError),
-    #[error("Cannot create an eventfd")]
-    EventFd(#[source] std::io::Error),
     #[error("No interrupt line or MMIO window left for another virtio device")]
     TooManyDevices,
     #[error("Cannot create the virtio transport")]
@@ -55,38 +47,42 @@ pub struct DeviceManager {
     serial: Arc<Mutex<SerialConsole>>,
     boot_time: BootTimeHandle,
     power_button: PowerButtonHandle,
-    reset_event: EventFd,
     subscribers: Vec<Subscriber>,
     cmdline_args: Vec<String>,
     virtio_count: u64,
 }
 
 impl DeviceManager {
-    /// Creates the platform devices: COM1, the i8042 (for reset), the CMOS RTC, the boot timer
-    /// and the power button.
+    /// Creates the platform devices: COM1, the i8042 (calling `reset` when the guest resets
+    /// the machine), the CMOS RTC, the boot timer and the power button.
     pub fn new(
         vm: &dyn Vm,
         io: Arc<IoBus>,
         console_output: Box<dyn Write + Send>,
         start: Instant,
+        reset: ResetHandler,
     ) -> Result<Self, DeviceError> {
         let serial_irq = vm
-            .interrupt_line(SERIAL_IRQ)
+            .interrupt_line(COM1_IRQ)
             .map_err(DeviceError::Interrupt)?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, console_output)));
-        io.pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+        io.pio
+            .insert(serial.clone(), u64::from(COM1_PORT), SERIAL_PORT_COUNT)?;
 
-        let reset_event = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-        let i8042 = I8042Controller::new(reset_event.try_clone().map_err(DeviceError::EventFd)?);
+        let i8042 = I8042Controller::new(reset);
         // Ports 0x60 and 0x64 only: 0x61 (port B) belongs to the PIT.
         let (data_port, command_port) = i8042.into_ports();
+        let i8042_port = u64::from(I8042_PORT);
         io.pio
-            .insert(Arc::new(Mutex::new(data_port)), I8042_PORT, 1)?;
+            .insert(Arc::new(Mutex::new(data_port)), i8042_port, 1)?;
         io.pio
-            .insert(Arc::new(Mutex::new(command_port)), I8042_PORT + 4, 1)?;
+            .insert(Arc::new(Mutex::new(command_port)), i8042_port + 4, 1)?;
 
-        io.pio
-            .insert(Arc::new(Mutex::new(CmosRtc::new())), RTC_PORT, 2)?;
+        io.pio.insert(
+            Arc::new(Mutex::new(CmosRtc::new())),
+            u64::from(RTC_PORT),
+            RTC_PORT_COUNT,
+        )?;
 
         let boot_timer = BootTimer::new(start);
         let boot_time = boot_timer.handle();
@@ -109,7 +105,6 @@ impl DeviceManager {
             serial,
             boot_time,
             power_button: power_button_handle,
-            reset_event,
             subscribers: Vec::new(),
             cmdline_args: Vec::new(),
             virtio_count: 0,
@@ -160,11 +155,6 @@ impl DeviceManager {
     /// Presses the paravirtual power button the guest's init polls.
     pub fn power_button(&self) -> PowerButtonHandle {
         self.power_button.clone()
-    }
-
-    /// Signalled when the guest resets the machine through the i8042.
-    pub fn reset_event(&self) -> &EventFd {
-        &self.reset_event
     }
 
     /// Devices whose work runs in the event loop.

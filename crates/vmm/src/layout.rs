@@ -43,7 +43,7 @@ pub const POWER_BUTTON_SIZE: u64 = 0x100;
 /// First virtio-mmio device; each takes [`VIRTIO_MMIO_SIZE`].
 pub const VIRTIO_MMIO_START: u64 = 0xd000_1000;
 /// Size of one virtio-mmio device window.
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+pub const VIRTIO_MMIO_SIZE: u64 = lodge_devices::virtio::MMIO_SIZE;
 /// Most virtio-mmio devices a VM can have (keeps them below the I/O APIC).
 pub const VIRTIO_MMIO_MAX_DEVICES: u64 = 64;
 /// I/O APIC registers.

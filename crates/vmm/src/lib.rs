@@ -17,6 +17,7 @@ pub mod layout;
 mod machine;
 pub mod memory;
 pub mod testing;
+mod unix_socket;
 mod vcpu;
 
 pub use config::VmConfig;

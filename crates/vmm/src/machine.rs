@@ -13,7 +13,6 @@ use lodge_engine::{Engine, EngineError, InterruptModel, Vcpu, VcpuStopper, Vm, V
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, LoadedKernel};
 use crate::config::{ConsoleConfig, VmConfig};
@@ -50,6 +49,8 @@ pub enum MachineError {
     },
     #[error("Cannot open the console output")]
     ConsoleOutput(#[source] std::io::Error),
+    #[error("Cannot read the console input")]
+    ConsoleInput(#[source] std::io::Error),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error("Cannot set up the event loop")]
@@ -112,7 +113,8 @@ impl MachineHandle {
         self.exit.request(ExitReason::Stopped(why.to_owned()));
     }
 
-    /// Parks every vCPU.
+    /// Parks every vCPU. Returns once each is asked to stop, not once it has: a vCPU may
+    /// finish the guest code it is running first.
     pub fn pause(&self) {
         let stoppers = self.stoppers.lock().unwrap_or_else(|e| e.into_inner());
         self.gate.pause(&stoppers);
@@ -123,7 +125,7 @@ impl MachineHandle {
         self.gate.resume();
     }
 
-    /// Whether the vCPUs are parked.
+    /// Whether a pause is in effect.
     pub fn is_paused(&self) -> bool {
         self.gate.is_paused()
     }
@@ -177,7 +179,12 @@ impl Machine {
         };
         let clients = Arc::new(ConsoleClients::default());
         let output = Box::new(ConsoleFanout::new(primary, log, clients.clone()));
-        let mut devices = DeviceManager::new(engine_vm.as_ref(), io, output, options.start)?;
+        let exit = Arc::new(ExitSignal::new().map_err(MachineError::EventFd)?);
+        // Recorded on the vCPU thread at the reset pulse: whatever the guest runs after it
+        // (Linux tries other reset methods next) must not become the VM's exit reason.
+        let reset_exit = exit.clone();
+        let reset = Box::new(move || reset_exit.request(ExitReason::GuestReset));
+        let mut devices = DeviceManager::new(engine_vm.as_ref(), io, output, options.start, reset)?;
         for (index, disk) in config.disks.iter().enumerate() {
             let block = VirtioBlock::new(BlockConfig {
                 path: disk.path.clone(),
@@ -224,7 +231,7 @@ impl Machine {
         let handle = MachineHandle {
             gate: Arc::new(VcpuGate::default()),
             stoppers: Arc::new(Mutex::new(vcpus.iter().map(|v| v.stopper()).collect())),
-            exit: Arc::new(ExitSignal::new().map_err(MachineError::EventFd)?),
+            exit,
         };
         let mut sockets: Vec<Subscriber> = Vec::new();
         if let Some(path) = &config.console_socket {
@@ -289,11 +296,6 @@ impl Machine {
         let exit = self.handle.exit.clone();
         let watcher = ExitWatcher {
             exit: exit.clone(),
-            reset: self
-                .devices
-                .reset_event()
-                .try_clone()
-                .map_err(MachineError::EventFd)?,
             signals: if self.options.handle_signals {
                 Some(block_exit_signals().map_err(MachineError::Signals)?)
             } else {
@@ -305,7 +307,8 @@ impl Machine {
             event_manager.add_subscriber(subscriber.clone());
         }
         if self.options.console_input && self.console_is_stdio {
-            let input = StdinInput::new(self.devices.serial(), exit.clone());
+            let input = StdinInput::new(self.devices.serial(), exit.clone())
+                .map_err(MachineError::ConsoleInput)?;
             event_manager.add_subscriber(Arc::new(Mutex::new(input)));
         }
 
@@ -370,26 +373,20 @@ fn block_exit_signals() -> nix::Result<SignalFd> {
     SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
 }
 
-/// Wakes the event loop for exit requests, the i8042 reset line and host signals.
+/// Wakes the event loop for exit requests and host signals.
 struct ExitWatcher {
     exit: Arc<ExitSignal>,
-    reset: EventFd,
     signals: Option<SignalFd>,
 }
 
 const WATCH_EXIT: u32 = 0;
-const WATCH_RESET: u32 = 1;
-const WATCH_SIGNALS: u32 = 2;
+const WATCH_SIGNALS: u32 = 1;
 
 impl MutEventSubscriber for ExitWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             WATCH_EXIT => {
                 let _ = self.exit.event().read();
-            }
-            WATCH_RESET => {
-                let _ = self.reset.read();
-                self.exit.request(ExitReason::GuestReset);
             }
             WATCH_SIGNALS => {
                 if let Some(Ok(Some(info))) = self.signals.as_mut().map(|s| s.read_signal()) {
@@ -411,7 +408,6 @@ impl MutEventSubscriber for ExitWatcher {
             }
         };
         add(self.exit.event().as_raw_fd(), WATCH_EXIT);
-        add(self.reset.as_raw_fd(), WATCH_RESET);
         if let Some(signals) = &self.signals {
             add(signals.as_raw_fd(), WATCH_SIGNALS);
         }

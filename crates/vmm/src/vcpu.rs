@@ -99,7 +99,17 @@ pub fn spawn(
                         break ExitReason::TripleFault(Box::new(state));
                     }
                     Err(error) => {
-                        break ExitReason::EngineFailure(format!("vCPU {index}: {error}"))
+                        // The causes too: "KVM run vCPU failed" alone hides the errno.
+                        let causes: Vec<String> =
+                            std::iter::successors(Some(&error as &dyn std::error::Error), |e| {
+                                e.source()
+                            })
+                            .map(ToString::to_string)
+                            .collect();
+                        break ExitReason::EngineFailure(format!(
+                            "vCPU {index}: {}",
+                            causes.join(": ")
+                        ));
                     }
                 }
             };
@@ -209,6 +219,42 @@ mod tests {
         gate.exit(std::slice::from_ref(&vcpu.stopper));
         vcpu.thread.join().unwrap();
         assert_eq!(exit.reason(), None, "a requested exit is not a guest event");
+    }
+
+    /// A vCPU whose engine fails at once.
+    struct FailingVcpu;
+
+    impl Vcpu for FailingVcpu {
+        fn set_state(&mut self, _: &CpuState) -> Result<(), EngineError> {
+            Ok(())
+        }
+        fn state(&self) -> Result<CpuState, EngineError> {
+            Ok(CpuState::default())
+        }
+        fn run(&mut self) -> Result<VcpuExit, EngineError> {
+            Err(EngineError::Host {
+                operation: "Running the vCPU",
+                source: std::io::Error::from_raw_os_error(libc::EFAULT),
+            })
+        }
+        fn stopper(&self) -> Arc<dyn VcpuStopper> {
+            Arc::new(FakeStopper::default())
+        }
+    }
+
+    #[test]
+    fn engine_failures_are_reported_with_their_causes() {
+        let gate = Arc::new(VcpuGate::default());
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let thread = spawn(3, Box::new(FailingVcpu), gate, exit.clone()).unwrap();
+        thread.join().unwrap();
+        let cause = std::io::Error::from_raw_os_error(libc::EFAULT).to_string();
+        assert_eq!(
+            exit.reason(),
+            Some(ExitReason::EngineFailure(format!(
+                "vCPU 3: Running the vCPU failed: {cause}"
+            )))
+        );
     }
 
     #[test]

@@ -131,6 +131,22 @@ fn reads_virtio_magic_over_mmio(engine: EngineChoice) {
     assert_eq!(config_guest.console_output(), "virt");
 }
 
+/// Port accesses reach devices at the guest's width: a 2-byte `out` to COM1 after 1-byte
+/// ones is one access (THR, then IER), not two writes to THR.
+fn port_accesses_keep_their_width(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        print(asm, "a")?;
+        // Low byte 'b' to the transmit register, high byte 0 to the interrupt enable one.
+        asm.mov(ax, 0x0062u32)?;
+        asm.out(dx, ax)?;
+        print(asm, "c")?;
+        i8042_reset(asm)
+    });
+    let summary = guest.run();
+    assert_eq!(summary.reason, ExitReason::GuestReset);
+    assert_eq!(guest.console_output(), "abc");
+}
+
 fn stops_a_halted_guest(engine: EngineChoice) {
     let guest = TestGuest::new(engine, |asm| {
         print(asm, "halting\n")?;
@@ -265,6 +281,55 @@ fn sockets_drive_the_vm(engine: EngineChoice) {
         std::fs::read_to_string(&log).unwrap(),
         "pingshutting down\n"
     );
+    assert!(!api.exists(), "control socket file left behind");
+    assert!(!console.exists(), "console socket file left behind");
+}
+
+/// A control client that sends requests without reading the responses is dropped once they
+/// pile up; the VMM goes on serving the others.
+#[test]
+fn control_socket_outlives_a_client_that_does_not_read() {
+    let mut guest = TestGuest::new(EngineChoice::Emulator, |asm| {
+        let mut halt = asm.create_label();
+        asm.set_label(&mut halt)?;
+        asm.sti()?;
+        asm.hlt()?;
+        asm.jmp(halt)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    guest.config.api_socket = Some(api.clone());
+    let machine = guest.machine();
+    let runner = std::thread::spawn(move || machine.run().unwrap());
+
+    let mut flooder = UnixStream::connect(&api).unwrap();
+    let (flood_result, flood_done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Far more responses than a socket buffer holds.
+        let requests = "{\"request\":\"status\"}\n".repeat(1 << 16);
+        let _ = flood_result.send(flooder.write_all(requests.as_bytes()));
+    });
+    let flooded = flood_done
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the VMM neither served nor dropped the client");
+    assert!(flooded.is_err(), "the VMM did not hang up on the client");
+
+    let control = UnixStream::connect(&api).unwrap();
+    control
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut control = BufReader::new(control);
+    control
+        .get_mut()
+        .write_all(b"{\"request\":\"stop\"}\n")
+        .unwrap();
+    let mut reply = String::new();
+    control
+        .read_line(&mut reply)
+        .expect("the VMM answers the next client");
+    assert!(reply.contains(r#""ok":true"#), "{reply}");
+    let summary = runner.join().unwrap();
+    assert!(matches!(summary.reason, ExitReason::Stopped(_)));
 }
 
 fn wait_for_output(path: &Path, bytes: u64) {
@@ -298,6 +363,37 @@ fn triple_fault_is_reported(engine: EngineChoice) {
     assert_eq!(summary.reason.exit_status(), 1);
 }
 
+/// The reset pulse ends the VM as a reset whatever the guest runs right after it (Linux
+/// goes on to other reset methods, which the software engine may not support).
+fn reset_wins_over_what_follows_it(engine: EngineChoice) {
+    let guest = TestGuest::new(engine, |asm| {
+        asm.mov(al, 0xfeu32)?;
+        asm.out(0x64, al)?;
+        // Then at once a triple fault: an IDT of limit 0 and ud2.
+        asm.sub(rsp, 16)?;
+        asm.xor(eax, eax)?;
+        asm.mov(qword_ptr(rsp), rax)?;
+        asm.mov(qword_ptr(rsp + 8), rax)?;
+        asm.lidt(ptr(rsp))?;
+        asm.ud2()
+    });
+    for _ in 0..20 {
+        assert_eq!(guest.run().reason, ExitReason::GuestReset);
+    }
+}
+
+#[test]
+fn kvm_reset_wins_over_what_follows_it() {
+    if kvm_available("kvm_reset_wins_over_what_follows_it") {
+        reset_wins_over_what_follows_it(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn emulator_reset_wins_over_what_follows_it() {
+    reset_wins_over_what_follows_it(EngineChoice::Emulator);
+}
+
 #[test]
 fn kvm_serial_boot_timer_and_reset() {
     if kvm_available("kvm_serial_boot_timer_and_reset") {
@@ -309,6 +405,13 @@ fn kvm_serial_boot_timer_and_reset() {
 fn kvm_reads_virtio_magic_over_mmio() {
     if kvm_available("kvm_reads_virtio_magic_over_mmio") {
         reads_virtio_magic_over_mmio(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn kvm_port_accesses_keep_their_width() {
+    if kvm_available("kvm_port_accesses_keep_their_width") {
+        port_accesses_keep_their_width(EngineChoice::Kvm);
     }
 }
 
@@ -359,6 +462,11 @@ fn emulator_serial_boot_timer_and_reset() {
 #[test]
 fn emulator_reads_virtio_magic_over_mmio() {
     reads_virtio_magic_over_mmio(EngineChoice::Emulator);
+}
+
+#[test]
+fn emulator_port_accesses_keep_their_width() {
+    port_accesses_keep_their_width(EngineChoice::Emulator);
 }
 
 #[test]

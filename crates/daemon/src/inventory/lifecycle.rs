@@ -82,8 +82,8 @@ impl Inventory {
             }) else {
                 let (state, exit) = exit_outcome(&paths, stopping, None, false);
                 tracing::warn!(vm = vm.name, reason = exit.reason, "VMM process is gone");
-                self.db().set_exited(vm.id, state, &exit)?;
                 let _ = std::fs::remove_dir_all(&paths.run);
+                self.db().set_exited(vm.id, state, &exit)?;
                 summary.vanished += 1;
                 continue;
             };
@@ -273,9 +273,11 @@ impl Inventory {
         if record.state.is_active() {
             return Err(wrong_state(record, "it is already started"));
         }
-        self.check_disks_usable(record)?;
         {
             let _start = self.start_lock.lock().await;
+            // Under the start lock, like the capacity check: two VMs starting at once
+            // cannot both pass it for the same writable disk.
+            self.check_disks_usable(record)?;
             let allocated = self
                 .db()
                 .vms()?
@@ -331,7 +333,11 @@ impl Inventory {
         }
         let config = self.vmm_config(record, &paths);
         let config_path = paths.vmm_config();
-        let json = serde_json::to_vec_pretty(&config).expect("VmmConfig serializes");
+        // Fails only for a path that is not UTF-8 (a state or run directory given so).
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| InventoryError::Io {
+            path: config_path.display().to_string(),
+            source: e.into(),
+        })?;
         write_file(&config_path, &json)?;
         let mut child = supervisor::spawn(&self.config.vmm_binary, &config_path, &paths.vmm_log())?;
         let pid = child.id().unwrap_or(0);
@@ -607,10 +613,12 @@ impl Inventory {
             }
         }
         tracing::info!(pid = process.pid, state = %state, reason = exit.reason, "VMM ended");
+        // Before the state change: once the VM is inactive a new start may create the run
+        // directory again, and its VMM's sockets must not be removed with the old ones.
+        let _ = std::fs::remove_dir_all(&process.paths.run);
         if let Err(e) = self.db().set_exited(process.id, state, &exit) {
             tracing::error!("Cannot record the end of VMM {}: {e}", process.pid);
         }
-        let _ = std::fs::remove_dir_all(&process.paths.run);
         process.exited.send_replace(true);
     }
 }

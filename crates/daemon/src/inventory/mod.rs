@@ -2,9 +2,9 @@
 //! active VMs, and the operations the API offers on them.
 //!
 //! Consistency rules: every state change of a VM is a compare-and-set in the database; the
-//! lifecycle operations on one VM are serialized by a per-VM lock; a capacity check and
-//! the state change it allows happen under one lock, so two starts cannot both take the
-//! last free memory.
+//! lifecycle operations on one VM are serialized by a per-VM lock; the capacity and disk
+//! checks of a start and the state change they allow happen under one lock, so two starts
+//! cannot both take the last free memory or the same writable disk.
 
 mod disks;
 mod lifecycle;

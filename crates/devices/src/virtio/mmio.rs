@@ -26,6 +26,8 @@ use std::sync::Arc;
 
 /// Length of one device's MMIO window.
 pub const MMIO_SIZE: u64 = 0x1000;
+/// Offset of the QueueNotify register in the window, where the driver writes a queue's index.
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 /// "virt", little-endian.
 const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -187,7 +189,7 @@ impl MmioTransport {
     }
 
     /// Each queue's index and notification eventfd. The VMM may register them as ioeventfds
-    /// at `base + 0x50` matching the queue index.
+    /// at `base +` [`QUEUE_NOTIFY_OFFSET`] matching the queue index.
     pub fn queue_notifiers(&self) -> impl Iterator<Item = (u32, &EventFd)> {
         (0u32..).zip(self.queue_events.iter())
     }

@@ -19,14 +19,15 @@ use lodge_bus::InterruptLine;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
 
 use crate::logging::LogLimiter;
+use queue::process_available;
 
 pub use block::{BlockConfig, BlockError, VirtioBlock, SECTOR_SIZE};
 pub use chain::ChainError;
-pub use mmio::{kernel_cmdline_arg, MmioError, MmioTransport, MMIO_SIZE};
+pub use mmio::{kernel_cmdline_arg, MmioError, MmioTransport, MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
 pub use queue::QueueError;
 pub use rng::VirtioRng;
 
@@ -54,8 +55,8 @@ pub trait VirtioDevice: Send {
     /// Handles a driver write to the configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
-    /// Starts the device with the queues the driver set up. Queues the driver did not make
-    /// ready are passed too, not ready.
+    /// Starts the device with the queues the driver set up: one per
+    /// [`VirtioDevice::queue_max_sizes`] entry, those the driver did not make ready too.
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError>;
 
     /// Processes the buffers the driver made available on queue `index`. An error means the
@@ -71,7 +72,8 @@ pub trait VirtioDevice: Send {
 pub struct Activation {
     /// Guest memory the queues and buffers live in.
     pub memory: GuestMemoryMmap,
-    /// One per [`VirtioDevice::queue_max_sizes`] entry, configured as the driver left them.
+    /// One per [`VirtioDevice::queue_max_sizes`] entry (the transport builds them from it),
+    /// configured as the driver left them.
     pub queues: Vec<Queue>,
     /// Where used-buffer and configuration-change notifications go.
     pub interrupt: VirtioInterrupt,
@@ -79,12 +81,33 @@ pub struct Activation {
     pub features: u64,
 }
 
+impl Activation {
+    /// Hands every chain the driver made available on queue `index` to `handle_chain`
+    /// (with guest memory), which returns how many bytes it wrote into the chain's buffers;
+    /// returns the chains to the driver and interrupts it as it asked.
+    pub(crate) fn process_queue<F>(
+        &mut self,
+        index: usize,
+        mut handle_chain: F,
+    ) -> Result<(), DeviceError>
+    where
+        F: FnMut(DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> u32,
+    {
+        let queue = self
+            .queues
+            .get_mut(index)
+            .ok_or(DeviceError::NoSuchQueue(index))?;
+        let memory = &self.memory;
+        process_available(queue, memory, &self.interrupt, |chain| {
+            handle_chain(chain, memory)
+        })
+        .map_err(|source| DeviceError::Queue { index, source })
+    }
+}
+
 /// Errors that stop a device until the driver resets it.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    /// The device was given the wrong number of queues.
-    #[error("Expected {expected} queues, got {actual}")]
-    QueueCount { expected: usize, actual: usize },
     /// A queue index beyond the device's queues.
     #[error("No queue {0}")]
     NoSuchQueue(usize),

@@ -8,12 +8,11 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{Bytes, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use super::chain::{collect_chain, ChainError};
-use super::queue::process_available;
 use super::{Activation, DeviceError, VirtioDevice, COMMON_FEATURES};
 use crate::logging::LogLimiter;
 
-/// Maximum size of the request queue.
-const QUEUE_SIZE: u16 = 256;
+/// One request queue, of at most 256 entries.
+const QUEUE_MAX_SIZES: &[u16] = &[256];
 /// Bytes one request gets at most: plenty for seeding the guest's pool, and a bound on how
 /// long one request keeps the event loop busy.
 pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
@@ -22,7 +21,6 @@ const MAX_DESCRIPTORS: usize = 64;
 
 /// The entropy device.
 pub struct VirtioRng {
-    queue_max_sizes: [u16; 1],
     active: Option<Activation>,
     log: LogLimiter,
 }
@@ -31,7 +29,6 @@ impl VirtioRng {
     /// Creates the device.
     pub fn new() -> Self {
         Self {
-            queue_max_sizes: [QUEUE_SIZE],
             active: None,
             log: LogLimiter::new(),
         }
@@ -50,7 +47,7 @@ impl VirtioDevice for VirtioRng {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        QUEUE_MAX_SIZES
     }
 
     fn features(&self) -> u64 {
@@ -73,36 +70,22 @@ impl VirtioDevice for VirtioRng {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        if activation.queues.len() != self.queue_max_sizes.len() {
-            return Err(DeviceError::QueueCount {
-                expected: self.queue_max_sizes.len(),
-                actual: activation.queues.len(),
-            });
-        }
         self.active = Some(activation);
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
         let active = self.active.as_mut().ok_or(DeviceError::NotActivated)?;
-        let queue = active
-            .queues
-            .get_mut(index)
-            .ok_or(DeviceError::NoSuchQueue(index))?;
-        let memory = &active.memory;
         let log = &mut self.log;
-        process_available(queue, memory, &active.interrupt, |chain| {
-            match fill_chain(chain, memory) {
-                Ok(written) => written,
-                Err(error) => {
-                    if let Some(suppressed) = log.check() {
-                        tracing::warn!(suppressed, "virtio-rng: dropped request: {error}");
-                    }
-                    0
+        active.process_queue(index, |chain, memory| match fill_chain(chain, memory) {
+            Ok(written) => written,
+            Err(error) => {
+                if let Some(suppressed) = log.check() {
+                    tracing::warn!(suppressed, "virtio-rng: dropped request: {error}");
                 }
+                0
             }
         })
-        .map_err(|source| DeviceError::Queue { index, source })
     }
 
     fn reset(&mut self) {
@@ -139,7 +122,7 @@ fn fill_chain(
 enum RngError {
     #[error("Malformed descriptor chain")]
     Chain(#[source] ChainError),
-    #[error("getrandom failed")]
+    #[error("Reading host entropy failed")]
     Entropy(#[source] vm_memory::GuestMemoryError),
 }
 

@@ -157,7 +157,7 @@ impl Vm for KvmVm {
             return Err(EngineError::Unsupported(format!("Interrupt line {irq}")));
         }
         let event = EventFd::new(EFD_NONBLOCK).map_err(|source| EngineError::Host {
-            operation: "eventfd",
+            operation: "Creating an eventfd",
             source,
         })?;
         self.fd

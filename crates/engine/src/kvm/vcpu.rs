@@ -87,12 +87,6 @@ impl KvmVcpu {
         }
     }
 
-    fn io_element_size(&self) -> usize {
-        // SAFETY: called right after a KVM_EXIT_IO, so `io` is the active union member; the
-        // mapping is live for the lifetime of `fd`.
-        usize::from(unsafe { (*self.run_ptr).__bindgen_anon_1.io.size }).max(1)
-    }
-
     fn internal_error_suberror(&self) -> u32 {
         // SAFETY: called right after KVM_EXIT_INTERNAL_ERROR, so `internal` is active.
         unsafe { (*self.run_ptr).__bindgen_anon_1.internal.suberror }
@@ -121,15 +115,18 @@ impl Vcpu for KvmVcpu {
             if self.stopper.requested.load(Ordering::Acquire) {
                 return Ok(VcpuExit::Stopped);
             }
-            let element_size = self.io_element_size();
             let failure = match self.fd.run() {
                 Ok(KvmExit::IoIn(port, data)) => {
+                    // SAFETY: this is the exit `run` just returned.
+                    let element_size = unsafe { io_element_size(self.run_ptr) };
                     for element in data.chunks_mut(element_size) {
                         self.io.pio_read(port, element);
                     }
                     continue;
                 }
                 Ok(KvmExit::IoOut(port, data)) => {
+                    // SAFETY: this is the exit `run` just returned.
+                    let element_size = unsafe { io_element_size(self.run_ptr) };
                     for element in data.chunks(element_size) {
                         self.io.pio_write(port, element);
                     }
@@ -257,7 +254,7 @@ fn install_kick_handler() -> Result<(), EngineError> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
         result = register_signal_handler(SIGRTMIN(), handle_kick).map_err(|e| EngineError::Host {
-            operation: "install vCPU kick signal handler",
+            operation: "Installing the vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
         });
     });
@@ -302,6 +299,17 @@ fn set_local_interrupts(fd: &VcpuFd) -> Result<(), EngineError> {
         }
     }
     fd.set_lapic(&lapic).map_err(kvm_error("set LAPIC"))
+}
+
+/// The size of one element of the port access (`rep ins`/`outs` move several) that the last
+/// `KVM_RUN` exited for.
+///
+/// # Safety
+/// `run` must be the vCPU's live `kvm_run` mapping and its last exit a `KVM_EXIT_IO`, so that
+/// `io` is the active union member.
+unsafe fn io_element_size(run: *const kvm_run) -> usize {
+    // SAFETY: guaranteed by the caller; `size` lies apart from the data KVM exposes as a slice.
+    usize::from(unsafe { (*run).__bindgen_anon_1.io.size }).max(1)
 }
 
 fn describe_suberror(suberror: u32) -> &'static str {

@@ -184,37 +184,27 @@ pub fn run(args: VmArgs) -> ExitCode {
                 timeout,
                 no_wait,
             } => {
-                let query = timeout.map_or(String::new(), |t| format!("?timeout={t}"));
-                let path = format!("{}/stop{query}", vm_path(&name));
-                let mut vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+                let mut vm = action(&client, &name, "stop", timeout).await?;
                 if !no_wait {
                     vm = wait_for(&client, &name, "Stopping", |vm| !vm.state.is_active()).await?;
                 }
                 report(&vm, json_output)
             }
             VmCommand::Kill { name } => {
-                let path = format!("{}/kill", vm_path(&name));
-                let vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
-                report(&vm, json_output)
+                report(&action(&client, &name, "kill", None).await?, json_output)
             }
             VmCommand::Pause { name } => {
-                let path = format!("{}/pause", vm_path(&name));
-                let vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
-                report(&vm, json_output)
+                report(&action(&client, &name, "pause", None).await?, json_output)
             }
             VmCommand::Resume { name } => {
-                let path = format!("{}/resume", vm_path(&name));
-                let vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
-                report(&vm, json_output)
+                report(&action(&client, &name, "resume", None).await?, json_output)
             }
             VmCommand::Restart {
                 name,
                 timeout,
                 no_wait,
             } => {
-                let query = timeout.map_or(String::new(), |t| format!("?timeout={t}"));
-                let path = format!("{}/restart{query}", vm_path(&name));
-                let before: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+                let before = action(&client, &name, "restart", timeout).await?;
                 let old_pid = before.runtime.as_ref().map(|r| r.pid);
                 let vm = if no_wait {
                     before
@@ -283,9 +273,7 @@ pub fn run(args: VmArgs) -> ExitCode {
 }
 
 fn create_body(args: CreateArgs) -> anyhow::Result<Value> {
-    let engine = Engine::parse(&args.engine).ok_or_else(|| {
-        anyhow::anyhow!("Unknown engine '{}' (kvm, emulator or auto)", args.engine)
-    })?;
+    let engine = parse_engine(&args.engine)?;
     let mut body = json!({
         "name": args.name,
         "cpus": args.cpus,
@@ -332,9 +320,7 @@ fn update_body(args: UpdateArgs) -> anyhow::Result<Value> {
         body.insert("append".into(), json!(args.append));
     }
     if let Some(engine) = &args.engine {
-        let engine = Engine::parse(engine)
-            .ok_or_else(|| anyhow::anyhow!("Unknown engine '{engine}' (kvm, emulator or auto)"))?;
-        body.insert("engine".into(), json!(engine));
+        body.insert("engine".into(), json!(parse_engine(engine)?));
     }
     if let Some(rng) = args.rng {
         body.insert("rng".into(), json!(rng));
@@ -343,6 +329,11 @@ fn update_body(args: UpdateArgs) -> anyhow::Result<Value> {
         anyhow::bail!("Nothing to change: give at least one setting");
     }
     Ok(Value::Object(body))
+}
+
+fn parse_engine(engine: &str) -> anyhow::Result<Engine> {
+    Engine::parse(engine)
+        .ok_or_else(|| anyhow::anyhow!("Unknown engine '{engine}' (kvm, emulator or auto)"))
 }
 
 fn parse_disks(disks: &[String]) -> anyhow::Result<Vec<DiskAttachment>> {
@@ -366,9 +357,20 @@ fn parse_disks(disks: &[String]) -> anyhow::Result<Vec<DiskAttachment>> {
         .collect()
 }
 
+/// POSTs `/v1/vms/NAME/VERB`, with the graceful-stop timeout for the verbs that take one.
+async fn action(
+    client: &Client,
+    name: &str,
+    verb: &str,
+    timeout: Option<u64>,
+) -> anyhow::Result<Vm> {
+    let query = timeout.map_or(String::new(), |t| format!("?timeout={t}"));
+    let path = format!("/v1/vms/{}/{verb}{query}", segment(name));
+    Ok(client.call(Method::POST, &path, None::<&()>).await?)
+}
+
 async fn start_and_wait(client: &Client, name: &str, no_wait: bool) -> anyhow::Result<Vm> {
-    let path = format!("/v1/vms/{}/start", segment(name));
-    let vm: Vm = client.call(Method::POST, &path, None::<&()>).await?;
+    let vm = action(client, name, "start", None).await?;
     if no_wait {
         return Ok(vm);
     }

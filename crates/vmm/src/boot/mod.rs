@@ -70,14 +70,6 @@ pub enum BootError {
     MpTable(#[from] mptable::MpTableError),
 }
 
-/// What to boot.
-#[derive(Debug, Clone)]
-pub struct BootSource {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-}
-
 /// Where the kernel and initrd landed.
 #[derive(Debug, Clone)]
 pub struct LoadedKernel {
@@ -91,19 +83,8 @@ pub struct LoadedKernel {
     header: Option<setup_header>,
 }
 
-/// Loads the kernel and initrd, writes the boot parameters and returns the boot vCPU's
-/// entry state.
-pub fn load(
-    memory: &GuestMemoryMmap,
-    source: &BootSource,
-    mp_table_vcpus: Option<u8>,
-) -> Result<(LoadedKernel, CpuState), BootError> {
-    let loaded = load_images(memory, &source.kernel, source.initrd.as_deref())?;
-    let state = write_boot_parameters(memory, &loaded, &source.cmdline, mp_table_vcpus)?;
-    Ok((loaded, state))
-}
-
-/// Places the kernel and the initrd in guest memory.
+/// Places the kernel and the initrd in guest memory. The VMM then builds its devices (which
+/// add to the command line) before [`write_boot_parameters`].
 pub fn load_images(
     memory: &GuestMemoryMmap,
     kernel: &Path,

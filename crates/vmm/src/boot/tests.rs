@@ -11,6 +11,24 @@ fn tiny_vmlinux(code: &[u8]) -> Vec<u8> {
     crate::testing::vmlinux_from_code(code)
 }
 
+/// What to boot.
+struct BootSource {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+}
+
+/// Both boot steps, as `Machine::build` takes them.
+fn load(
+    memory: &GuestMemoryMmap,
+    source: &BootSource,
+    mp_table_vcpus: Option<u8>,
+) -> Result<(LoadedKernel, CpuState), BootError> {
+    let loaded = load_images(memory, &source.kernel, source.initrd.as_deref())?;
+    let state = write_boot_parameters(memory, &loaded, &source.cmdline, mp_table_vcpus)?;
+    Ok((loaded, state))
+}
+
 fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(bytes).unwrap();

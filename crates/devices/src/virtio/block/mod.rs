@@ -17,15 +17,14 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
-use super::queue::process_available;
 use super::{read_config_bytes, Activation, DeviceError, VirtioDevice, COMMON_FEATURES};
 use request::{handle_chain, Disk, RequestLogs};
 
 /// Bytes per sector, the unit of virtio-blk offsets and of the capacity.
 pub const SECTOR_SIZE: u64 = 512;
 
-/// Maximum size of the request queue.
-const QUEUE_SIZE: u16 = 256;
+/// One request queue, of at most 256 entries.
+const QUEUE_MAX_SIZES: &[u16] = &[256];
 /// Data buffers per request the driver may use (advertised as `seg_max`).
 const SEGMENT_MAX: u32 = 128;
 /// Length of the virtio-blk configuration space the device fills: capacity, size_max, seg_max,
@@ -80,7 +79,6 @@ pub struct VirtioBlock {
     disk: Disk,
     features: u64,
     config_space: [u8; CONFIG_SPACE_SIZE],
-    queue_max_sizes: [u16; 1],
     active: Option<Activation>,
     logs: RequestLogs,
 }
@@ -168,7 +166,6 @@ impl VirtioBlock {
             disk,
             features,
             config_space,
-            queue_max_sizes: [QUEUE_SIZE],
             active: None,
             logs: RequestLogs::default(),
         }
@@ -186,7 +183,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        QUEUE_MAX_SIZES
     }
 
     fn features(&self) -> u64 {
@@ -209,29 +206,16 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        if activation.queues.len() != self.queue_max_sizes.len() {
-            return Err(DeviceError::QueueCount {
-                expected: self.queue_max_sizes.len(),
-                actual: activation.queues.len(),
-            });
-        }
         self.active = Some(activation);
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
         let active = self.active.as_mut().ok_or(DeviceError::NotActivated)?;
-        let queue = active
-            .queues
-            .get_mut(index)
-            .ok_or(DeviceError::NoSuchQueue(index))?;
-        let memory = &active.memory;
-        let disk = &mut self.disk;
-        let logs = &mut self.logs;
-        process_available(queue, memory, &active.interrupt, |chain| {
+        let (disk, logs) = (&mut self.disk, &mut self.logs);
+        active.process_queue(index, |chain, memory| {
             handle_chain(chain, memory, disk, logs)
         })
-        .map_err(|source| DeviceError::Queue { index, source })
     }
 
     fn reset(&mut self) {

@@ -481,10 +481,8 @@ impl VirtioDevice for FakeDevice {
         let ready = activation.queues.iter().map(|q| q.ready()).collect();
         *self.activated_with.lock().unwrap() = Some(ready);
         if self.fail_activation {
-            Err(DeviceError::QueueCount {
-                expected: 9,
-                actual: self.sizes.len(),
-            })
+            // As a device would that needs a queue the driver did not give it.
+            Err(DeviceError::NoSuchQueue(self.sizes.len()))
         } else {
             Ok(())
         }
