@@ -103,6 +103,8 @@ async fn invalid_requests_get_400_413_415_with_the_error_shape() {
         json!({"name": "a", "engine": "qemu"}),
         json!({"name": "a", "cpus": "two"}),
         json!({"name": "a", "cmdline": "x".repeat(5000)}),
+        // Over the half of the kernel's 2048 bytes left for the user (see MAX_CMDLINE).
+        json!({"name": "a", "cmdline": "x".repeat(1000), "append": ["y".repeat(100)]}),
         json!({"cpus": 1}),
         json!([1, 2]),
     ] {

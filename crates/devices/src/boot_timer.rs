@@ -61,7 +61,8 @@ impl BusDevice for BootTimer {
         }
         let elapsed = self.start.elapsed();
         if self.boot_time.set(elapsed).is_ok() {
-            tracing::info!("Guest userspace started after {} ms", elapsed.as_millis());
+            // Debug only: `lodge run` prints it on exit and the daemon reports it.
+            tracing::debug!("Guest userspace started after {} ms", elapsed.as_millis());
         } else {
             tracing::debug!(
                 "Guest wrote the boot timer again after {} ms",

@@ -30,8 +30,11 @@ pub const MAX_VCPUS: u32 = 32;
 pub const MIN_MEMORY_MIB: u64 = 64;
 /// Most memory a VM may have, far above any host here, to keep arithmetic sane.
 pub const MAX_MEMORY_MIB: u64 = 1 << 30;
-/// Longest kernel command line accepted.
-const MAX_CMDLINE: usize = 4096;
+/// Longest kernel command line (`cmdline` plus `append`) accepted. The kernel takes 2048
+/// bytes in all, and the VMM adds its default command line when none is given, the devices
+/// it announces (about 35 bytes per virtio device) and its engine's arguments: half is left
+/// for those so a VM the API accepts always boots.
+const MAX_CMDLINE: usize = 1024;
 
 /// Why an operation was refused or failed. [`InventoryError::status_and_code`] maps each to
 /// the API's status and stable error code.
