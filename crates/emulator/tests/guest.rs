@@ -565,3 +565,81 @@ fn instructions_crossing_pages_follow_the_second_page_mapping() {
     // Head bytes 44 44 33 from the first page, tail 77 66 66 55 55 from the new second page.
     assert_eq!(s.regs.rax, 0x5555_6666_7733_4444);
 }
+
+#[test]
+fn syscall_and_sysret_selectors_wrap_like_16_bit_registers() {
+    let mut m = Machine::new(16 << 20);
+    let entry = CODE + 0x1000;
+    let user = CODE + 0x2000;
+    let ud_handler = CODE + 0x3000;
+    m.set_gate(6, ud_handler, 0, 0);
+    // STAR[47:32] = 0xfffc (SYSCALL CS; SS = CS + 8 wraps to 4), STAR[63:48] = 0xfff8
+    // (SYSRET CS = base + 16 wraps to 8, SS = base + 8 wraps to 0).
+    m.assemble(CODE, |a| {
+        a.mov(ecx, 0xc000_0081u32).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.mov(edx, 0xfff8_fffcu32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0xc000_0082u32).unwrap();
+        a.mov(eax, entry as u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.syscall().unwrap();
+    });
+    m.assemble(entry, |a| {
+        a.mov(r8d, cs).unwrap();
+        a.mov(r9d, ss).unwrap();
+        a.mov(rcx, user).unwrap();
+        a.mov(r11d, 0x2).unwrap();
+        a.sysretq().unwrap();
+    });
+    m.assemble(user, |a| {
+        a.mov(r10d, cs).unwrap();
+        a.mov(r12d, ss).unwrap();
+        a.ud2().unwrap();
+    });
+    m.assemble(ud_handler, |a| {
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.r8, 0xfffc, "SYSCALL CS");
+    assert_eq!(s.regs.r9, 0x0004, "SYSCALL SS = CS + 8, 16-bit");
+    assert_eq!(s.regs.r10, 0x000b, "SYSRET CS = base + 16, 16-bit, RPL 3");
+    assert_eq!(s.regs.r12, 0x0003, "SYSRET SS = base + 8, 16-bit, RPL 3");
+}
+
+#[test]
+fn ltr_reads_a_descriptor_wrapping_around_the_address_space() {
+    let mut m = Machine::new(16 << 20);
+    // Map the last linear page (0xffff_ffff_ffff_f000) to physical 0x31_0000.
+    let (pdpt, pd, pt, top) = (0x30_0000u64, 0x30_1000u64, 0x30_2000u64, 0x31_0000u64);
+    m.write_u64(PML4 + 511 * 8, pdpt | 3);
+    m.write_u64(pdpt + 511 * 8, pd | 3);
+    m.write_u64(pd + 511 * 8, pt | 3);
+    m.write_u64(pt + 511 * 8, top | 3);
+    // A GDT based so that selector 8's 16-byte TSS descriptor starts 5 bytes before the
+    // end of the address space and continues at linear (and physical) 0.
+    let gdt_base = 0xffff_ffff_ffff_fff3u64;
+    let mut tss = [0u8; 16];
+    tss[..2].copy_from_slice(&0x67u16.to_le_bytes());
+    tss[2..5].copy_from_slice(&(TSS as u32).to_le_bytes()[..3]);
+    tss[5] = 0x89; // present, available 64-bit TSS
+    m.write(top + 0xffb, &tss[..5]);
+    m.write(0, &tss[5..]);
+    let gdtr = 0x20000u64;
+    m.write(gdtr, &23u16.to_le_bytes());
+    m.write_u64(gdtr + 2, gdt_base);
+    m.assemble(CODE, |a| {
+        a.lgdt(ptr(gdtr)).unwrap();
+        a.mov(ax, 8u32).unwrap();
+        a.ltr(ax).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.sregs.tr.selector, 8);
+    assert_eq!(s.sregs.tr.base, TSS);
+    assert_eq!(s.sregs.tr.type_, 0xb);
+    assert_eq!(m.read(0, 1)[0], 0x8b, "busy bit set in the byte at linear 0");
+}

@@ -321,6 +321,7 @@ impl Cpu {
             return Err(Event::ud());
         }
         let star = self.msr.star;
+        // Selectors are 16-bit registers: STAR-derived ones wrap.
         let selector = ((star >> 32) & 0xfffc) as u16;
         self.regs[gpr::RCX] = self.rip;
         let rflags = self.flags.get();
@@ -340,7 +341,7 @@ impl Cpu {
             unusable: false,
         };
         self.segs[seg::SS] = Segment {
-            selector: selector + 8,
+            selector: selector.wrapping_add(8),
             base: 0,
             limit: 0xffff_ffff,
             type_: 0x3,
@@ -379,7 +380,7 @@ impl Cpu {
         }
         let base = ((self.msr.star >> 48) & 0xffff) as u16;
         self.segs[seg::CS] = Segment {
-            selector: (base + 16) | 3,
+            selector: base.wrapping_add(16) | 3,
             base: 0,
             limit: 0xffff_ffff,
             type_: 0xb,
@@ -394,7 +395,7 @@ impl Cpu {
         };
         // SS keeps its attributes apart from selector and DPL, as on Intel CPUs.
         let mut ss = self.segs[seg::SS];
-        ss.selector = (base + 8) | 3;
+        ss.selector = base.wrapping_add(8) | 3;
         ss.dpl = 3;
         ss.unusable = false;
         ss.present = true;
@@ -457,9 +458,10 @@ impl Cpu {
         if !d.present {
             return Err(Event::np(u32::from(selector & !3)));
         }
-        // Mark busy.
-        let access = self.read_system::<1>(addr + 5)? as u8;
-        self.write_bytes(addr + 5, &[access | 0x2], false)?;
+        // Mark busy (the descriptor may wrap around the end of the address space).
+        let access_byte = addr.wrapping_add(5);
+        let access = self.read_system::<1>(access_byte)? as u8;
+        self.write_bytes(access_byte, &[access | 0x2], false)?;
         let mut tr = d;
         tr.type_ = 0xb;
         self.tr = tr;
