@@ -643,3 +643,89 @@ fn ltr_reads_a_descriptor_wrapping_around_the_address_space() {
     assert_eq!(s.sregs.tr.type_, 0xb);
     assert_eq!(m.read(0, 1)[0], 0x8b, "busy bit set in the byte at linear 0");
 }
+
+#[test]
+fn far_transfers_with_16_bit_operand_size() {
+    let mut m = Machine::new(16 << 20);
+    // 16-bit operand size truncates offsets to 16 bits: everything runs below 64 KiB.
+    let (low_code, jmp_target, call_target, pointers) = (0xe000u64, 0xe100u64, 0xe300u64, 0xe200);
+    // IRETW pops five 16-bit words (IP, CS, FLAGS, SP, SS), in 64-bit mode too.
+    let frame = 0xe7f6u64;
+    for (i, word) in [low_code as u16, KERNEL_CS, 0x2, 0xe800, KERNEL_DS]
+        .iter()
+        .enumerate()
+    {
+        m.write(frame + 2 * i as u64, &word.to_le_bytes());
+    }
+    // m16:16 far pointers: offset, then selector.
+    m.write(pointers, &[0x00, 0xe1, 0x10, 0x00]);
+    m.write(pointers + 0x10, &[0x00, 0xe3, 0x10, 0x00]);
+    m.assemble(CODE, |a| {
+        a.mov(rsp, frame).unwrap();
+        a.iret().unwrap();
+    });
+    m.assemble(low_code, |a| {
+        a.mov(rbx, rsp).unwrap();
+        // jmp far word [0xe200]
+        a.db(&[0x66, 0xff, 0x2c, 0x25, 0x00, 0xe2, 0x00, 0x00]).unwrap();
+    });
+    m.assemble(jmp_target, |a| {
+        // call far word [0xe210]
+        a.db(&[0x66, 0xff, 0x1c, 0x25, 0x10, 0xe2, 0x00, 0x00]).unwrap();
+        a.mov(rsi, rsp).unwrap();
+        a.hlt().unwrap();
+    });
+    m.assemble(call_target, |a| {
+        a.mov(rdx, rsp).unwrap();
+        a.mov(rcx, qword_ptr(rsp)).unwrap();
+        // retf with 16-bit operand size
+        a.db(&[0x66, 0xcb]).unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, 0xe800, "IRETW popped a 16-bit SP");
+    assert_eq!(s.regs.rdx, 0xe800 - 4, "CALL FAR m16:16 pushed two words");
+    assert_eq!(
+        s.regs.rcx & 0xffff_ffff,
+        (u64::from(KERNEL_CS) << 16) | (jmp_target + 8),
+        "return IP, then CS"
+    );
+    assert_eq!(s.regs.rsi, 0xe800, "RETF popped two words");
+    assert_eq!(s.regs.rip, jmp_target + 8 + 3 + 1);
+}
+
+#[test]
+fn far_jump_and_return_to_non_canonical_offsets_fault_at_the_instruction() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(13, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rbx).unwrap(); // error code
+        a.pop(rcx).unwrap(); // faulting RIP
+        a.hlt().unwrap();
+    });
+    let pointer = 0x20000u64;
+    m.write_u64(pointer, 0x8000_0000_0000_0000);
+    m.write(pointer + 8, &KERNEL_CS.to_le_bytes());
+    m.assemble(CODE, |a| {
+        a.jmp(tword_ptr(pointer)).unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!((s.regs.rbx, s.regs.rcx), (0, CODE), "#GP(0) at the JMP FAR");
+
+    m.set_state(CODE + 0x100);
+    m.assemble(CODE + 0x100, |a| {
+        a.push(i32::from(KERNEL_CS)).unwrap();
+        a.mov(rax, 0x8000_0000_0000_0000u64).unwrap();
+        a.push(rax).unwrap();
+        a.retf().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(
+        (s.regs.rbx, s.regs.rcx),
+        (0, CODE + 0x100 + 2 + 10 + 1),
+        "#GP(0) at the RETF"
+    );
+}

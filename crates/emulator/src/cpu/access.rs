@@ -118,6 +118,17 @@ impl Cpu {
         }
     }
 
+    /// Reads `size` bytes (1, 2, 4 or 8, chosen at run time) at `linear`.
+    #[inline]
+    pub fn read_sized(&mut self, linear: u64, size: usize) -> Result<u64, Event> {
+        match size {
+            1 => self.read::<1>(linear),
+            2 => self.read::<2>(linear),
+            4 => self.read::<4>(linear),
+            _ => self.read::<8>(linear),
+        }
+    }
+
     /// Reads 16 bytes (XMM operands).
     #[inline]
     pub fn read_u128(&mut self, linear: u64) -> Result<u128, Event> {

@@ -219,12 +219,7 @@ impl Cpu {
         let rsp = self.regs[gpr::RSP];
         let mut words = [0u64; 5];
         for (i, w) in words.iter_mut().enumerate() {
-            let addr = rsp.wrapping_add((i * size) as u64);
-            *w = if size == 8 {
-                self.read::<8>(addr)?
-            } else {
-                self.read::<4>(addr)?
-            };
+            *w = self.read_sized(rsp.wrapping_add((i * size) as u64), size)?;
         }
         let [rip, cs, rflags, new_rsp, ss] = words;
         let (cs, ss) = (cs as u16, ss as u16);
@@ -271,14 +266,7 @@ impl Cpu {
     /// Far return (RETF): pops RIP and CS (and RSP/SS when going outward), then `pop_bytes`.
     pub fn far_return(&mut self, size: usize, pop_bytes: u64) -> Result<(), Event> {
         let rsp = self.regs[gpr::RSP];
-        let read = |cpu: &mut Cpu, offset: u64| -> Result<u64, Event> {
-            let addr = rsp.wrapping_add(offset);
-            match size {
-                8 => cpu.read::<8>(addr),
-                4 => cpu.read::<4>(addr),
-                _ => cpu.read::<2>(addr),
-            }
-        };
+        let read = |cpu: &mut Cpu, offset: u64| cpu.read_sized(rsp.wrapping_add(offset), size);
         let rip = read(self, 0)?;
         let cs = read(self, size as u64)? as u16;
         let new_cpl = (cs & 3) as u8;
@@ -287,6 +275,9 @@ impl Cpu {
             return Err(Event::gp(u32::from(cs & !3)));
         }
         let code = self.check_code_target(cs, new_cpl, true)?;
+        if !crate::mmu::is_canonical(rip) {
+            return Err(Event::gp(0));
+        }
         if new_cpl == cpl {
             self.set_code_segment(cs, code, new_cpl)?;
             self.rip = rip;
@@ -309,6 +300,9 @@ impl Cpu {
     pub fn far_jump(&mut self, selector: u16, rip: u64) -> Result<(), Event> {
         let rpl = (selector & 3) as u8;
         let code = self.check_code_target(selector, rpl, false)?;
+        if !crate::mmu::is_canonical(rip) {
+            return Err(Event::gp(0));
+        }
         let cpl = self.cpl();
         self.set_code_segment(selector, code, cpl)?;
         self.rip = rip;
