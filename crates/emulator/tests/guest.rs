@@ -729,3 +729,39 @@ fn far_jump_and_return_to_non_canonical_offsets_fault_at_the_instruction() {
         "#GP(0) at the RETF"
     );
 }
+
+#[test]
+fn code_overwritten_by_an_exception_frame_is_retranslated() {
+    let mut m = Machine::new(16 << 20);
+    // The #UD handler at `handler` first runs as a function (`mov ecx, 7; ret`), so its
+    // code is decoded. Then a UD2 at 0x10_26eb pushes its frame over that code: the faulting
+    // RIP (bytes eb 26 10 00 ..) becomes `jmp $+0x28`, past the 40-byte frame, where
+    // `mov ebx, 2; hlt` waits. The stale decoded `mov ecx, 7` must not run again.
+    let handler = 0x40_0008u64;
+    let ud2_at = 0x10_26ebu64;
+    m.set_gate(6, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.mov(ecx, 7).unwrap();
+        a.ret().unwrap();
+    });
+    m.assemble(handler + 0x28, |a| {
+        a.mov(ebx, 2).unwrap();
+        a.hlt().unwrap();
+    });
+    m.assemble(ud2_at, |a| {
+        a.ud2().unwrap();
+    });
+    m.assemble(CODE, |a| {
+        a.call(handler).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        // The frame goes at (RSP & !15) - 40 = `handler`.
+        a.mov(rsp, handler + 40).unwrap();
+        a.jmp(ud2_at).unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(m.read(handler, 2), [0xeb, 0x26], "the frame holds the faulting RIP");
+    let s = m.state();
+    assert_eq!(s.regs.rcx, 0, "the stale decoded handler did not run");
+    assert_eq!(s.regs.rbx, 2, "the handler's code as the frame left it ran");
+    assert_eq!(s.regs.rip, handler + 0x28 + 6);
+}

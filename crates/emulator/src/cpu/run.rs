@@ -97,6 +97,12 @@ impl Cpu {
             }
             self.interrupt_shadow = false;
 
+            // Drop the blocks of code pages written since the last lookup: by the last block,
+            // or by the frame of an exception or interrupt delivered since.
+            if !self.code_writes.is_empty() {
+                cache.invalidate_writes(self);
+            }
+            self.break_block = false;
             let rip = self.rip;
             let result = match self.translate(rip, AccessKind::Execute, self.user) {
                 Ok(phys) => match cache.find(self, rip, phys, signals.dma_epoch()) {
@@ -108,9 +114,6 @@ impl Cpu {
                 },
                 Err(e) => Err(e),
             };
-            if !self.code_writes.is_empty() {
-                cache.invalidate_writes(self);
-            }
             match result {
                 Ok(()) => {}
                 Err(Event::Exception(e)) => {
