@@ -641,7 +641,11 @@ fn ltr_reads_a_descriptor_wrapping_around_the_address_space() {
     assert_eq!(s.sregs.tr.selector, 8);
     assert_eq!(s.sregs.tr.base, TSS);
     assert_eq!(s.sregs.tr.type_, 0xb);
-    assert_eq!(m.read(0, 1)[0], 0x8b, "busy bit set in the byte at linear 0");
+    assert_eq!(
+        m.read(0, 1)[0],
+        0x8b,
+        "busy bit set in the byte at linear 0"
+    );
 }
 
 #[test]
@@ -667,11 +671,13 @@ fn far_transfers_with_16_bit_operand_size() {
     m.assemble(low_code, |a| {
         a.mov(rbx, rsp).unwrap();
         // jmp far word [0xe200]
-        a.db(&[0x66, 0xff, 0x2c, 0x25, 0x00, 0xe2, 0x00, 0x00]).unwrap();
+        a.db(&[0x66, 0xff, 0x2c, 0x25, 0x00, 0xe2, 0x00, 0x00])
+            .unwrap();
     });
     m.assemble(jmp_target, |a| {
         // call far word [0xe210]
-        a.db(&[0x66, 0xff, 0x1c, 0x25, 0x10, 0xe2, 0x00, 0x00]).unwrap();
+        a.db(&[0x66, 0xff, 0x1c, 0x25, 0x10, 0xe2, 0x00, 0x00])
+            .unwrap();
         a.mov(rsi, rsp).unwrap();
         a.hlt().unwrap();
     });
@@ -759,9 +765,69 @@ fn code_overwritten_by_an_exception_frame_is_retranslated() {
         a.jmp(ud2_at).unwrap();
     });
     assert_eq!(m.run(), VcpuExit::Halted);
-    assert_eq!(m.read(handler, 2), [0xeb, 0x26], "the frame holds the faulting RIP");
+    assert_eq!(
+        m.read(handler, 2),
+        [0xeb, 0x26],
+        "the frame holds the faulting RIP"
+    );
     let s = m.state();
     assert_eq!(s.regs.rcx, 0, "the stale decoded handler did not run");
     assert_eq!(s.regs.rbx, 2, "the handler's code as the frame left it ran");
     assert_eq!(s.regs.rip, handler + 0x28 + 6);
+}
+
+#[test]
+fn non_canonical_stack_accesses_raise_ss_and_other_operands_gp() {
+    let mut m = Machine::new(16 << 20);
+    // #SS and #GP on IST1, so a bad RSP cannot break delivery; each records its vector.
+    for (vector, handler) in [(12u8, CODE + 0x1000), (13, CODE + 0x1100)] {
+        m.set_gate(vector, handler, 1, 0);
+        m.assemble(handler, |a| {
+            a.mov(ebx, u32::from(vector)).unwrap();
+            a.hlt().unwrap();
+        });
+    }
+    let bad = 0x8000_0000_0000_0000u64;
+    type Case = fn(&mut CodeAssembler);
+    let cases: [(&str, Case, u64); 7] = [
+        ("push m64", |a| a.push(qword_ptr(rax)).unwrap(), 13),
+        ("pop m64", |a| a.pop(qword_ptr(rax)).unwrap(), 13),
+        ("call m64", |a| a.call(qword_ptr(rax)).unwrap(), 13),
+        (
+            "mov r64, [rax]",
+            |a| a.mov(rcx, qword_ptr(rax)).unwrap(),
+            13,
+        ),
+        (
+            "mov r64, [rbp]",
+            |a| a.mov(rcx, qword_ptr(rbp)).unwrap(),
+            12,
+        ),
+        ("push r64", |a| a.push(rcx).unwrap(), 12),
+        ("ret", |a| a.ret().unwrap(), 12),
+    ];
+    for (name, case, vector) in cases {
+        let start = CODE + 0x200;
+        m.set_state(start);
+        let setup = m.assemble(start, |a| {
+            a.mov(rax, bad).unwrap();
+            a.mov(rbp, bad).unwrap();
+            if vector == 12 && !name.contains("rbp") {
+                a.mov(rsp, bad).unwrap();
+            }
+        });
+        let fault_at = start + setup as u64;
+        m.assemble(fault_at, |a| {
+            case(a);
+            a.hlt().unwrap();
+        });
+        assert_eq!(m.run(), VcpuExit::Halted, "{name}");
+        let s = m.state();
+        assert_eq!(s.regs.rbx, vector, "{name}");
+        assert_eq!(
+            m.read_u64(IST_STACK_TOP - 40),
+            fault_at,
+            "{name}: RIP of the faulting instruction"
+        );
+    }
 }

@@ -81,6 +81,20 @@ impl Cpu {
         self.write_slow(linear, &value.to_le_bytes()[..B], self.user)
     }
 
+    /// Reads `B` bytes of the stack: an implicit stack-segment access, so a non-canonical
+    /// address raises #SS instead of #GP.
+    #[inline(always)]
+    pub fn stack_read<const B: usize>(&mut self, linear: u64) -> Result<u64, Event> {
+        self.read::<B>(linear).map_err(Event::into_stack_fault)
+    }
+
+    /// Writes `B` bytes of the stack (see `stack_read`).
+    #[inline(always)]
+    pub fn stack_write<const B: usize>(&mut self, linear: u64, value: u64) -> Result<(), Event> {
+        self.write::<B>(linear, value)
+            .map_err(Event::into_stack_fault)
+    }
+
     /// Finds a read-modify-write operand, checking write access first.
     #[inline(always)]
     pub fn locate<const B: usize>(&mut self, linear: u64) -> Result<Place, Event> {
@@ -268,12 +282,7 @@ impl Cpu {
     #[cold]
     fn translate_miss(&mut self, linear: u64, kind: AccessKind, user: bool) -> Result<u64, Event> {
         if !mmu::is_canonical(linear) {
-            // The address rides along so that stack-segment accesses can become #SS.
-            return Err(Event::Exception(super::Exception {
-                vector: super::vector::GP,
-                error_code: Some(0),
-                address: linear,
-            }));
+            return Err(Event::non_canonical(linear));
         }
         self.stats.page_walks += 1;
         let translation = if self.paging_enabled() {

@@ -65,7 +65,7 @@ pub fn call_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event>
 /// RET / RET imm16.
 pub fn ret<const IMM: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let rsp = cpu.regs[gpr::RSP];
-    let target = cpu.read::<8>(rsp)?;
+    let target = cpu.stack_read::<8>(rsp)?;
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }

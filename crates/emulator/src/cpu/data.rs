@@ -156,7 +156,7 @@ pub fn push<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
 /// incremented RSP.
 pub fn pop<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let rsp = cpu.regs[gpr::RSP];
-    let value = cpu.read::<B>(rsp)?;
+    let value = cpu.stack_read::<B>(rsp)?;
     if DST == REG {
         cpu.regs[gpr::RSP] = rsp.wrapping_add(B as u64);
         cpu.set_gpr::<B>(op.r[0], value);
@@ -181,7 +181,7 @@ pub fn pushf<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 /// POPF/POPFQ.
 pub fn popf<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     let rsp = cpu.regs[gpr::RSP];
-    let value = cpu.read::<B>(rsp)?;
+    let value = cpu.stack_read::<B>(rsp)?;
     cpu.regs[gpr::RSP] = rsp.wrapping_add(B as u64);
     let cpl = cpu.cpl();
     cpu.set_flags_privileged(value, cpl, B);
@@ -224,7 +224,7 @@ pub fn sign_into_rdx<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Even
 /// LEAVE: RSP = RBP; pop RBP.
 pub fn leave<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     let rbp = cpu.regs[gpr::RBP];
-    let value = cpu.read::<B>(rbp)?;
+    let value = cpu.stack_read::<B>(rbp)?;
     cpu.regs[gpr::RSP] = rbp.wrapping_add(B as u64);
     cpu.set_gpr::<B>(gpr::RBP as u8, value);
     Ok(())
@@ -236,22 +236,22 @@ pub fn enter<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let level = op.inst.immediate(1) & 0x1f;
     let rbp = cpu.regs[gpr::RBP];
     let mut rsp = cpu.regs[gpr::RSP].wrapping_sub(B as u64);
-    cpu.write::<B>(rsp, rbp)?;
+    cpu.stack_write::<B>(rsp, rbp)?;
     let frame = rsp;
     let mut walk = rbp;
     if level > 0 {
         for _ in 1..level {
             walk = walk.wrapping_sub(B as u64);
-            let v = cpu.read::<B>(walk)?;
+            let v = cpu.stack_read::<B>(walk)?;
             rsp = rsp.wrapping_sub(B as u64);
-            cpu.write::<B>(rsp, v)?;
+            cpu.stack_write::<B>(rsp, v)?;
         }
         rsp = rsp.wrapping_sub(B as u64);
-        cpu.write::<B>(rsp, frame)?;
+        cpu.stack_write::<B>(rsp, frame)?;
     }
     let new_rsp = rsp.wrapping_sub(size);
     // The new stack top must be writable.
-    cpu.read::<1>(new_rsp)?;
+    cpu.stack_read::<1>(new_rsp)?;
     cpu.set_gpr::<B>(gpr::RBP as u8, frame);
     cpu.regs[gpr::RSP] = new_rsp;
     Ok(())

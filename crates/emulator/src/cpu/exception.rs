@@ -27,7 +27,8 @@ pub mod vector {
 pub struct Exception {
     pub vector: u8,
     pub error_code: Option<u32>,
-    /// The faulting linear address (CR2) for page faults.
+    /// The faulting linear address: CR2 for a page fault; for the #GP of a non-canonical
+    /// address that address (never 0), so a stack access can turn it into #SS.
     pub address: u64,
 }
 
@@ -80,6 +81,27 @@ impl Event {
     #[inline]
     pub fn nm() -> Self {
         Self::exception(vector::NM, None)
+    }
+    /// The #GP(0) of an access to non-canonical `address`.
+    #[inline]
+    pub fn non_canonical(address: u64) -> Self {
+        Event::Exception(Exception {
+            vector: vector::GP,
+            error_code: Some(0),
+            address,
+        })
+    }
+    /// The same fault seen by a stack-segment access: a non-canonical address is #SS(0).
+    #[inline]
+    pub fn into_stack_fault(self) -> Self {
+        match self {
+            Event::Exception(Exception {
+                vector: vector::GP,
+                address,
+                ..
+            }) if address != 0 => Self::ss(0),
+            other => other,
+        }
     }
     #[inline]
     pub fn page_fault(address: u64, code: u32) -> Self {
@@ -253,7 +275,8 @@ impl Cpu {
         if !crate::mmu::is_canonical(new_rsp) {
             return Err(Event::ss(0));
         }
-        self.write_bytes(new_rsp, &bytes[..words * 8], new_cpl == 3)?;
+        self.write_bytes(new_rsp, &bytes[..words * 8], new_cpl == 3)
+            .map_err(Event::into_stack_fault)?;
 
         // Commit.
         let mut cs = code;

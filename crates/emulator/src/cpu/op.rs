@@ -237,7 +237,7 @@ impl Cpu {
     #[inline(always)]
     pub fn push<const B: usize>(&mut self, value: u64) -> Result<(), Event> {
         let rsp = self.regs[super::gpr::RSP].wrapping_sub(B as u64);
-        self.write::<B>(rsp, value)?;
+        self.stack_write::<B>(rsp, value)?;
         self.regs[super::gpr::RSP] = rsp;
         Ok(())
     }
@@ -246,7 +246,7 @@ impl Cpu {
     #[inline(always)]
     pub fn pop<const B: usize>(&mut self) -> Result<u64, Event> {
         let rsp = self.regs[super::gpr::RSP];
-        let value = self.read::<B>(rsp)?;
+        let value = self.stack_read::<B>(rsp)?;
         self.regs[super::gpr::RSP] = rsp.wrapping_add(B as u64);
         Ok(value)
     }

@@ -30,14 +30,9 @@ impl Cpu {
                 if !matches!(e, Event::Halt) {
                     self.rip = op.inst.ip();
                 }
-                if let Event::Exception(x) = &mut e {
-                    // A non-canonical address through the stack segment is #SS, not #GP.
-                    if x.vector == super::vector::GP
-                        && x.address != 0
-                        && op.seg == super::seg::SS as u8
-                    {
-                        x.vector = super::vector::SS;
-                    }
+                if op.seg == super::seg::SS as u8 {
+                    // A memory operand addressed through RSP or RBP uses the stack segment.
+                    e = e.into_stack_fault();
                 }
                 self.icount += i as u64 + u64::from(matches!(e, Event::Halt));
                 return Err(e);

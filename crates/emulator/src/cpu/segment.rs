@@ -219,7 +219,9 @@ impl Cpu {
         let rsp = self.regs[gpr::RSP];
         let mut words = [0u64; 5];
         for (i, w) in words.iter_mut().enumerate() {
-            *w = self.read_sized(rsp.wrapping_add((i * size) as u64), size)?;
+            *w = self
+                .read_sized(rsp.wrapping_add((i * size) as u64), size)
+                .map_err(Event::into_stack_fault)?;
         }
         let [rip, cs, rflags, new_rsp, ss] = words;
         let (cs, ss) = (cs as u16, ss as u16);
@@ -266,7 +268,10 @@ impl Cpu {
     /// Far return (RETF): pops RIP and CS (and RSP/SS when going outward), then `pop_bytes`.
     pub fn far_return(&mut self, size: usize, pop_bytes: u64) -> Result<(), Event> {
         let rsp = self.regs[gpr::RSP];
-        let read = |cpu: &mut Cpu, offset: u64| cpu.read_sized(rsp.wrapping_add(offset), size);
+        let read = |cpu: &mut Cpu, offset: u64| {
+            cpu.read_sized(rsp.wrapping_add(offset), size)
+                .map_err(Event::into_stack_fault)
+        };
         let rip = read(self, 0)?;
         let cs = read(self, size as u64)? as u16;
         let new_cpl = (cs & 3) as u8;
@@ -537,9 +542,9 @@ pub fn pop_segment(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     };
     let rsp = cpu.regs[gpr::RSP];
     let selector = if size == 2 {
-        cpu.read::<2>(rsp)?
+        cpu.stack_read::<2>(rsp)?
     } else {
-        cpu.read::<8>(rsp)?
+        cpu.stack_read::<8>(rsp)?
     };
     cpu.load_segment(index, selector as u16)?;
     cpu.regs[gpr::RSP] = rsp.wrapping_add(size);
