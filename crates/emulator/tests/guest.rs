@@ -831,3 +831,23 @@ fn non_canonical_stack_accesses_raise_ss_and_other_operands_gp() {
         );
     }
 }
+
+#[test]
+fn an_instruction_crossing_into_mmio_is_not_fetched_from_the_device() {
+    let mut m = Machine::new(16 << 20);
+    let dev = m.add_mmio(0xd000_0000, 0x1000);
+    m.map_page(0x40_0000, 0x40_0000, 0x3);
+    m.map_page(0x40_1000, 0xd000_0000, 0x3);
+    // The first 5 bytes of a 10-byte `mov rax, imm64`; the rest would come from the device.
+    m.write(0x40_0ffb, &[0x48, 0xb8, 0x11, 0x22, 0x33]);
+    m.assemble(CODE, |a| {
+        a.jmp(0x40_0ffbu64).unwrap();
+    });
+    match m.vcpu.run() {
+        Err(lodge_engine::EngineError::Guest { reason, .. }) => {
+            assert!(reason.contains("outside RAM"), "{reason}")
+        }
+        other => panic!("expected an engine failure, got {other:?}"),
+    }
+    assert_eq!(dev.lock().unwrap().reads, 0, "no device register was read");
+}

@@ -191,11 +191,7 @@ impl CodeCache {
         epoch: u64,
     ) -> Result<BlockRef, Event> {
         cpu.stats.blocks_translated += 1;
-        if !cpu.mem.is_ram(phys) {
-            return Err(Event::fatal(format!(
-                "Executing outside RAM at {linear:#x} (physical {phys:#x})"
-            )));
-        }
+        require_ram(cpu, linear, phys)?;
         let in_page = PAGE_SIZE - (phys & PAGE_OFFSET_MASK);
         let window = in_page.min(WINDOW);
         let mut bytes = vec![0u8; window as usize];
@@ -281,6 +277,8 @@ impl CodeCache {
     ) -> Result<BlockRef, Event> {
         let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
         let next_phys = cpu.translate(next_page, AccessKind::Execute, cpu.user)?;
+        // Code is fetched from RAM only: reading a device register has side effects.
+        require_ram(cpu, next_page, next_phys)?;
         let mut bytes = head.to_vec();
         let mut tail = [0u8; 15];
         cpu.mem.read(next_phys & !PAGE_OFFSET_MASK, &mut tail);
@@ -335,5 +333,16 @@ impl CodeCache {
         cpu.code_pages.clear();
         cpu.code_writes.clear();
         cpu.tlb.flush();
+    }
+}
+
+/// Fails unless the code at `linear` (physical `phys`) is in RAM.
+fn require_ram(cpu: &Cpu, linear: u64, phys: u64) -> Result<(), Event> {
+    if cpu.mem.is_ram(phys) {
+        Ok(())
+    } else {
+        Err(Event::fatal(format!(
+            "Executing outside RAM at {linear:#x} (physical {phys:#x})"
+        )))
     }
 }
