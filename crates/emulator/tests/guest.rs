@@ -851,3 +851,41 @@ fn an_instruction_crossing_into_mmio_is_not_fetched_from_the_device() {
     }
     assert_eq!(dev.lock().unwrap().reads, 0, "no device register was read");
 }
+
+#[test]
+fn a_page_fault_reading_the_gdt_during_delivery_is_a_page_fault() {
+    let mut m = Machine::new(16 << 20);
+    // The GDT moves to 0x40_0000; its second page (holding selector 0x1000) is not present.
+    let gdt = 0x40_0000u64;
+    m.map_page(gdt, gdt, 0x3);
+    m.map_page(gdt + 0x1000, gdt + 0x1000, 0x0);
+    let entries = m.read(GDT, 9 * 8);
+    m.write(gdt, &entries);
+    let gdtr = 0x20000u64;
+    m.write(gdtr, &0x1007u16.to_le_bytes());
+    m.write_u64(gdtr + 2, gdt);
+    // #UD's gate names code selector 0x1000; #PF's is the usual kernel code segment.
+    let (ud_handler, pf_handler) = (CODE + 0x1000, CODE + 0x1100);
+    m.set_gate(6, ud_handler, 0, 0);
+    let gate = IDT + 6 * 16;
+    m.write(gate + 2, &0x1000u16.to_le_bytes());
+    m.set_gate(14, pf_handler, 0, 0);
+    m.assemble(pf_handler, |a| {
+        a.pop(rbx).unwrap(); // error code
+        a.pop(rdx).unwrap(); // RIP
+        a.mov(rcx, cr2).unwrap();
+        a.hlt().unwrap();
+    });
+    let ud2_at = m.assemble(CODE, |a| {
+        a.lgdt(ptr(gdtr)).unwrap();
+    }) as u64
+        + CODE;
+    m.assemble(ud2_at, |a| {
+        a.ud2().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rcx, gdt + 0x1000, "CR2: the descriptor's address");
+    assert_eq!(s.regs.rbx, 0, "not present, supervisor read");
+    assert_eq!(s.regs.rdx, ud2_at, "the #UD's instruction");
+}

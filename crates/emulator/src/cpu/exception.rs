@@ -229,9 +229,12 @@ impl Cpu {
         if selector & !3 == 0 {
             return Err(Event::gp(ext));
         }
-        let code = self
-            .load_descriptor(selector)
-            .map_err(|_| Event::gp(selector_error))?;
+        let code = self.load_descriptor(selector).map_err(|e| match e {
+            // Outside the table: the error code names the selector and the EXT bit. Page
+            // faults reading the table stay page faults.
+            Event::Exception(x) if x.vector == vector::GP => Event::gp(selector_error),
+            other => other,
+        })?;
         // Must be a present 64-bit code segment no less privileged than the CPL.
         if !code.s || code.type_ & 0x8 == 0 || !code.l || code.db || code.dpl > self.cpl() {
             return Err(Event::gp(selector_error));
