@@ -47,11 +47,6 @@ impl PhysicalMemory {
         PhysicalMemory { ram, regions, io }
     }
 
-    /// The guest RAM.
-    pub fn ram(&self) -> &GuestMemoryMmap {
-        &self.ram
-    }
-
     /// The port and MMIO buses.
     pub fn io(&self) -> &IoBus {
         &self.io

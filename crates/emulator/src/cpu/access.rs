@@ -296,7 +296,6 @@ impl Cpu {
                 page_size: PAGE_SIZE,
                 writable: true,
                 executable: true,
-                global: false,
             }
         };
         let phys_page = translation.phys & !PAGE_OFFSET_MASK;

@@ -23,8 +23,6 @@ pub struct Block {
     pub ops: Box<[Op]>,
     pub linear: u64,
     pub phys: u64,
-    /// Physical end of the bytes decoded.
-    pub phys_end: u64,
     /// The bytes decoded, to notice changes made behind the engine's back (device DMA).
     bytes: Box<[u8]>,
     /// The DMA epoch at which `bytes` last matched memory.
@@ -178,11 +176,6 @@ impl CodeCache {
         self.map.len()
     }
 
-    /// Whether no block is cached.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
     fn translate(
         &mut self,
         cpu: &mut Cpu,
@@ -226,12 +219,10 @@ impl CodeCache {
             .last()
             .map_or(0, |op: &Op| op.inst.next_ip().wrapping_sub(linear));
         let decoded = ends.min(length);
-        let phys_end = phys + decoded;
         let block = Block {
             ops: ops.into_boxed_slice(),
             linear,
             phys,
-            phys_end,
             bytes: bytes[..decoded as usize].into(),
             epoch,
             phys2: u64::MAX,
@@ -290,7 +281,6 @@ impl CodeCache {
             ops: vec![decode::prepare(&inst)].into_boxed_slice(),
             linear,
             phys,
-            phys_end: phys + head.len() as u64,
             bytes: bytes[..length].into(),
             epoch,
             phys2: next_phys & !PAGE_OFFSET_MASK,

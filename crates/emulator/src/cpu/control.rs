@@ -3,7 +3,7 @@
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
-use super::op::{kind, Handler, Op, MEM, REG};
+use super::op::{Handler, Op, MEM, REG};
 use super::{gpr, vector, Cpu, Event};
 
 /// JMP rel.
@@ -267,7 +267,6 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Sysret => sysret::<false>,
         _ => return None,
     };
-    let _ = kind;
     Some(h)
 }
 

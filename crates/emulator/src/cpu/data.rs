@@ -73,12 +73,7 @@ pub fn lea<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 pub fn xchg<const B: usize, const MEMORY: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if MEMORY {
         // Either operand may be the memory one.
-        let (mem_n, reg) = if op.is_memory(0) {
-            (0, op.r[1])
-        } else {
-            (1, op.r[0])
-        };
-        let _ = mem_n;
+        let reg = if op.is_memory(0) { op.r[1] } else { op.r[0] };
         let addr = cpu.ea(op);
         let place = cpu.locate::<B>(addr)?;
         let old = cpu.place_read::<B>(place)?;
@@ -156,13 +151,12 @@ pub fn push<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
 /// incremented RSP.
 pub fn pop<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let rsp = cpu.regs[gpr::RSP];
-    let value = cpu.stack_read::<B>(rsp)?;
+    let value = cpu.pop::<B>()?;
     if DST == REG {
-        cpu.regs[gpr::RSP] = rsp.wrapping_add(B as u64);
+        // POP RSP loads the popped value, not the incremented pointer.
         cpu.set_gpr::<B>(op.r[0], value);
         Ok(())
     } else {
-        cpu.regs[gpr::RSP] = rsp.wrapping_add(B as u64);
         let addr = cpu.ea(op);
         if let Err(e) = cpu.write::<B>(addr, value) {
             cpu.regs[gpr::RSP] = rsp;
@@ -180,9 +174,7 @@ pub fn pushf<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 
 /// POPF/POPFQ.
 pub fn popf<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
-    let rsp = cpu.regs[gpr::RSP];
-    let value = cpu.stack_read::<B>(rsp)?;
-    cpu.regs[gpr::RSP] = rsp.wrapping_add(B as u64);
+    let value = cpu.pop::<B>()?;
     let cpl = cpu.cpl();
     cpu.set_flags_privileged(value, cpl, B);
     Ok(())

@@ -8,7 +8,6 @@ pub mod vector {
     pub const DE: u8 = 0;
     pub const DB: u8 = 1;
     pub const BP: u8 = 3;
-    pub const OF: u8 = 4;
     pub const UD: u8 = 6;
     pub const NM: u8 = 7;
     pub const DF: u8 = 8;
@@ -20,6 +19,7 @@ pub mod vector {
     pub const MF: u8 = 16;
     pub const AC: u8 = 17;
     pub const XM: u8 = 19;
+    pub const CP: u8 = 21;
 }
 
 /// A fault or trap raised by an instruction.
@@ -129,11 +129,13 @@ pub enum Source {
 
 /// Exceptions whose error code is pushed.
 fn has_error_code(vector: u8) -> bool {
-    matches!(vector, 8 | 10..=14 | 17 | 21)
+    use vector::*;
+    matches!(vector, DF | TS | NP | SS | GP | PF | AC | CP)
 }
 
 fn is_contributory(vector: u8) -> bool {
-    matches!(vector, 0 | 10..=13)
+    use vector::*;
+    matches!(vector, DE | TS | NP | SS | GP)
 }
 
 impl Cpu {

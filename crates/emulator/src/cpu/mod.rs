@@ -91,13 +91,10 @@ pub mod gpr {
 /// CR0 bits.
 pub mod cr0 {
     pub const PE: u64 = 1 << 0;
-    pub const MP: u64 = 1 << 1;
     pub const EM: u64 = 1 << 2;
     pub const TS: u64 = 1 << 3;
     pub const ET: u64 = 1 << 4;
-    pub const NE: u64 = 1 << 5;
     pub const WP: u64 = 1 << 16;
-    pub const AM: u64 = 1 << 18;
     pub const NW: u64 = 1 << 29;
     pub const CD: u64 = 1 << 30;
     pub const PG: u64 = 1 << 31;
@@ -199,7 +196,6 @@ pub struct Cpu {
 pub struct Stats {
     pub blocks_translated: u64,
     pub page_walks: u64,
-    pub tlb_flushes: u64,
     pub code_invalidations: u64,
     pub exceptions: u64,
     pub interrupts: u64,

@@ -216,23 +216,6 @@ impl Cpu {
         }
     }
 
-    /// Writes operand `n` (register or memory) as `B` bytes.
-    #[inline(always)]
-    pub fn write_operand<const B: usize>(
-        &mut self,
-        op: &Op,
-        n: u32,
-        value: u64,
-    ) -> Result<(), Event> {
-        if op.inst.op_kind(n) == OpKind::Register {
-            self.set_gpr::<B>(op.r[n as usize & 3], value);
-            Ok(())
-        } else {
-            let addr = self.ea(op);
-            self.write::<B>(addr, value)
-        }
-    }
-
     /// Pushes a `B`-byte value.
     #[inline(always)]
     pub fn push<const B: usize>(&mut self, value: u64) -> Result<(), Event> {

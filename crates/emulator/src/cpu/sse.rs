@@ -3,7 +3,7 @@
 //! Lanes are handled as little-endian arrays of the 128-bit register value. Floating-point
 //! arithmetic lives in `sse_float`.
 
-use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Code, Instruction, Mnemonic, OpKind};
 
 use super::op::{Handler, Op};
 use super::{Cpu, Event};
@@ -769,7 +769,6 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Maskmovdqu => maskmovdqu,
         _ => return None,
     };
-    let _ = Register::None;
     Some(h)
 }
 

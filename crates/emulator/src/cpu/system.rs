@@ -5,7 +5,7 @@ use iced_x86::{Instruction, Mnemonic, OpKind};
 use tracing::{debug, warn};
 
 use super::flags::{self, CF, DF, IF, IOPL};
-use super::op::{kind, size0, Handler, Op, MEM, REG};
+use super::op::{size0, Handler, Op};
 use super::{cr0, cr4, gpr, seg, Cpu, Event};
 use crate::msr::{self, efer, index};
 use crate::pic::Pic;
@@ -680,6 +680,5 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2 => undefined,
         _ => return None,
     };
-    let _ = (kind, REG, MEM);
     Some(h)
 }
