@@ -96,7 +96,12 @@ impl Tlb {
     }
 
     /// Caches a translation of the page holding `linear`.
-    pub fn insert(
+    ///
+    /// # Safety
+    /// `host_page`, if given, must be the host address of the 4 KiB of RAM at `phys_page`,
+    /// mapped for as long as the TLB is used: `Cpu::read` and `Cpu::write` access guest
+    /// memory through it without further checks.
+    pub unsafe fn insert(
         &mut self,
         linear: u64,
         user: bool,
@@ -191,10 +196,32 @@ mod tests {
         fast_write: true,
     };
 
+    /// Inserts an entry whose host address the test never dereferences.
+    fn insert(
+        tlb: &mut Tlb,
+        linear: u64,
+        user: bool,
+        phys: u64,
+        host: Option<usize>,
+        rights: PageRights,
+        size: u64,
+    ) {
+        // SAFETY: nothing accesses memory through a TLB outside a `Cpu`.
+        unsafe { tlb.insert(linear, user, phys, host, rights, size) }
+    }
+
     #[test]
     fn hits_until_flushed() {
         let mut tlb = Tlb::new();
-        tlb.insert(0x7000_1234, false, 0x5000, Some(0x1_0000), RW, 4096);
+        insert(
+            &mut tlb,
+            0x7000_1234,
+            false,
+            0x5000,
+            Some(0x1_0000),
+            RW,
+            4096,
+        );
         let e = *tlb.entry(0x7000_1ff8, false);
         assert_eq!(e.read, tlb.tag(0x7000_1ff8));
         assert_eq!(e.exec & !SLOW, INVALID & !SLOW);
@@ -211,8 +238,16 @@ mod tests {
     #[test]
     fn invlpg_in_a_large_page_flushes_all() {
         let mut tlb = Tlb::new();
-        tlb.insert(0x20_3000, false, 0x3000, Some(0x1000), RW, 0x20_0000);
-        tlb.insert(0x80_0000, false, 0x9000, Some(0x2000), RW, 4096);
+        insert(
+            &mut tlb,
+            0x20_3000,
+            false,
+            0x3000,
+            Some(0x1000),
+            RW,
+            0x20_0000,
+        );
+        insert(&mut tlb, 0x80_0000, false, 0x9000, Some(0x2000), RW, 4096);
         tlb.flush_page(0x80_0000);
         assert_ne!(tlb.entry(0x80_0000, false).read, tlb.tag(0x80_0000));
         assert_eq!(tlb.entry(0x20_3000, false).read, tlb.tag(0x20_3000));
@@ -223,7 +258,7 @@ mod tests {
     #[test]
     fn code_pages_lose_fast_writes() {
         let mut tlb = Tlb::new();
-        tlb.insert(0x1000, true, 0x8000, Some(0x1000), RW, 4096);
+        insert(&mut tlb, 0x1000, true, 0x8000, Some(0x1000), RW, 4096);
         tlb.protect_code_page(0x8000);
         let e = *tlb.entry(0x1000, true);
         assert_ne!(e.write, tlb.tag(0x1000));
@@ -235,7 +270,7 @@ mod tests {
     fn generations_wrap() {
         let mut tlb = Tlb::new();
         for _ in 0..5000 {
-            tlb.insert(0x1000, false, 0, Some(0x1000), RW, 4096);
+            insert(&mut tlb, 0x1000, false, 0, Some(0x1000), RW, 4096);
             assert_eq!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
             tlb.flush();
             assert_ne!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
