@@ -74,14 +74,7 @@ pub fn binary<const OP: u8, const B: usize, const DST: u8, const SRC: u8>(
     op: &Op,
 ) -> Result<(), Event> {
     let writes = OP != CMP && OP != TEST;
-    let src = match SRC {
-        REG => cpu.gpr::<B>(op.r[1]),
-        IMM => op.inst.immediate(1) & mask::<B>(),
-        _ => {
-            let addr = cpu.ea(op);
-            cpu.read::<B>(addr)?
-        }
-    };
+    let src = cpu.source::<B, SRC>(op, 1)?;
     if DST == REG {
         let dst = cpu.gpr::<B>(op.r[0]);
         let r = compute::<OP, B>(cpu, dst, src);

@@ -68,12 +68,7 @@ pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let src = if SRC == REG {
-        cpu.gpr::<B>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)?
-    };
+    let src = cpu.source::<B, SRC>(op, 1)?;
     if src == 0 {
         // A zero result sets ZF.
         cpu.flags.set_custom((B * 8) as u32, 0, false, false, false);
@@ -91,12 +86,7 @@ pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(
 
 /// LZCNT r, r/m: CF = (source == 0), ZF = (result == 0).
 pub fn lzcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let src = if SRC == REG {
-        cpu.gpr::<B>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)?
-    };
+    let src = cpu.source::<B, SRC>(op, 1)?;
     let count = u64::from(src.leading_zeros()) - (64 - (B as u64) * 8);
     cpu.set_gpr::<B>(op.r[0], count);
     cpu.flags.set_arith(
@@ -108,12 +98,7 @@ pub fn lzcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<()
 
 /// POPCNT r, r/m.
 pub fn popcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let src = if SRC == REG {
-        cpu.gpr::<B>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)?
-    };
+    let src = cpu.source::<B, SRC>(op, 1)?;
     let count = u64::from((src & mask::<B>()).count_ones());
     cpu.set_gpr::<B>(op.r[0], count);
     // ZF = (src == 0); every other flag clear (PF is computed from a result of 1 or 0,

@@ -21,20 +21,9 @@ pub fn jcc(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     Ok(())
 }
 
-/// Reads an indirect branch target (r/m64).
-#[inline(always)]
-fn indirect_target<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<u64, Event> {
-    if SRC == REG {
-        Ok(cpu.gpr::<8>(op.r[0]))
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<8>(addr)
-    }
-}
-
 /// JMP r/m64.
 pub fn jmp_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let target = indirect_target::<SRC>(cpu, op)?;
+    let target = cpu.source::<8, SRC>(op, 0)?;
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }
@@ -52,7 +41,7 @@ pub fn call(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// CALL r/m64.
 pub fn call_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let target = indirect_target::<SRC>(cpu, op)?;
+    let target = cpu.source::<8, SRC>(op, 0)?;
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }

@@ -12,14 +12,7 @@ pub fn mov<const B: usize, const DST: u8, const SRC: u8>(
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let value = match SRC {
-        REG => cpu.gpr::<B>(op.r[1]),
-        IMM => op.inst.immediate(1),
-        _ => {
-            let addr = cpu.ea(op);
-            cpu.read::<B>(addr)?
-        }
-    };
+    let value = cpu.source::<B, SRC>(op, 1)?;
     if DST == REG {
         cpu.set_gpr::<B>(op.r[0], value);
         Ok(())
@@ -47,12 +40,7 @@ pub fn extend<const D: usize, const S: usize, const SIGNED: bool, const SRC: u8>
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let value = if SRC == REG {
-        cpu.gpr::<S>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<S>(addr)?
-    };
+    let value = cpu.source::<S, SRC>(op, 1)?;
     let value = if SIGNED {
         sign_extend::<S>(value)
     } else {
@@ -105,12 +93,7 @@ pub fn bswap<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// CMOVcc r, r/m. The source is read (and may fault) even when the condition is false, and
 /// a 32-bit destination is zero-extended either way.
 pub fn cmov<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let value = if SRC == REG {
-        cpu.gpr::<B>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)?
-    };
+    let value = cpu.source::<B, SRC>(op, 1)?;
     let cc = op.inst.condition_code() as u8 - 1;
     if cpu.flags.condition(cc) {
         cpu.set_gpr::<B>(op.r[0], value);
@@ -136,14 +119,7 @@ pub fn setcc<const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// PUSH r/m/imm (`B` is the stack operand size, 2 or 8).
 pub fn push<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let value = match SRC {
-        REG => cpu.gpr::<B>(op.r[0]),
-        IMM => op.inst.immediate(0),
-        _ => {
-            let addr = cpu.ea(op);
-            cpu.read::<B>(addr)?
-        }
-    };
+    let value = cpu.source::<B, SRC>(op, 0)?;
     cpu.push::<B>(value)
 }
 

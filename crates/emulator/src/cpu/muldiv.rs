@@ -5,17 +5,6 @@ use iced_x86::{Instruction, Mnemonic};
 use super::op::{kind, mask, sign_extend, size0, Handler, Op, MEM, REG};
 use super::{Cpu, Event};
 
-/// Reads the r/m source of a one-operand multiply or divide.
-#[inline(always)]
-fn source<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op, n: u32) -> Result<u64, Event> {
-    if SRC == REG {
-        Ok(cpu.gpr::<B>(op.r[n as usize]))
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)
-    }
-}
-
 /// Splits a double-width product into the accumulator registers.
 #[inline(always)]
 fn store_double<const B: usize>(cpu: &mut Cpu, low: u64, high: u64) {
@@ -29,7 +18,7 @@ fn store_double<const B: usize>(cpu: &mut Cpu, low: u64, high: u64) {
 
 /// MUL r/m: unsigned rDX:rAX = rAX * src.
 pub fn mul<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let src = source::<B, SRC>(cpu, op, 0)?;
+    let src = cpu.source::<B, SRC>(op, 0)?;
     let a = cpu.gpr::<B>(0);
     let product = u128::from(a) * u128::from(src);
     let bits = B * 8;
@@ -44,7 +33,7 @@ pub fn mul<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), 
 
 /// IMUL r/m: signed rDX:rAX = rAX * src.
 pub fn imul1<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let src = sign_extend::<B>(source::<B, SRC>(cpu, op, 0)?) as i64;
+    let src = sign_extend::<B>(cpu.source::<B, SRC>(op, 0)?) as i64;
     let a = sign_extend::<B>(cpu.gpr::<B>(0)) as i64;
     let product = i128::from(a) * i128::from(src);
     let bits = B * 8;
@@ -62,7 +51,7 @@ pub fn imul<const B: usize, const SRC: u8, const THREE: bool>(
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let src = sign_extend::<B>(source::<B, SRC>(cpu, op, 1)?) as i64;
+    let src = sign_extend::<B>(cpu.source::<B, SRC>(op, 1)?) as i64;
     let other = if THREE {
         sign_extend::<B>(op.inst.immediate(2) & mask::<B>()) as i64
     } else {
@@ -100,7 +89,7 @@ fn store_division<const B: usize>(cpu: &mut Cpu, quotient: u64, remainder: u64) 
 
 /// DIV r/m (#DE on division by zero or a quotient that does not fit).
 pub fn div<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let divisor = u128::from(source::<B, SRC>(cpu, op, 0)?);
+    let divisor = u128::from(cpu.source::<B, SRC>(op, 0)?);
     if divisor == 0 {
         return Err(Event::de());
     }
@@ -115,7 +104,7 @@ pub fn div<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), 
 
 /// IDIV r/m.
 pub fn idiv<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let divisor = i128::from(sign_extend::<B>(source::<B, SRC>(cpu, op, 0)?) as i64);
+    let divisor = i128::from(sign_extend::<B>(cpu.source::<B, SRC>(op, 0)?) as i64);
     if divisor == 0 {
         return Err(Event::de());
     }

@@ -203,6 +203,24 @@ impl Cpu {
         }
     }
 
+    /// Reads operand `n` as `B` bytes when its kind (`REG`, `MEM` or `IMM`) is fixed at
+    /// decode time, as a handler's const parameter.
+    #[inline(always)]
+    pub fn source<const B: usize, const KIND: u8>(
+        &mut self,
+        op: &Op,
+        n: u32,
+    ) -> Result<u64, Event> {
+        match KIND {
+            REG => Ok(self.gpr::<B>(op.r[n as usize & 3])),
+            IMM => Ok(op.inst.immediate(n) & mask::<B>()),
+            _ => {
+                let addr = self.ea(op);
+                self.read::<B>(addr)
+            }
+        }
+    }
+
     /// Reads operand `n` (register, memory or immediate) as `B` bytes.
     #[inline(always)]
     pub fn read_operand<const B: usize>(&mut self, op: &Op, n: u32) -> Result<u64, Event> {
