@@ -4,7 +4,7 @@
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::flags::{self, FlagOp, ZF};
-use super::op::{kind, mask, sign_extend, size0, Handler, Op, IMM, MEM, REG};
+use super::op::{by_size, kind, mask, sign_extend, size0, Handler, Op, IMM, MEM, REG};
 use super::{gpr, Cpu, Event};
 
 /// MOV dst, src.
@@ -336,24 +336,13 @@ pub fn xadd<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
     Ok(())
 }
 
-macro_rules! by_size {
-    ($size:expr, $f:ident $(, $rest:tt)*) => {
-        match $size {
-            1 => $f::<1 $(, $rest)*> as Handler,
-            2 => $f::<2 $(, $rest)*>,
-            4 => $f::<4 $(, $rest)*>,
-            _ => $f::<8 $(, $rest)*>,
-        }
-    };
-}
-
 fn mov_forms(size: usize, dst: u8, src: u8) -> Handler {
     match (dst, src) {
-        (REG, REG) => by_size!(size, mov, REG, REG),
-        (REG, MEM) => by_size!(size, mov, REG, MEM),
-        (REG, _) => by_size!(size, mov, REG, IMM),
-        (_, REG) => by_size!(size, mov, MEM, REG),
-        (_, _) => by_size!(size, mov, MEM, IMM),
+        (REG, REG) => by_size!(size, mov::<_, REG, REG>),
+        (REG, MEM) => by_size!(size, mov::<_, REG, MEM>),
+        (REG, _) => by_size!(size, mov::<_, REG, IMM>),
+        (_, REG) => by_size!(size, mov::<_, MEM, REG>),
+        (_, _) => by_size!(size, mov::<_, MEM, IMM>),
     }
 }
 
@@ -413,12 +402,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                     | iced_x86::Code::Mov_EAX_moffs32
                     | iced_x86::Code::Mov_RAX_moffs64
             ) {
-                match size {
-                    1 => mov_moffs::<1, true> as Handler,
-                    2 => mov_moffs::<2, true>,
-                    4 => mov_moffs::<4, true>,
-                    _ => mov_moffs::<8, true>,
-                }
+                by_size!(size, mov_moffs::<_, true>)
             } else if matches!(
                 inst.code(),
                 iced_x86::Code::Mov_moffs8_AL
@@ -426,12 +410,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                     | iced_x86::Code::Mov_moffs32_EAX
                     | iced_x86::Code::Mov_moffs64_RAX
             ) {
-                match size {
-                    1 => mov_moffs::<1, false> as Handler,
-                    2 => mov_moffs::<2, false>,
-                    4 => mov_moffs::<4, false>,
-                    _ => mov_moffs::<8, false>,
-                }
+                by_size!(size, mov_moffs::<_, false>)
             } else {
                 mov_forms(size, kind(inst, 0), kind(inst, 1))
             }
@@ -439,7 +418,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Movnti => mov_forms(size, MEM, REG),
         Mnemonic::Movzx => extend_forms(inst, false),
         Mnemonic::Movsx | Mnemonic::Movsxd => extend_forms(inst, true),
-        Mnemonic::Lea => by_size!(size, lea),
+        Mnemonic::Lea => by_size!(size, lea::<_>),
         Mnemonic::Xchg => {
             let memory = inst.op_kind(0) == OpKind::Memory || inst.op_kind(1) == OpKind::Memory;
             if memory {
@@ -448,12 +427,12 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                 } else {
                     size
                 };
-                by_size!(size, xchg, true)
+                by_size!(size, xchg::<_, true>)
             } else {
-                by_size!(size, xchg, false)
+                by_size!(size, xchg::<_, false>)
             }
         }
-        Mnemonic::Bswap => by_size!(size, bswap),
+        Mnemonic::Bswap => by_size!(size, bswap::<_>),
         Mnemonic::Cmovo
         | Mnemonic::Cmovno
         | Mnemonic::Cmovb
@@ -470,8 +449,8 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         | Mnemonic::Cmovge
         | Mnemonic::Cmovle
         | Mnemonic::Cmovg => match kind(inst, 1) {
-            REG => by_size!(size, cmov, REG),
-            _ => by_size!(size, cmov, MEM),
+            REG => by_size!(size, cmov::<_, REG>),
+            _ => by_size!(size, cmov::<_, MEM>),
         },
         Mnemonic::Seto
         | Mnemonic::Setno
@@ -556,14 +535,14 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         }
         Mnemonic::Xlatb => xlat,
         Mnemonic::Cmpxchg => match kind(inst, 0) {
-            REG => by_size!(size, cmpxchg, REG),
-            _ => by_size!(size, cmpxchg, MEM),
+            REG => by_size!(size, cmpxchg::<_, REG>),
+            _ => by_size!(size, cmpxchg::<_, MEM>),
         },
         Mnemonic::Cmpxchg8b => cmpxchg_double::<false>,
         Mnemonic::Cmpxchg16b => cmpxchg_double::<true>,
         Mnemonic::Xadd => match kind(inst, 0) {
-            REG => by_size!(size, xadd, REG),
-            _ => by_size!(size, xadd, MEM),
+            REG => by_size!(size, xadd::<_, REG>),
+            _ => by_size!(size, xadd::<_, MEM>),
         },
         _ => return None,
     };

@@ -25,6 +25,45 @@ pub struct Op {
     pub r: [u8; 4],
 }
 
+/// The handler `f::<.., B, ..>` for an operand size of `size` bytes (1, 2, 4, else 8): the
+/// size takes the place of the `_` among the const arguments.
+macro_rules! by_size {
+    // Arguments before the size are literals (`true`) or constants (`ADD`).
+    ($size:expr, $f:ident::<$($pre:literal,)* _ $(, $post:tt)*>) => {
+        by_size!(@ $size, $f, [$($pre),*], [$($post),*])
+    };
+    ($size:expr, $f:ident::<$($pre:ident,)* _ $(, $post:tt)*>) => {
+        by_size!(@ $size, $f, [$($pre),*], [$($post),*])
+    };
+    (@ $size:expr, $f:ident, [$($pre:tt),*], [$($post:tt),*]) => {
+        match $size {
+            1 => $f::<$($pre,)* 1 $(, $post)*> as $crate::cpu::op::Handler,
+            2 => $f::<$($pre,)* 2 $(, $post)*>,
+            4 => $f::<$($pre,)* 4 $(, $post)*>,
+            _ => $f::<$($pre,)* 8 $(, $post)*>,
+        }
+    };
+}
+
+/// As `by_size!` for instructions without a byte form (2, 4, else 8 bytes).
+macro_rules! by_word_size {
+    ($size:expr, $f:ident::<$($pre:literal,)* _ $(, $post:tt)*>) => {
+        by_word_size!(@ $size, $f, [$($pre),*], [$($post),*])
+    };
+    ($size:expr, $f:ident::<$($pre:ident,)* _ $(, $post:tt)*>) => {
+        by_word_size!(@ $size, $f, [$($pre),*], [$($post),*])
+    };
+    (@ $size:expr, $f:ident, [$($pre:tt),*], [$($post:tt),*]) => {
+        match $size {
+            2 => $f::<$($pre,)* 2 $(, $post)*> as $crate::cpu::op::Handler,
+            4 => $f::<$($pre,)* 4 $(, $post)*>,
+            _ => $f::<$($pre,)* 8 $(, $post)*>,
+        }
+    };
+}
+
+pub(crate) use {by_size, by_word_size};
+
 /// Where an operand comes from, resolved at decode time.
 pub const REG: u8 = 0;
 pub const MEM: u8 = 1;
