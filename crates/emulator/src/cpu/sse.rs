@@ -615,7 +615,7 @@ pub fn maskmovdqu(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 }
 
 /// Whether any operand is an MMX register (the MMX forms are not implemented).
-fn uses_mmx(inst: &Instruction) -> bool {
+pub fn uses_mmx(inst: &Instruction) -> bool {
     (0..inst.op_count()).any(|i| inst.op_kind(i) == OpKind::Register && inst.op_register(i).is_mm())
 }
 
