@@ -385,6 +385,18 @@ sse_two!(cvtdq2pd, "cvtdq2pd");
 sse_two!(cvtpd2dq, "cvtpd2dq");
 sse_two!(cvttpd2dq, "cvttpd2dq");
 
+/// Runs `$insn x, y, $imm` under the guest MXCSR (used by `sse_compare`).
+macro_rules! sse_compare_with {
+    ($insn:literal, $imm:literal, $mxcsr:ident, $x:ident, $y:ident) => {
+        sse_asm!(
+            $mxcsr,
+            [concat!($insn, " {x}, {y}, ", $imm),],
+            x = inout(xmm_reg) $x,
+            y = in(xmm_reg) $y,
+        )
+    };
+}
+
 /// Defines the eight predicates of a CMPPS/CMPPD/CMPSS/CMPSD family (the predicate is an
 /// immediate of the instruction, so each gets its own instance).
 macro_rules! sse_compare {
@@ -392,25 +404,15 @@ macro_rules! sse_compare {
         pub fn $name(a: u128, b: u128, predicate: u8, mxcsr: u32) -> (u128, u32) {
             let mut x = to_m128(a);
             let y = to_m128(b);
-            macro_rules! with {
-                        ($imm:literal) => {
-                            sse_asm!(
-                                mxcsr,
-                                [concat!($insn, " {x}, {y}, ", $imm),],
-                                x = inout(xmm_reg) x,
-                                y = in(xmm_reg) y,
-                            )
-                        };
-                    }
             let after = match predicate & 7 {
-                0 => with!("0"),
-                1 => with!("1"),
-                2 => with!("2"),
-                3 => with!("3"),
-                4 => with!("4"),
-                5 => with!("5"),
-                6 => with!("6"),
-                _ => with!("7"),
+                0 => sse_compare_with!($insn, "0", mxcsr, x, y),
+                1 => sse_compare_with!($insn, "1", mxcsr, x, y),
+                2 => sse_compare_with!($insn, "2", mxcsr, x, y),
+                3 => sse_compare_with!($insn, "3", mxcsr, x, y),
+                4 => sse_compare_with!($insn, "4", mxcsr, x, y),
+                5 => sse_compare_with!($insn, "5", mxcsr, x, y),
+                6 => sse_compare_with!($insn, "6", mxcsr, x, y),
+                _ => sse_compare_with!($insn, "7", mxcsr, x, y),
             };
             (from_m128(x), after)
         }
