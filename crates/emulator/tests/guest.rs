@@ -113,27 +113,41 @@ fn init_pic(a: &mut CodeAssembler, master_mask: u8, slave_mask: u8) {
     }
 }
 
-#[test]
-fn device_interrupt_wakes_hlt() {
-    let mut m = Machine::new(16 << 20);
+/// Where `count_interrupts` counts.
+const INTERRUPTS: u64 = 0x20000;
+
+/// Points `vector` at a handler (at `CODE + 0x1000`) that counts at `INTERRUPTS`, sends the
+/// master PIC a non-specific EOI and returns.
+fn count_interrupts(m: &Machine, vector: u8) {
     let handler = CODE + 0x1000;
-    m.set_gate(0x34, handler, 0, 0);
+    m.set_gate(vector, handler, 0, 0);
     m.assemble(handler, |a| {
-        a.inc(qword_ptr(0x20000)).unwrap();
+        a.inc(qword_ptr(INTERRUPTS)).unwrap();
         a.mov(al, 0x20u32).unwrap();
         a.out(0x20, al).unwrap();
         a.iretq().unwrap();
     });
+}
+
+/// Enables interrupts and halts until `INTERRUPTS` reaches `count`, then halts for good.
+fn wait_for_interrupts(a: &mut CodeAssembler, count: i32) {
+    let mut wait = a.create_label();
+    a.sti().unwrap();
+    a.set_label(&mut wait).unwrap();
+    a.hlt().unwrap();
+    a.cmp(qword_ptr(INTERRUPTS), count).unwrap();
+    a.jb(wait).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+}
+
+#[test]
+fn device_interrupt_wakes_hlt() {
+    let mut m = Machine::new(16 << 20);
+    count_interrupts(&m, 0x34);
     m.assemble(CODE, |a| {
         init_pic(a, !0x10, 0xff);
-        let mut wait = a.create_label();
-        a.sti().unwrap();
-        a.set_label(&mut wait).unwrap();
-        a.hlt().unwrap();
-        a.cmp(qword_ptr(0x20000), 3).unwrap();
-        a.jb(wait).unwrap();
-        a.cli().unwrap();
-        a.hlt().unwrap();
+        wait_for_interrupts(a, 3);
     });
     let line = m.vm.interrupt_line(4).unwrap();
     let t = std::thread::spawn(move || {
@@ -144,20 +158,13 @@ fn device_interrupt_wakes_hlt() {
     });
     assert_eq!(m.run(), VcpuExit::Halted);
     t.join().unwrap();
-    assert_eq!(m.read_u64(0x20000), 3);
+    assert_eq!(m.read_u64(INTERRUPTS), 3);
 }
 
 #[test]
 fn pit_ticks_at_its_programmed_rate() {
     let mut m = Machine::new(16 << 20);
-    let handler = CODE + 0x1000;
-    m.set_gate(0x30, handler, 0, 0);
-    m.assemble(handler, |a| {
-        a.inc(qword_ptr(0x20000)).unwrap();
-        a.mov(al, 0x20u32).unwrap();
-        a.out(0x20, al).unwrap();
-        a.iretq().unwrap();
-    });
+    count_interrupts(&m, 0x30);
     m.assemble(CODE, |a| {
         init_pic(a, !0x01, 0xff);
         // Mode 2, 1193 ticks: 1 kHz.
@@ -167,14 +174,7 @@ fn pit_ticks_at_its_programmed_rate() {
         a.out(0x40, al).unwrap();
         a.mov(al, 1193u32 >> 8).unwrap();
         a.out(0x40, al).unwrap();
-        let mut wait = a.create_label();
-        a.sti().unwrap();
-        a.set_label(&mut wait).unwrap();
-        a.hlt().unwrap();
-        a.cmp(qword_ptr(0x20000), 50).unwrap();
-        a.jb(wait).unwrap();
-        a.cli().unwrap();
-        a.hlt().unwrap();
+        wait_for_interrupts(a, 50);
     });
     let start = Instant::now();
     assert_eq!(m.run(), VcpuExit::Halted);
@@ -487,13 +487,7 @@ fn interrupt_lines_and_vcpus_are_validated() {
 fn code_rewritten_by_a_device_is_noticed_after_its_interrupt() {
     let mut m = Machine::new(16 << 20);
     let function = 0x40_0000u64;
-    let handler = CODE + 0x1000;
-    m.set_gate(0x35, handler, 0, 0);
-    m.assemble(handler, |a| {
-        a.mov(al, 0x20u32).unwrap();
-        a.out(0x20, al).unwrap();
-        a.iretq().unwrap();
-    });
+    count_interrupts(&m, 0x35);
     m.assemble(function, |a| {
         a.mov(eax, 1).unwrap();
         a.ret().unwrap();

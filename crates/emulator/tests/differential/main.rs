@@ -339,30 +339,8 @@ fn data_movement() {
 
 #[test]
 fn string_instructions() {
-    use Mnemonic::*;
     check("string", cases(300), |c| {
-        matches!(c, Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32)
-            || matches!(
-                c.mnemonic(),
-                Movsb
-                    | Movsw
-                    | Movsq
-                    | Stosb
-                    | Stosw
-                    | Stosd
-                    | Stosq
-                    | Lodsb
-                    | Lodsw
-                    | Lodsd
-                    | Lodsq
-                    | Cmpsb
-                    | Cmpsw
-                    | Cmpsq
-                    | Scasb
-                    | Scasw
-                    | Scasd
-                    | Scasq
-            )
+        matches!(c, Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32) || generate::is_string(c.mnemonic())
     });
 }
 
