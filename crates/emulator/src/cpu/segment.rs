@@ -8,6 +8,25 @@ use super::op::Op;
 use super::{gpr, seg, Cpu, Event};
 use crate::msr::efer;
 
+/// The flat 4 GiB segment SYSCALL and SYSRET load without reading a descriptor: 64-bit
+/// code (execute/read, accessed) or data (read/write, accessed) at privilege `dpl`.
+fn flat_segment(selector: u16, dpl: u8, code: bool) -> Segment {
+    Segment {
+        selector,
+        base: 0,
+        limit: 0xffff_ffff,
+        type_: if code { 0xb } else { 0x3 },
+        present: true,
+        dpl,
+        db: !code,
+        s: true,
+        l: code,
+        g: true,
+        avl: false,
+        unusable: false,
+    }
+}
+
 /// A segment register's value after loading a null selector.
 pub fn null_segment(selector: u16) -> Segment {
     Segment {
@@ -325,34 +344,8 @@ impl Cpu {
         self.regs[gpr::RCX] = self.rip;
         let rflags = self.flags.get();
         self.regs[gpr::R11] = rflags & !RF;
-        self.segs[seg::CS] = Segment {
-            selector,
-            base: 0,
-            limit: 0xffff_ffff,
-            type_: 0xb,
-            present: true,
-            dpl: 0,
-            db: false,
-            s: true,
-            l: true,
-            g: true,
-            avl: false,
-            unusable: false,
-        };
-        self.segs[seg::SS] = Segment {
-            selector: selector.wrapping_add(8),
-            base: 0,
-            limit: 0xffff_ffff,
-            type_: 0x3,
-            present: true,
-            dpl: 0,
-            db: true,
-            s: true,
-            l: false,
-            g: true,
-            avl: false,
-            unusable: false,
-        };
+        self.segs[seg::CS] = flat_segment(selector, 0, true);
+        self.segs[seg::SS] = flat_segment(selector.wrapping_add(8), 0, false);
         self.flags.set(rflags & !self.msr.sfmask & !RF);
         self.rip = self.msr.lstar;
         self.user = false;
@@ -378,33 +371,14 @@ impl Cpu {
             return Err(Event::gp(0));
         }
         let base = ((self.msr.star >> 48) & 0xffff) as u16;
-        self.segs[seg::CS] = Segment {
-            selector: base.wrapping_add(16) | 3,
-            base: 0,
-            limit: 0xffff_ffff,
-            type_: 0xb,
-            present: true,
-            dpl: 3,
-            db: false,
-            s: true,
-            l: true,
-            g: true,
-            avl: false,
-            unusable: false,
+        self.segs[seg::CS] = flat_segment(base.wrapping_add(16) | 3, 3, true);
+        // SS is loaded flat as on Intel CPUs; AVL and L (meaningless for SS) stay.
+        let old_ss = self.segs[seg::SS];
+        self.segs[seg::SS] = Segment {
+            avl: old_ss.avl,
+            l: old_ss.l,
+            ..flat_segment(base.wrapping_add(8) | 3, 3, false)
         };
-        // SS keeps its attributes apart from selector and DPL, as on Intel CPUs.
-        let mut ss = self.segs[seg::SS];
-        ss.selector = base.wrapping_add(8) | 3;
-        ss.dpl = 3;
-        ss.unusable = false;
-        ss.present = true;
-        ss.s = true;
-        ss.type_ = 3;
-        ss.db = true;
-        ss.g = true;
-        ss.limit = 0xffff_ffff;
-        ss.base = 0;
-        self.segs[seg::SS] = ss;
         let r11 = self.regs[gpr::R11];
         self.flags
             .set((r11 & flags::WRITABLE & !RF & !VM) | flags::FIXED);
