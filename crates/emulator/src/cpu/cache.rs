@@ -34,10 +34,38 @@ pub struct Block {
     split: usize,
 }
 
-/// A block to execute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BlockRef {
-    Cached(u32),
+impl Block {
+    /// The physical pages the block's bytes come from.
+    fn pages(&self) -> impl Iterator<Item = u64> {
+        let second = (self.phys2 != u64::MAX).then_some(self.phys2);
+        std::iter::once(self.phys & !PAGE_OFFSET_MASK).chain(second)
+    }
+
+    /// Whether the block may still run: a second page must still be mapped where it was,
+    /// and the bytes must match memory (checked once per DMA epoch).
+    fn still_valid(&mut self, cpu: &mut Cpu, epoch: u64) -> Result<bool, Event> {
+        if self.phys2 != u64::MAX {
+            let next_page = (self.linear | PAGE_OFFSET_MASK).wrapping_add(1);
+            if cpu.translate(next_page, AccessKind::Execute, cpu.user)? != self.phys2 {
+                return Ok(false);
+            }
+        }
+        if self.epoch == epoch {
+            return Ok(true);
+        }
+        let mut current = [0u8; WINDOW as usize];
+        let current = &mut current[..self.bytes.len()];
+        let (head, tail) = current.split_at_mut(self.split.min(self.bytes.len()));
+        cpu.mem.read(self.phys, head);
+        if !tail.is_empty() {
+            cpu.mem.read(self.phys2, tail);
+        }
+        if *current != *self.bytes {
+            return Ok(false);
+        }
+        self.epoch = epoch;
+        Ok(true)
+    }
 }
 
 /// All decoded blocks of one vCPU.
@@ -70,8 +98,9 @@ impl CodeCache {
         ((linear ^ (linear >> 12)) as usize) & (JUMP_ENTRIES - 1)
     }
 
-    /// The block starting at `linear` (physical `phys`), decoding it if needed. `epoch` is the
-    /// current DMA epoch: a block not checked since it changed is compared with memory first.
+    /// The block starting at `linear` (physical `phys`), decoding it if needed; the index
+    /// is for `block`. `epoch` is the current DMA epoch: a block not checked since it changed
+    /// is compared with memory first.
     #[inline]
     pub fn find(
         &mut self,
@@ -79,96 +108,58 @@ impl CodeCache {
         linear: u64,
         phys: u64,
         epoch: u64,
-    ) -> Result<BlockRef, Event> {
-        let slot = Self::jump_slot(linear);
-        let (cached_linear, index) = self.jump[slot];
-        let mut found = None;
-        if cached_linear == linear {
-            if let Some(Some(block)) = self.blocks.get(index as usize) {
-                if block.phys == phys && block.linear == linear {
-                    found = Some(index);
+    ) -> Result<u32, Event> {
+        if let Some(index) = self.lookup(linear, phys) {
+            if let Some(Some(block)) = self.blocks.get_mut(index as usize) {
+                if block.still_valid(cpu, epoch)? {
+                    return Ok(index);
                 }
-            }
-        }
-        if found.is_none() {
-            if let Some(&index) = self.map.get(&(linear, phys)) {
-                self.jump[slot] = (linear, index);
-                found = Some(index);
-            }
-        }
-        if let Some(index) = found {
-            let phys2 = self
-                .blocks
-                .get(index as usize)
-                .and_then(Option::as_ref)
-                .map_or(u64::MAX, |b| b.phys2);
-            let same_mapping = phys2 == u64::MAX || {
-                let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
-                cpu.translate(next_page, AccessKind::Execute, cpu.user)? == phys2
-            };
-            if same_mapping && self.still_valid(cpu, index, epoch) {
-                return Ok(BlockRef::Cached(index));
             }
             self.remove(cpu, index);
         }
         self.translate(cpu, linear, phys, epoch)
     }
 
-    /// Whether block `index` still matches memory (checked once per DMA epoch).
-    fn still_valid(&mut self, cpu: &Cpu, index: u32, epoch: u64) -> bool {
-        let Some(Some(block)) = self.blocks.get_mut(index as usize) else {
-            return false;
-        };
-        if block.epoch == epoch {
-            return true;
+    /// The cached block for (`linear`, `phys`): the jump cache, then the map.
+    #[inline]
+    fn lookup(&mut self, linear: u64, phys: u64) -> Option<u32> {
+        let slot = Self::jump_slot(linear);
+        let (cached_linear, index) = self.jump[slot];
+        if cached_linear == linear {
+            if let Some(Some(block)) = self.blocks.get(index as usize) {
+                if block.linear == linear && block.phys == phys {
+                    return Some(index);
+                }
+            }
         }
-        let mut current = [0u8; WINDOW as usize];
-        let current = &mut current[..block.bytes.len()];
-        if block.phys2 == u64::MAX {
-            cpu.mem.read(block.phys, current);
-        } else {
-            let (head, tail) = current.split_at_mut(block.split.min(block.bytes.len()));
-            cpu.mem.read(block.phys, head);
-            cpu.mem.read(block.phys2, tail);
-        }
-        if *current != *block.bytes {
-            return false;
-        }
-        block.epoch = epoch;
-        true
+        let index = *self.map.get(&(linear, phys))?;
+        self.jump[slot] = (linear, index);
+        Some(index)
     }
 
-    /// Drops block `index`.
+    /// Drops block `index` and forgets code pages left without blocks.
     fn remove(&mut self, cpu: &mut Cpu, index: u32) {
-        let Some(Some(block)) = self.blocks.get_mut(index as usize) else {
+        let Some(block) = self.blocks.get_mut(index as usize).and_then(Option::take) else {
             return;
         };
-        let pages = [
-            block.phys & !PAGE_OFFSET_MASK,
-            block.phys2 & !PAGE_OFFSET_MASK,
-        ];
-        let crossing = block.phys2 != u64::MAX;
         self.map.remove(&(block.linear, block.phys));
-        self.blocks[index as usize] = None;
         self.free.push(index);
-        for page in &pages[..1 + usize::from(crossing)] {
-            if let Some(list) = self.pages.get_mut(page) {
+        for page in block.pages() {
+            if let Some(list) = self.pages.get_mut(&page) {
                 list.retain(|&i| i != index);
                 if list.is_empty() {
-                    self.pages.remove(page);
-                    cpu.code_pages.remove(page);
+                    self.pages.remove(&page);
+                    cpu.code_pages.remove(&page);
                 }
             }
         }
         cpu.stats.code_invalidations += 1;
     }
 
-    /// The block behind `r`.
+    /// The block at `index` (from `find`).
     #[inline]
-    pub fn block(&self, r: BlockRef) -> Option<&Block> {
-        match r {
-            BlockRef::Cached(i) => self.blocks.get(i as usize).and_then(Option::as_ref),
-        }
+    pub fn block(&self, index: u32) -> Option<&Block> {
+        self.blocks.get(index as usize).and_then(Option::as_ref)
     }
 
     /// Number of cached blocks.
@@ -182,7 +173,7 @@ impl CodeCache {
         linear: u64,
         phys: u64,
         epoch: u64,
-    ) -> Result<BlockRef, Event> {
+    ) -> Result<u32, Event> {
         cpu.stats.blocks_translated += 1;
         require_ram(cpu, linear, phys)?;
         let in_page = PAGE_SIZE - (phys & PAGE_OFFSET_MASK);
@@ -196,15 +187,13 @@ impl CodeCache {
             let position = decoder.position();
             decoder.decode_out(&mut inst);
             if inst.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
-                if !ops.is_empty() || window < in_page {
-                    // Stop before it; the next block starts there.
-                    if ops.is_empty() {
-                        return Err(Event::fatal("Instruction longer than the decode window"));
-                    }
-                    break;
+                if ops.is_empty() {
+                    // The window holds many instructions, so only one at the end of the page
+                    // can run out of bytes as the first: it crosses into the next page.
+                    return self.translate_crossing(cpu, linear, phys, &bytes[position..], epoch);
                 }
-                // The first instruction crosses into the next page.
-                return self.translate_crossing(cpu, linear, phys, &bytes[position..], epoch);
+                // Stop before it; the next block starts there.
+                break;
             }
             ops.push(decode::prepare(&inst));
             if decode::ends_block(&inst)
@@ -228,12 +217,13 @@ impl CodeCache {
             phys2: u64::MAX,
             split: decoded as usize,
         };
-        Ok(BlockRef::Cached(self.insert(cpu, block)))
+        Ok(self.insert(cpu, block))
     }
 
     /// Adds a translated block to the cache and marks its pages as code.
     fn insert(&mut self, cpu: &mut Cpu, block: Block) -> u32 {
-        let (linear, phys, phys2) = (block.linear, block.phys, block.phys2);
+        let (linear, phys) = (block.linear, block.phys);
+        let pages = block.pages();
         let index = match self.free.pop() {
             Some(i) => {
                 self.blocks[i as usize] = Some(block);
@@ -245,8 +235,7 @@ impl CodeCache {
             }
         };
         self.map.insert((linear, phys), index);
-        let pages = [phys & !PAGE_OFFSET_MASK, phys2 & !PAGE_OFFSET_MASK];
-        for &page in &pages[..1 + usize::from(phys2 != u64::MAX)] {
+        for page in pages {
             self.pages.entry(page).or_default().push(index);
             if cpu.code_pages.insert(page) {
                 cpu.tlb.protect_code_page(page);
@@ -265,7 +254,7 @@ impl CodeCache {
         phys: u64,
         head: &[u8],
         epoch: u64,
-    ) -> Result<BlockRef, Event> {
+    ) -> Result<u32, Event> {
         let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
         let next_phys = cpu.translate(next_page, AccessKind::Execute, cpu.user)?;
         // Code is fetched from RAM only: reading a device register has side effects.
@@ -286,7 +275,7 @@ impl CodeCache {
             phys2: next_phys & !PAGE_OFFSET_MASK,
             split: head.len(),
         };
-        Ok(BlockRef::Cached(self.insert(cpu, block)))
+        Ok(self.insert(cpu, block))
     }
 
     /// Drops the blocks of the code pages the guest wrote (`cpu.code_writes`).
@@ -297,15 +286,9 @@ impl CodeCache {
                 continue;
             };
             for index in list {
-                if let Some(Some(block)) = self.blocks.get(index as usize) {
-                    if block.phys & !PAGE_OFFSET_MASK == page
-                        || block.phys2 & !PAGE_OFFSET_MASK == page
-                    {
-                        self.map.remove(&(block.linear, block.phys));
-                        self.blocks[index as usize] = None;
-                        self.free.push(index);
-                        cpu.stats.code_invalidations += 1;
-                    }
+                // The list may name slots reused since by blocks elsewhere.
+                if matches!(self.block(index), Some(block) if block.pages().any(|p| p == page)) {
+                    self.remove(cpu, index);
                 }
             }
         }

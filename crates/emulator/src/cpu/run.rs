@@ -101,7 +101,7 @@ impl Cpu {
             let rip = self.rip;
             let result = match self.translate(rip, AccessKind::Execute, self.user) {
                 Ok(phys) => match cache.find(self, rip, phys, signals.dma_epoch()) {
-                    Ok(r) => match cache.block(r) {
+                    Ok(index) => match cache.block(index) {
                         Some(block) => self.execute(block),
                         None => Err(Event::fatal("Decoded block vanished")),
                     },
