@@ -52,7 +52,8 @@ pub struct PageRights {
 
 /// Both privilege levels' tables.
 pub struct Tlb {
-    entries: Box<[TlbEntry]>,
+    /// A fixed-size array, so the masked index needs no bounds check on the fast path.
+    entries: Box<[TlbEntry; 2 * TLB_ENTRIES]>,
     generation: u64,
     /// Full flushes so far.
     pub flushes: u64,
@@ -69,7 +70,7 @@ impl Default for Tlb {
 impl Tlb {
     pub fn new() -> Self {
         Tlb {
-            entries: vec![TlbEntry::EMPTY; 2 * TLB_ENTRIES].into_boxed_slice(),
+            entries: Box::new([TlbEntry::EMPTY; 2 * TLB_ENTRIES]),
             generation: 1,
             flushes: 0,
             large_pages: Vec::new(),

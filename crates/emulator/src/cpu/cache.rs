@@ -74,7 +74,7 @@ pub struct CodeCache {
     free: Vec<u32>,
     map: HashMap<(u64, u64), u32, FastHash>,
     pages: HashMap<u64, Vec<u32>, FastHash>,
-    jump: Box<[(u64, u32)]>,
+    jump: Box<[(u64, u32); JUMP_ENTRIES]>,
 }
 
 impl Default for CodeCache {
@@ -90,7 +90,7 @@ impl CodeCache {
             free: Vec::new(),
             map: HashMap::default(),
             pages: HashMap::default(),
-            jump: vec![(u64::MAX, 0); JUMP_ENTRIES].into_boxed_slice(),
+            jump: Box::new([(u64::MAX, 0); JUMP_ENTRIES]),
         }
     }
 
