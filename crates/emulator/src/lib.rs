@@ -166,13 +166,15 @@ impl Vcpu for EmulatorVcpu {
         let s = self.cpu.stats;
         tracing::info!(
             "Software engine executed {executed} instructions in {:.3} s busy ({:.0} M/s), {:.3} s halted; \
-             {} blocks translated ({} cached), {} page walks, {} TLB flushes, {} code invalidations, \
-             {} exceptions, {} interrupts",
+             {} blocks translated ({} cached, {} instructions, {} resets), {} page walks, \
+             {} TLB flushes, {} code invalidations, {} exceptions, {} interrupts",
             busy as f64 / 1e9,
             executed as f64 * 1e3 / busy.max(1) as f64,
             (s.halted_ns - halted) as f64 / 1e9,
             s.blocks_translated,
             self.cache.len(),
+            self.cache.instructions(),
+            s.code_cache_resets,
             s.page_walks,
             self.cpu.tlb.flushes,
             s.code_invalidations,

@@ -17,6 +17,11 @@ const MAX_BLOCK: usize = 64;
 const WINDOW: u64 = 1024;
 /// Entries of the linear-address jump cache.
 const JUMP_ENTRIES: usize = 4096;
+/// Decoded instructions the cache holds at most (64 bytes each, so about 64 MiB). Blocks are
+/// keyed by linear address, so a guest mapping code at ever new addresses could otherwise
+/// make the VMM decode and keep code without bound; when full, the cache starts over (as
+/// QEMU flushes its translation cache). A Linux boot to the shell keeps about 125 K.
+const MAX_INSTRUCTIONS: usize = 1 << 20;
 
 /// Decoded straight-line code ending at a control transfer (or a page or size limit).
 pub struct Block {
@@ -75,6 +80,9 @@ pub struct CodeCache {
     map: HashMap<(u64, u64), u32, FastHash>,
     pages: HashMap<u64, Vec<u32>, FastHash>,
     jump: Box<[(u64, u32); JUMP_ENTRIES]>,
+    /// Decoded instructions in all blocks, and how many make the cache start over.
+    instructions: usize,
+    limit: usize,
 }
 
 impl Default for CodeCache {
@@ -85,12 +93,19 @@ impl Default for CodeCache {
 
 impl CodeCache {
     pub fn new() -> Self {
+        Self::with_limit(MAX_INSTRUCTIONS)
+    }
+
+    /// A cache holding at most `limit` decoded instructions.
+    fn with_limit(limit: usize) -> Self {
         CodeCache {
             blocks: Vec::new(),
             free: Vec::new(),
             map: HashMap::default(),
             pages: HashMap::default(),
             jump: Box::new([(u64::MAX, 0); JUMP_ENTRIES]),
+            instructions: 0,
+            limit,
         }
     }
 
@@ -144,6 +159,7 @@ impl CodeCache {
         };
         self.map.remove(&(block.linear, block.phys));
         self.free.push(index);
+        self.instructions -= block.ops.len();
         for page in block.pages() {
             if let Some(list) = self.pages.get_mut(&page) {
                 list.retain(|&i| i != index);
@@ -165,6 +181,11 @@ impl CodeCache {
     /// Number of cached blocks.
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// Number of decoded instructions in the cached blocks.
+    pub fn instructions(&self) -> usize {
+        self.instructions
     }
 
     fn translate(
@@ -222,6 +243,11 @@ impl CodeCache {
 
     /// Adds a translated block to the cache and marks its pages as code.
     fn insert(&mut self, cpu: &mut Cpu, block: Block) -> u32 {
+        if self.instructions + block.ops.len() > self.limit {
+            self.clear(cpu);
+            cpu.stats.code_cache_resets += 1;
+        }
+        self.instructions += block.ops.len();
         let (linear, phys) = (block.linear, block.phys);
         let pages = block.pages();
         let index = match self.free.pop() {
@@ -303,6 +329,7 @@ impl CodeCache {
         self.map.clear();
         self.pages.clear();
         self.jump.fill((u64::MAX, 0));
+        self.instructions = 0;
         cpu.code_pages.clear();
         cpu.code_writes.clear();
         cpu.tlb.flush();
@@ -317,5 +344,35 @@ fn require_ram(cpu: &Cpu, linear: u64, phys: u64) -> Result<(), Event> {
         Err(Event::fatal(format!(
             "Executing outside RAM at {linear:#x} (physical {phys:#x})"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::PhysicalMemory;
+    use lodge_bus::IoBus;
+    use std::sync::Arc;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn a_full_cache_starts_over() {
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // A page of RET: every byte starts a block of one instruction.
+        ram.write_slice(&[0xc3; 4096], GuestAddress(0x1000))
+            .unwrap();
+        let mut cpu = Cpu::new(PhysicalMemory::new(ram, Arc::new(IoBus::new())));
+        let mut cache = CodeCache::with_limit(100);
+        for addr in 0x1000..0x1000 + 250 {
+            let index = cache.find(&mut cpu, addr, addr, 0).unwrap();
+            assert_eq!(cache.block(index).map(|b| b.linear), Some(addr));
+            assert!(cache.instructions() <= 100);
+        }
+        assert_eq!(cpu.stats.code_cache_resets, 2);
+        assert_eq!((cache.len(), cache.instructions()), (50, 50));
+        // What is still cached is found again without translating.
+        let translated = cpu.stats.blocks_translated;
+        cache.find(&mut cpu, 0x1000 + 249, 0x1000 + 249, 0).unwrap();
+        assert_eq!(cpu.stats.blocks_translated, translated);
     }
 }

@@ -197,6 +197,8 @@ pub struct Stats {
     pub blocks_translated: u64,
     pub page_walks: u64,
     pub code_invalidations: u64,
+    /// Times the decoded-code cache was full and started over.
+    pub code_cache_resets: u64,
     pub exceptions: u64,
     pub interrupts: u64,
     /// Time spent sleeping in HLT.
