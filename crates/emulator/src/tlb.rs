@@ -13,6 +13,8 @@ pub const TLB_ENTRIES: usize = 1024;
 const TAG_GENERATION_MASK: u64 = 0x7ff;
 /// Set in a tag whose page is valid but must not be accessed through the host address.
 pub const SLOW: u64 = 0x800;
+/// Large pages remembered between flushes; past that, any INVLPG flushes everything.
+const MAX_LARGE_PAGES: usize = 64;
 /// A tag no lookup matches (non-canonical page with generation 0, which is never used).
 const INVALID: u64 = 0x0000_8000_0000_0000;
 
@@ -59,6 +61,8 @@ pub struct Tlb {
     pub flushes: u64,
     /// 2 MiB / 1 GiB mappings cached as 4 KiB entries: an INVLPG inside one flushes everything.
     large_pages: Vec<(u64, u64)>,
+    /// More large pages were cached than `large_pages` holds.
+    large_pages_overflowed: bool,
 }
 
 impl Default for Tlb {
@@ -74,6 +78,7 @@ impl Tlb {
             generation: 1,
             flushes: 0,
             large_pages: Vec::new(),
+            large_pages_overflowed: false,
         }
     }
 
@@ -128,8 +133,14 @@ impl Tlb {
         self.entries[Self::index(linear, user)] = entry;
         if page_size > 4096 {
             let base = linear & !(page_size - 1);
-            if !self.large_pages.contains(&(base, page_size)) {
+            if self.large_pages_overflowed || self.large_pages.contains(&(base, page_size)) {
+                // Already covered.
+            } else if self.large_pages.len() < MAX_LARGE_PAGES {
                 self.large_pages.push((base, page_size));
+            } else {
+                // A guest touching many large pages between flushes would make this list
+                // (and every insert's search of it) grow without bound.
+                self.large_pages_overflowed = true;
             }
         }
     }
@@ -144,6 +155,7 @@ impl Tlb {
     pub fn flush(&mut self) {
         self.flushes += 1;
         self.large_pages.clear();
+        self.large_pages_overflowed = false;
         self.generation += 1;
         if self.generation > TAG_GENERATION_MASK {
             self.entries.fill(TlbEntry::EMPTY);
@@ -153,10 +165,11 @@ impl Tlb {
 
     /// Drops the translation of the page holding `linear` (INVLPG).
     pub fn flush_page(&mut self, linear: u64) {
-        if self
-            .large_pages
-            .iter()
-            .any(|&(base, size)| linear.wrapping_sub(base) < size)
+        if self.large_pages_overflowed
+            || self
+                .large_pages
+                .iter()
+                .any(|&(base, size)| linear.wrapping_sub(base) < size)
         {
             self.flush();
             return;
@@ -254,6 +267,25 @@ mod tests {
         assert_eq!(tlb.entry(0x20_3000, false).read, tlb.tag(0x20_3000));
         tlb.flush_page(0x21_0000);
         assert_ne!(tlb.entry(0x20_3000, false).read, tlb.tag(0x20_3000));
+    }
+
+    #[test]
+    fn invlpg_flushes_all_once_too_many_large_pages_were_cached() {
+        let mut tlb = Tlb::new();
+        insert(&mut tlb, 0x1000, false, 0x1000, Some(0x1000), RW, 4096);
+        for i in 0..=MAX_LARGE_PAGES as u64 {
+            let base = 0x4000_0000 + i * 0x20_0000;
+            insert(&mut tlb, base, false, base, Some(0x2000), RW, 0x20_0000);
+        }
+        assert!(tlb.large_pages.len() <= MAX_LARGE_PAGES);
+        let flushes = tlb.flushes;
+        tlb.flush_page(0x7000_0000);
+        assert_eq!(tlb.flushes, flushes + 1);
+        assert_ne!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
+        // A flush starts the bookkeeping over.
+        insert(&mut tlb, 0x1000, false, 0x1000, Some(0x1000), RW, 4096);
+        tlb.flush_page(0x7000_0000);
+        assert_eq!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
     }
 
     #[test]
