@@ -883,3 +883,37 @@ fn a_page_fault_reading_the_gdt_during_delivery_is_a_page_fault() {
     assert_eq!(s.regs.rbx, 0, "not present, supervisor read");
     assert_eq!(s.regs.rdx, ud2_at, "the #UD's instruction");
 }
+
+#[test]
+fn wait_raises_nm_only_with_cr0_mp_and_ts() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(7, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rbx).unwrap(); // RIP of the faulting instruction
+        a.hlt().unwrap();
+    });
+    // CR0 as the machine sets it (PE, MP, ET, NE, WP, PG) with TS added, then without MP.
+    for (control, faults) in [(0x8005_003bu64, true), (0x8005_0039, false)] {
+        m.set_state(CODE);
+        m.modify_state(|s| s.sregs.cr0 = control);
+        m.assemble(CODE, |a| {
+            a.xor(ebx, ebx).unwrap();
+            a.wait().unwrap();
+            a.hlt().unwrap();
+        });
+        assert_eq!(m.run(), VcpuExit::Halted);
+        let expected = if faults { CODE + 2 } else { 0 };
+        assert_eq!(m.state().regs.rbx, expected, "CR0 {control:#x}");
+    }
+    // Other x87 instructions fault on TS alone.
+    m.set_state(CODE);
+    m.modify_state(|s| s.sregs.cr0 = 0x8005_0039);
+    m.assemble(CODE, |a| {
+        a.xor(ebx, ebx).unwrap();
+        a.fld1().unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(m.state().regs.rbx, CODE + 2, "FLD1 with TS");
+}

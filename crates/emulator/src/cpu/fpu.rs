@@ -151,6 +151,15 @@ impl Cpu {
         }
         Ok(())
     }
+
+    /// Checks that WAIT may run: it ignores CR0.EM and faults on CR0.TS only with CR0.MP.
+    #[inline]
+    pub fn check_wait(&self) -> Result<(), Event> {
+        if self.cr0 & (cr0::MP | cr0::TS) == cr0::MP | cr0::TS {
+            return Err(Event::nm());
+        }
+        Ok(())
+    }
 }
 
 /// FXSAVE / FXSAVE64 m512.

@@ -91,6 +91,7 @@ pub mod gpr {
 /// CR0 bits.
 pub mod cr0 {
     pub const PE: u64 = 1 << 0;
+    pub const MP: u64 = 1 << 1;
     pub const EM: u64 = 1 << 2;
     pub const TS: u64 = 1 << 3;
     pub const ET: u64 = 1 << 4;

@@ -138,10 +138,14 @@ impl Cpu {
 
 /// Executes any x87 instruction.
 pub fn execute(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    cpu.check_x87()?;
     let inst = &op.inst;
     use Mnemonic::*;
     let mnemonic = inst.mnemonic();
+    if mnemonic == Wait {
+        cpu.check_wait()?;
+    } else {
+        cpu.check_x87()?;
+    }
     // Non-waiting control instructions do not check for pending exceptions.
     let no_wait = matches!(
         mnemonic,
