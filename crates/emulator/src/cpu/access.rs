@@ -1,5 +1,7 @@
 //! Linear-memory access: the TLB fast path, page walks, page-crossing and MMIO slow paths.
 
+use std::ops::Range;
+
 use super::{Cpu, Event};
 use crate::memory::{PAGE_OFFSET_MASK, PAGE_SIZE};
 use crate::mmu::{self, AccessKind};
@@ -55,6 +57,22 @@ unsafe fn host_store<const B: usize>(host: usize, value: u64) {
             _ => std::ptr::write_unaligned(host as *mut u64, value),
         }
     }
+}
+
+/// Splits `len` bytes at `linear` into runs within one page: each run's linear address and
+/// its range in the buffer.
+fn page_chunks(linear: u64, len: usize) -> impl Iterator<Item = (u64, Range<usize>)> {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let addr = linear.wrapping_add(done as u64);
+        let chunk = (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((len - done) as u64) as usize;
+        let range = done..done + chunk;
+        done += chunk;
+        Some((addr, range))
+    })
 }
 
 impl Cpu {
@@ -206,14 +224,9 @@ impl Cpu {
 
     /// Reads any number of bytes (each page translated separately).
     pub fn read_bytes(&mut self, linear: u64, buf: &mut [u8], user: bool) -> Result<(), Event> {
-        let mut done = 0;
-        while done < buf.len() {
-            let addr = linear.wrapping_add(done as u64);
-            let chunk =
-                (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((buf.len() - done) as u64) as usize;
+        for (addr, range) in page_chunks(linear, buf.len()) {
             let phys = self.translate(addr, AccessKind::Read, user)?;
-            self.mem.read(phys, &mut buf[done..done + chunk]);
-            done += chunk;
+            self.mem.read(phys, &mut buf[range]);
         }
         Ok(())
     }
@@ -221,14 +234,9 @@ impl Cpu {
     /// Writes any number of bytes; every page is checked before anything is written.
     pub fn write_bytes(&mut self, linear: u64, data: &[u8], user: bool) -> Result<(), Event> {
         self.check_writable(linear, data.len(), user)?;
-        let mut done = 0;
-        while done < data.len() {
-            let addr = linear.wrapping_add(done as u64);
-            let chunk =
-                (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((data.len() - done) as u64) as usize;
+        for (addr, range) in page_chunks(linear, data.len()) {
             let phys = self.translate(addr, AccessKind::Write, user)?;
-            self.write_phys(phys, &data[done..done + chunk]);
-            done += chunk;
+            self.write_phys(phys, &data[range]);
         }
         Ok(())
     }

@@ -237,41 +237,36 @@ pub fn xlat(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// CMPXCHG r/m, r.
 pub fn cmpxchg<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let bits = (B * 8) as u32;
     let accumulator = cpu.gpr::<B>(0);
     let new = cpu.gpr::<B>(op.r[1]);
-    if DST == REG {
-        let current = cpu.gpr::<B>(op.r[0]);
-        cpu.flags.set_lazy(
-            FlagOp::Sub,
-            bits,
-            accumulator.wrapping_sub(current) & mask::<B>(),
-            accumulator,
-            current,
-        );
-        if current == accumulator {
-            cpu.set_gpr::<B>(op.r[0], new);
-        } else {
-            cpu.set_gpr::<B>(0, current);
+    let place = match DST {
+        REG => None,
+        _ => {
+            let addr = cpu.ea(op);
+            Some(cpu.locate::<B>(addr)?)
         }
-    } else {
-        let addr = cpu.ea(op);
-        let place = cpu.locate::<B>(addr)?;
-        let current = cpu.place_read::<B>(place)?;
-        cpu.flags.set_lazy(
-            FlagOp::Sub,
-            bits,
-            accumulator.wrapping_sub(current) & mask::<B>(),
-            accumulator,
-            current,
-        );
-        if current == accumulator {
-            cpu.place_write::<B>(place, new)?;
-        } else {
-            // The destination is written back unchanged, as the locked cycle does.
-            cpu.place_write::<B>(place, current)?;
-            cpu.set_gpr::<B>(0, current);
-        }
+    };
+    let current = match place {
+        None => cpu.gpr::<B>(op.r[0]),
+        Some(place) => cpu.place_read::<B>(place)?,
+    };
+    let difference = accumulator.wrapping_sub(current) & mask::<B>();
+    cpu.flags.set_lazy(
+        FlagOp::Sub,
+        (B * 8) as u32,
+        difference,
+        accumulator,
+        current,
+    );
+    let equal = current == accumulator;
+    match place {
+        None if equal => cpu.set_gpr::<B>(op.r[0], new),
+        // The destination is written back unchanged, as the locked cycle does.
+        Some(place) => cpu.place_write::<B>(place, if equal { new } else { current })?,
+        None => {}
+    }
+    if !equal {
+        cpu.set_gpr::<B>(0, current);
     }
     Ok(())
 }
