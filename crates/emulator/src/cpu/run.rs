@@ -99,16 +99,13 @@ impl Cpu {
             }
             self.break_block = false;
             let rip = self.rip;
-            let result = match self.translate(rip, AccessKind::Execute, self.user) {
-                Ok(phys) => match cache.find(self, rip, phys, signals.dma_epoch()) {
-                    Ok(index) => match cache.block(index) {
-                        Some(block) => self.execute(block),
-                        None => Err(Event::fatal("Decoded block vanished")),
-                    },
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
+            let result = self
+                .translate(rip, AccessKind::Execute, self.user)
+                .and_then(|phys| cache.find(self, rip, phys, signals.dma_epoch()))
+                .and_then(|index| match cache.block(index) {
+                    Some(block) => self.execute(block),
+                    None => Err(Event::fatal("Decoded block vanished")),
+                });
             match result {
                 Ok(()) => {}
                 Err(Event::Exception(e)) => {
