@@ -915,3 +915,52 @@ fn wait_raises_nm_only_with_cr0_mp_and_ts() {
     assert_eq!(m.run(), VcpuExit::Halted);
     assert_eq!(m.state().regs.rbx, CODE + 2, "FLD1 with TS");
 }
+
+#[test]
+fn far_transfers_to_32_bit_code_raise_gp_instead_of_ending_the_vm() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(13, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rbx).unwrap(); // error code
+        a.pop(rcx).unwrap(); // faulting RIP
+        a.hlt().unwrap();
+    });
+    // Selector 0x08 is 32-bit kernel code, 0x23 32-bit user code (as in Linux's GDT).
+    let pointer = 0x20000u64;
+    m.write_u64(pointer, CODE + 0x100);
+    m.write(pointer + 8, &0x08u16.to_le_bytes());
+    m.assemble(CODE, |a| {
+        a.jmp(tword_ptr(pointer)).unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!((s.regs.rbx, s.regs.rcx), (0x08, CODE), "JMP FAR");
+
+    // A user process returning to 32-bit user code with IRETQ.
+    let user = CODE + 0x2000;
+    m.set_state(CODE);
+    m.assemble(CODE, |a| {
+        a.push(i32::from(USER_DS)).unwrap();
+        a.push(0x7_0000i32).unwrap();
+        a.push(0x2i32).unwrap();
+        a.push(i32::from(USER_CS)).unwrap();
+        a.push(user as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    m.assemble(user, |a| {
+        a.push(i32::from(USER_DS)).unwrap();
+        a.push(0x7_0000i32).unwrap();
+        a.push(0x2i32).unwrap();
+        a.push(0x23i32).unwrap();
+        a.push(user as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(
+        (s.regs.rbx, s.regs.rcx),
+        (0x20, user + 2 + 5 + 2 + 2 + 5),
+        "IRETQ from CPL 3"
+    );
+}

@@ -117,6 +117,12 @@ pub mod cr4 {
         (1 << 0) | (1 << 1) | TSD | DE | PSE | PAE | MCE | PGE | PCE | OSFXSR | OSXMMEXCPT;
 }
 
+/// Keys of one-time warnings in `Cpu::warned`, above every iced instruction code.
+pub mod warning {
+    pub const DR7_BREAKPOINTS: u16 = 0xffff;
+    pub const COMPATIBILITY_MODE: u16 = 0xfffe;
+}
+
 /// Host monotonic time since the VM started.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -187,7 +193,7 @@ pub struct Cpu {
     pub interrupt_shadow: bool,
     /// Instructions retired.
     pub icount: u64,
-    /// Instructions already reported as unimplemented.
+    /// Instruction codes already reported as unimplemented, and `warning` keys.
     pub warned: HashSet<u16>,
     pub stats: Stats,
 }

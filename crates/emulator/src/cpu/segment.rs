@@ -2,6 +2,7 @@
 //! far returns and jumps, IRETQ, SYSCALL/SYSRET, SWAPGS, LTR/LLDT.
 
 use lodge_engine::Segment;
+use tracing::warn;
 
 use super::flags::{self, AC, DF, ID, IF, IOPL, NT, RF, TF, VIF, VIP, VM};
 use super::op::Op;
@@ -136,9 +137,16 @@ impl Cpu {
         new_cpl: u8,
     ) -> Result<(), Event> {
         if !descriptor.l || descriptor.db {
-            return Err(Event::fatal(format!(
-                "Far transfer to non-64-bit code segment {selector:#x} (compatibility mode is not supported)"
-            )));
+            // Compatibility mode is not emulated. Any process can reach it (Linux's GDT has a
+            // 32-bit user code segment), so it must not end the VM: the transfer fails like
+            // one to an unusable segment, and the guest kernel kills the process.
+            if self.warned.insert(super::warning::COMPATIBILITY_MODE) {
+                warn!(
+                    "Far transfer to 32-bit code segment {selector:#x}: compatibility mode is \
+                     not supported, raising #GP"
+                );
+            }
+            return Err(Event::gp(u32::from(selector & !3)));
         }
         descriptor.selector = (selector & !3) | u16::from(new_cpl);
         descriptor.type_ |= 1;

@@ -333,7 +333,7 @@ pub fn mov_to_control(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
                 if value >> 32 != 0 {
                     return Err(Event::gp(0));
                 }
-                if value & 0xff != 0 && cpu.warned.insert(0xffff) {
+                if value & 0xff != 0 && cpu.warned.insert(super::warning::DR7_BREAKPOINTS) {
                     warn!("Hardware breakpoints enabled in DR7 ({value:#x}) are not emulated");
                 }
                 cpu.dr[7] = value | 0x400;
