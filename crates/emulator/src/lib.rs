@@ -1,22 +1,22 @@
 //! The software x86-64 engine: an interpreter implementing lodge's [`Engine`] traits for hosts
 //! without usable hardware virtualization.
 //!
-//! * The CPU ([`cpu`]) executes 64-bit long mode: it decodes guest code once with `iced-x86`
+//! * The CPU (module `cpu`) executes 64-bit long mode: it decodes guest code once with `iced-x86`
 //!   into cached blocks of pre-resolved handlers, keeps arithmetic flags lazily, and reaches
 //!   guest RAM through a software TLB of host pointers.
 //! * Interrupts come from an emulated 8259 PIC pair and 8254 PIT ([`InterruptModel::Pic`]):
 //!   CPUID reports no local APIC, so Linux runs in PIC mode.
 //! * Everything that is not RAM or an engine-owned port goes to the VM's [`IoBus`].
 
-pub mod cpu;
+mod cpu;
 pub mod cpuid;
-pub mod memory;
-pub mod mmu;
-pub mod msr;
-pub mod pic;
-pub mod pit;
-pub mod signals;
-pub mod tlb;
+mod memory;
+mod mmu;
+mod msr;
+mod pic;
+mod pit;
+mod signals;
+mod tlb;
 
 use std::sync::Arc;
 
@@ -166,13 +166,15 @@ impl Vcpu for EmulatorVcpu {
         let s = self.cpu.stats;
         tracing::info!(
             "Software engine executed {executed} instructions in {:.3} s busy ({:.0} M/s), {:.3} s halted; \
-             {} blocks translated ({} cached), {} page walks, {} TLB flushes, {} code invalidations, \
-             {} exceptions, {} interrupts",
+             {} blocks translated ({} cached, {} instructions, {} resets), {} page walks, \
+             {} TLB flushes, {} code invalidations, {} exceptions, {} interrupts",
             busy as f64 / 1e9,
             executed as f64 * 1e3 / busy.max(1) as f64,
             (s.halted_ns - halted) as f64 / 1e9,
             s.blocks_translated,
             self.cache.len(),
+            self.cache.instructions(),
+            s.code_cache_resets,
             s.page_walks,
             self.cpu.tlb.flushes,
             s.code_invalidations,

@@ -47,11 +47,6 @@ impl PhysicalMemory {
         PhysicalMemory { ram, regions, io }
     }
 
-    /// The guest RAM.
-    pub fn ram(&self) -> &GuestMemoryMmap {
-        &self.ram
-    }
-
     /// The port and MMIO buses.
     pub fn io(&self) -> &IoBus {
         &self.io
@@ -127,7 +122,9 @@ impl PhysicalMemory {
     pub fn read_u64(&self, addr: u64) -> u64 {
         if let Some(host) = self.host_range(addr, 8) {
             // SAFETY: `host_range` checked that the 8 bytes lie inside a mapped RAM region,
-            // which stays mapped while `self` (holding the GuestMemoryMmap) lives.
+            // which stays mapped while `self` (holding the GuestMemoryMmap) lives. Guest RAM
+            // holds plain bytes; concurrent device writes are the race described at
+            // `cpu::access::host_load`.
             return unsafe { std::ptr::read_unaligned(host as *const u64) };
         }
         let mut b = [0u8; 8];

@@ -31,8 +31,6 @@ pub struct Translation {
     pub writable: bool,
     /// Instruction fetches are allowed.
     pub executable: bool,
-    /// The leaf entry is global.
-    pub global: bool,
 }
 
 /// Page-fault error code bits.
@@ -53,7 +51,6 @@ const PTE_USER: u64 = 1 << 2;
 const PTE_ACCESSED: u64 = 1 << 5;
 const PTE_DIRTY: u64 = 1 << 6;
 const PTE_LARGE: u64 = 1 << 7;
-const PTE_GLOBAL: u64 = 1 << 8;
 const PTE_NO_EXECUTE: u64 = 1 << 63;
 /// Physical frame bits 12..PHYS_ADDR_BITS.
 const ADDR_MASK: u64 = ((1u64 << PHYS_ADDR_BITS) - 1) & !0xfff;
@@ -155,7 +152,6 @@ pub fn walk(
         // A write through a clean page must walk again to set the dirty bit.
         writable: may_write && new_leaf & PTE_DIRTY != 0,
         executable: !no_execute && (!user || user_ok),
-        global: leaf & PTE_GLOBAL != 0,
     })
 }
 

@@ -4,8 +4,6 @@
 pub mod index {
     pub const TSC: u32 = 0x10;
     pub const PLATFORM_ID: u32 = 0x17;
-    pub const APIC_BASE: u32 = 0x1b;
-    pub const FEATURE_CONTROL: u32 = 0x3a;
     pub const BIOS_SIGN_ID: u32 = 0x8b;
     pub const MTRR_CAP: u32 = 0xfe;
     pub const SYSENTER_CS: u32 = 0x174;

@@ -13,6 +13,8 @@ pub const TLB_ENTRIES: usize = 1024;
 const TAG_GENERATION_MASK: u64 = 0x7ff;
 /// Set in a tag whose page is valid but must not be accessed through the host address.
 pub const SLOW: u64 = 0x800;
+/// Large pages remembered between flushes; past that, any INVLPG flushes everything.
+const MAX_LARGE_PAGES: usize = 64;
 /// A tag no lookup matches (non-canonical page with generation 0, which is never used).
 const INVALID: u64 = 0x0000_8000_0000_0000;
 
@@ -52,12 +54,15 @@ pub struct PageRights {
 
 /// Both privilege levels' tables.
 pub struct Tlb {
-    entries: Box<[TlbEntry]>,
+    /// A fixed-size array, so the masked index needs no bounds check on the fast path.
+    entries: Box<[TlbEntry; 2 * TLB_ENTRIES]>,
     generation: u64,
     /// Full flushes so far.
     pub flushes: u64,
     /// 2 MiB / 1 GiB mappings cached as 4 KiB entries: an INVLPG inside one flushes everything.
     large_pages: Vec<(u64, u64)>,
+    /// More large pages were cached than `large_pages` holds.
+    large_pages_overflowed: bool,
 }
 
 impl Default for Tlb {
@@ -69,10 +74,11 @@ impl Default for Tlb {
 impl Tlb {
     pub fn new() -> Self {
         Tlb {
-            entries: vec![TlbEntry::EMPTY; 2 * TLB_ENTRIES].into_boxed_slice(),
+            entries: Box::new([TlbEntry::EMPTY; 2 * TLB_ENTRIES]),
             generation: 1,
             flushes: 0,
             large_pages: Vec::new(),
+            large_pages_overflowed: false,
         }
     }
 
@@ -96,7 +102,12 @@ impl Tlb {
     }
 
     /// Caches a translation of the page holding `linear`.
-    pub fn insert(
+    ///
+    /// # Safety
+    /// `host_page`, if given, must be the host address of the 4 KiB of RAM at `phys_page`,
+    /// mapped for as long as the TLB is used: `Cpu::read` and `Cpu::write` access guest
+    /// memory through it without further checks.
+    pub unsafe fn insert(
         &mut self,
         linear: u64,
         user: bool,
@@ -122,8 +133,14 @@ impl Tlb {
         self.entries[Self::index(linear, user)] = entry;
         if page_size > 4096 {
             let base = linear & !(page_size - 1);
-            if !self.large_pages.contains(&(base, page_size)) {
+            if self.large_pages_overflowed || self.large_pages.contains(&(base, page_size)) {
+                // Already covered.
+            } else if self.large_pages.len() < MAX_LARGE_PAGES {
                 self.large_pages.push((base, page_size));
+            } else {
+                // A guest touching many large pages between flushes would make this list
+                // (and every insert's search of it) grow without bound.
+                self.large_pages_overflowed = true;
             }
         }
     }
@@ -138,6 +155,7 @@ impl Tlb {
     pub fn flush(&mut self) {
         self.flushes += 1;
         self.large_pages.clear();
+        self.large_pages_overflowed = false;
         self.generation += 1;
         if self.generation > TAG_GENERATION_MASK {
             self.entries.fill(TlbEntry::EMPTY);
@@ -147,10 +165,11 @@ impl Tlb {
 
     /// Drops the translation of the page holding `linear` (INVLPG).
     pub fn flush_page(&mut self, linear: u64) {
-        if self
-            .large_pages
-            .iter()
-            .any(|&(base, size)| linear.wrapping_sub(base) < size)
+        if self.large_pages_overflowed
+            || self
+                .large_pages
+                .iter()
+                .any(|&(base, size)| linear.wrapping_sub(base) < size)
         {
             self.flush();
             return;
@@ -191,10 +210,32 @@ mod tests {
         fast_write: true,
     };
 
+    /// Inserts an entry whose host address the test never dereferences.
+    fn insert(
+        tlb: &mut Tlb,
+        linear: u64,
+        user: bool,
+        phys: u64,
+        host: Option<usize>,
+        rights: PageRights,
+        size: u64,
+    ) {
+        // SAFETY: nothing accesses memory through a TLB outside a `Cpu`.
+        unsafe { tlb.insert(linear, user, phys, host, rights, size) }
+    }
+
     #[test]
     fn hits_until_flushed() {
         let mut tlb = Tlb::new();
-        tlb.insert(0x7000_1234, false, 0x5000, Some(0x1_0000), RW, 4096);
+        insert(
+            &mut tlb,
+            0x7000_1234,
+            false,
+            0x5000,
+            Some(0x1_0000),
+            RW,
+            4096,
+        );
         let e = *tlb.entry(0x7000_1ff8, false);
         assert_eq!(e.read, tlb.tag(0x7000_1ff8));
         assert_eq!(e.exec & !SLOW, INVALID & !SLOW);
@@ -211,8 +252,16 @@ mod tests {
     #[test]
     fn invlpg_in_a_large_page_flushes_all() {
         let mut tlb = Tlb::new();
-        tlb.insert(0x20_3000, false, 0x3000, Some(0x1000), RW, 0x20_0000);
-        tlb.insert(0x80_0000, false, 0x9000, Some(0x2000), RW, 4096);
+        insert(
+            &mut tlb,
+            0x20_3000,
+            false,
+            0x3000,
+            Some(0x1000),
+            RW,
+            0x20_0000,
+        );
+        insert(&mut tlb, 0x80_0000, false, 0x9000, Some(0x2000), RW, 4096);
         tlb.flush_page(0x80_0000);
         assert_ne!(tlb.entry(0x80_0000, false).read, tlb.tag(0x80_0000));
         assert_eq!(tlb.entry(0x20_3000, false).read, tlb.tag(0x20_3000));
@@ -221,9 +270,28 @@ mod tests {
     }
 
     #[test]
+    fn invlpg_flushes_all_once_too_many_large_pages_were_cached() {
+        let mut tlb = Tlb::new();
+        insert(&mut tlb, 0x1000, false, 0x1000, Some(0x1000), RW, 4096);
+        for i in 0..=MAX_LARGE_PAGES as u64 {
+            let base = 0x4000_0000 + i * 0x20_0000;
+            insert(&mut tlb, base, false, base, Some(0x2000), RW, 0x20_0000);
+        }
+        assert!(tlb.large_pages.len() <= MAX_LARGE_PAGES);
+        let flushes = tlb.flushes;
+        tlb.flush_page(0x7000_0000);
+        assert_eq!(tlb.flushes, flushes + 1);
+        assert_ne!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
+        // A flush starts the bookkeeping over.
+        insert(&mut tlb, 0x1000, false, 0x1000, Some(0x1000), RW, 4096);
+        tlb.flush_page(0x7000_0000);
+        assert_eq!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
+    }
+
+    #[test]
     fn code_pages_lose_fast_writes() {
         let mut tlb = Tlb::new();
-        tlb.insert(0x1000, true, 0x8000, Some(0x1000), RW, 4096);
+        insert(&mut tlb, 0x1000, true, 0x8000, Some(0x1000), RW, 4096);
         tlb.protect_code_page(0x8000);
         let e = *tlb.entry(0x1000, true);
         assert_ne!(e.write, tlb.tag(0x1000));
@@ -235,7 +303,7 @@ mod tests {
     fn generations_wrap() {
         let mut tlb = Tlb::new();
         for _ in 0..5000 {
-            tlb.insert(0x1000, false, 0, Some(0x1000), RW, 4096);
+            insert(&mut tlb, 0x1000, false, 0, Some(0x1000), RW, 4096);
             assert_eq!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));
             tlb.flush();
             assert_ne!(tlb.entry(0x1000, false).read, tlb.tag(0x1000));

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -113,27 +112,41 @@ fn init_pic(a: &mut CodeAssembler, master_mask: u8, slave_mask: u8) {
     }
 }
 
-#[test]
-fn device_interrupt_wakes_hlt() {
-    let mut m = Machine::new(16 << 20);
+/// Where `count_interrupts` counts.
+const INTERRUPTS: u64 = 0x20000;
+
+/// Points `vector` at a handler (at `CODE + 0x1000`) that counts at `INTERRUPTS`, sends the
+/// master PIC a non-specific EOI and returns.
+fn count_interrupts(m: &Machine, vector: u8) {
     let handler = CODE + 0x1000;
-    m.set_gate(0x34, handler, 0, 0);
+    m.set_gate(vector, handler, 0, 0);
     m.assemble(handler, |a| {
-        a.inc(qword_ptr(0x20000)).unwrap();
+        a.inc(qword_ptr(INTERRUPTS)).unwrap();
         a.mov(al, 0x20u32).unwrap();
         a.out(0x20, al).unwrap();
         a.iretq().unwrap();
     });
+}
+
+/// Enables interrupts and halts until `INTERRUPTS` reaches `count`, then halts for good.
+fn wait_for_interrupts(a: &mut CodeAssembler, count: i32) {
+    let mut wait = a.create_label();
+    a.sti().unwrap();
+    a.set_label(&mut wait).unwrap();
+    a.hlt().unwrap();
+    a.cmp(qword_ptr(INTERRUPTS), count).unwrap();
+    a.jb(wait).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+}
+
+#[test]
+fn device_interrupt_wakes_hlt() {
+    let mut m = Machine::new(16 << 20);
+    count_interrupts(&m, 0x34);
     m.assemble(CODE, |a| {
         init_pic(a, !0x10, 0xff);
-        let mut wait = a.create_label();
-        a.sti().unwrap();
-        a.set_label(&mut wait).unwrap();
-        a.hlt().unwrap();
-        a.cmp(qword_ptr(0x20000), 3).unwrap();
-        a.jb(wait).unwrap();
-        a.cli().unwrap();
-        a.hlt().unwrap();
+        wait_for_interrupts(a, 3);
     });
     let line = m.vm.interrupt_line(4).unwrap();
     let t = std::thread::spawn(move || {
@@ -144,20 +157,13 @@ fn device_interrupt_wakes_hlt() {
     });
     assert_eq!(m.run(), VcpuExit::Halted);
     t.join().unwrap();
-    assert_eq!(m.read_u64(0x20000), 3);
+    assert_eq!(m.read_u64(INTERRUPTS), 3);
 }
 
 #[test]
 fn pit_ticks_at_its_programmed_rate() {
     let mut m = Machine::new(16 << 20);
-    let handler = CODE + 0x1000;
-    m.set_gate(0x30, handler, 0, 0);
-    m.assemble(handler, |a| {
-        a.inc(qword_ptr(0x20000)).unwrap();
-        a.mov(al, 0x20u32).unwrap();
-        a.out(0x20, al).unwrap();
-        a.iretq().unwrap();
-    });
+    count_interrupts(&m, 0x30);
     m.assemble(CODE, |a| {
         init_pic(a, !0x01, 0xff);
         // Mode 2, 1193 ticks: 1 kHz.
@@ -167,14 +173,7 @@ fn pit_ticks_at_its_programmed_rate() {
         a.out(0x40, al).unwrap();
         a.mov(al, 1193u32 >> 8).unwrap();
         a.out(0x40, al).unwrap();
-        let mut wait = a.create_label();
-        a.sti().unwrap();
-        a.set_label(&mut wait).unwrap();
-        a.hlt().unwrap();
-        a.cmp(qword_ptr(0x20000), 50).unwrap();
-        a.jb(wait).unwrap();
-        a.cli().unwrap();
-        a.hlt().unwrap();
+        wait_for_interrupts(a, 50);
     });
     let start = Instant::now();
     assert_eq!(m.run(), VcpuExit::Halted);
@@ -480,20 +479,13 @@ fn interrupt_lines_and_vcpus_are_validated() {
             &vmm_sys_util::eventfd::EventFd::new(0).unwrap()
         )
         .unwrap());
-    let _ = Arc::strong_count(&m.vm);
 }
 
 #[test]
 fn code_rewritten_by_a_device_is_noticed_after_its_interrupt() {
     let mut m = Machine::new(16 << 20);
     let function = 0x40_0000u64;
-    let handler = CODE + 0x1000;
-    m.set_gate(0x35, handler, 0, 0);
-    m.assemble(handler, |a| {
-        a.mov(al, 0x20u32).unwrap();
-        a.out(0x20, al).unwrap();
-        a.iretq().unwrap();
-    });
+    count_interrupts(&m, 0x35);
     m.assemble(function, |a| {
         a.mov(eax, 1).unwrap();
         a.ret().unwrap();
@@ -564,4 +556,411 @@ fn instructions_crossing_pages_follow_the_second_page_mapping() {
     assert_eq!(s.regs.rcx, 0x1111_2222_3333_4444);
     // Head bytes 44 44 33 from the first page, tail 77 66 66 55 55 from the new second page.
     assert_eq!(s.regs.rax, 0x5555_6666_7733_4444);
+}
+
+#[test]
+fn syscall_and_sysret_selectors_wrap_like_16_bit_registers() {
+    let mut m = Machine::new(16 << 20);
+    let entry = CODE + 0x1000;
+    let user = CODE + 0x2000;
+    let ud_handler = CODE + 0x3000;
+    m.set_gate(6, ud_handler, 0, 0);
+    // STAR[47:32] = 0xfffc (SYSCALL CS; SS = CS + 8 wraps to 4), STAR[63:48] = 0xfff8
+    // (SYSRET CS = base + 16 wraps to 8, SS = base + 8 wraps to 0).
+    m.assemble(CODE, |a| {
+        a.mov(ecx, 0xc000_0081u32).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.mov(edx, 0xfff8_fffcu32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0xc000_0082u32).unwrap();
+        a.mov(eax, entry as u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.syscall().unwrap();
+    });
+    m.assemble(entry, |a| {
+        a.mov(r8d, cs).unwrap();
+        a.mov(r9d, ss).unwrap();
+        a.mov(rcx, user).unwrap();
+        a.mov(r11d, 0x2).unwrap();
+        a.sysretq().unwrap();
+    });
+    m.assemble(user, |a| {
+        a.mov(r10d, cs).unwrap();
+        a.mov(r12d, ss).unwrap();
+        a.ud2().unwrap();
+    });
+    m.assemble(ud_handler, |a| {
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.r8, 0xfffc, "SYSCALL CS");
+    assert_eq!(s.regs.r9, 0x0004, "SYSCALL SS = CS + 8, 16-bit");
+    assert_eq!(s.regs.r10, 0x000b, "SYSRET CS = base + 16, 16-bit, RPL 3");
+    assert_eq!(s.regs.r12, 0x0003, "SYSRET SS = base + 8, 16-bit, RPL 3");
+}
+
+#[test]
+fn ltr_reads_a_descriptor_wrapping_around_the_address_space() {
+    let mut m = Machine::new(16 << 20);
+    // Map the last linear page (0xffff_ffff_ffff_f000) to physical 0x31_0000.
+    let (pdpt, pd, pt, top) = (0x30_0000u64, 0x30_1000u64, 0x30_2000u64, 0x31_0000u64);
+    m.write_u64(PML4 + 511 * 8, pdpt | 3);
+    m.write_u64(pdpt + 511 * 8, pd | 3);
+    m.write_u64(pd + 511 * 8, pt | 3);
+    m.write_u64(pt + 511 * 8, top | 3);
+    // A GDT based so that selector 8's 16-byte TSS descriptor starts 5 bytes before the
+    // end of the address space and continues at linear (and physical) 0.
+    let gdt_base = 0xffff_ffff_ffff_fff3u64;
+    let mut tss = [0u8; 16];
+    tss[..2].copy_from_slice(&0x67u16.to_le_bytes());
+    tss[2..5].copy_from_slice(&(TSS as u32).to_le_bytes()[..3]);
+    tss[5] = 0x89; // present, available 64-bit TSS
+    m.write(top + 0xffb, &tss[..5]);
+    m.write(0, &tss[5..]);
+    let gdtr = 0x20000u64;
+    m.write(gdtr, &23u16.to_le_bytes());
+    m.write_u64(gdtr + 2, gdt_base);
+    m.assemble(CODE, |a| {
+        a.lgdt(ptr(gdtr)).unwrap();
+        a.mov(ax, 8u32).unwrap();
+        a.ltr(ax).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.sregs.tr.selector, 8);
+    assert_eq!(s.sregs.tr.base, TSS);
+    assert_eq!(s.sregs.tr.type_, 0xb);
+    assert_eq!(
+        m.read(0, 1)[0],
+        0x8b,
+        "busy bit set in the byte at linear 0"
+    );
+}
+
+#[test]
+fn far_transfers_with_16_bit_operand_size() {
+    let mut m = Machine::new(16 << 20);
+    // 16-bit operand size truncates offsets to 16 bits: everything runs below 64 KiB.
+    let (low_code, jmp_target, call_target, pointers) = (0xe000u64, 0xe100u64, 0xe300u64, 0xe200);
+    // IRETW pops five 16-bit words (IP, CS, FLAGS, SP, SS), in 64-bit mode too.
+    let frame = 0xe7f6u64;
+    for (i, word) in [low_code as u16, KERNEL_CS, 0x2, 0xe800, KERNEL_DS]
+        .iter()
+        .enumerate()
+    {
+        m.write(frame + 2 * i as u64, &word.to_le_bytes());
+    }
+    // m16:16 far pointers: offset, then selector.
+    m.write(pointers, &[0x00, 0xe1, 0x10, 0x00]);
+    m.write(pointers + 0x10, &[0x00, 0xe3, 0x10, 0x00]);
+    m.assemble(CODE, |a| {
+        a.mov(rsp, frame).unwrap();
+        a.iret().unwrap();
+    });
+    m.assemble(low_code, |a| {
+        a.mov(rbx, rsp).unwrap();
+        // jmp far word [0xe200]
+        a.db(&[0x66, 0xff, 0x2c, 0x25, 0x00, 0xe2, 0x00, 0x00])
+            .unwrap();
+    });
+    m.assemble(jmp_target, |a| {
+        // call far word [0xe210]
+        a.db(&[0x66, 0xff, 0x1c, 0x25, 0x10, 0xe2, 0x00, 0x00])
+            .unwrap();
+        a.mov(rsi, rsp).unwrap();
+        a.hlt().unwrap();
+    });
+    m.assemble(call_target, |a| {
+        a.mov(rdx, rsp).unwrap();
+        a.mov(rcx, qword_ptr(rsp)).unwrap();
+        // retf with 16-bit operand size
+        a.db(&[0x66, 0xcb]).unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, 0xe800, "IRETW popped a 16-bit SP");
+    assert_eq!(s.regs.rdx, 0xe800 - 4, "CALL FAR m16:16 pushed two words");
+    assert_eq!(
+        s.regs.rcx & 0xffff_ffff,
+        (u64::from(KERNEL_CS) << 16) | (jmp_target + 8),
+        "return IP, then CS"
+    );
+    assert_eq!(s.regs.rsi, 0xe800, "RETF popped two words");
+    assert_eq!(s.regs.rip, jmp_target + 8 + 3 + 1);
+}
+
+#[test]
+fn far_jump_and_return_to_non_canonical_offsets_fault_at_the_instruction() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(13, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rbx).unwrap(); // error code
+        a.pop(rcx).unwrap(); // faulting RIP
+        a.hlt().unwrap();
+    });
+    let pointer = 0x20000u64;
+    m.write_u64(pointer, 0x8000_0000_0000_0000);
+    m.write(pointer + 8, &KERNEL_CS.to_le_bytes());
+    m.assemble(CODE, |a| {
+        a.jmp(tword_ptr(pointer)).unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!((s.regs.rbx, s.regs.rcx), (0, CODE), "#GP(0) at the JMP FAR");
+
+    m.set_state(CODE + 0x100);
+    m.assemble(CODE + 0x100, |a| {
+        a.push(i32::from(KERNEL_CS)).unwrap();
+        a.mov(rax, 0x8000_0000_0000_0000u64).unwrap();
+        a.push(rax).unwrap();
+        a.retf().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(
+        (s.regs.rbx, s.regs.rcx),
+        (0, CODE + 0x100 + 2 + 10 + 1),
+        "#GP(0) at the RETF"
+    );
+}
+
+#[test]
+fn code_overwritten_by_an_exception_frame_is_retranslated() {
+    let mut m = Machine::new(16 << 20);
+    // The #UD handler at `handler` first runs as a function (`mov ecx, 7; ret`), so its
+    // code is decoded. Then a UD2 at 0x10_26eb pushes its frame over that code: the faulting
+    // RIP (bytes eb 26 10 00 ..) becomes `jmp $+0x28`, past the 40-byte frame, where
+    // `mov ebx, 2; hlt` waits. The stale decoded `mov ecx, 7` must not run again.
+    let handler = 0x40_0008u64;
+    let ud2_at = 0x10_26ebu64;
+    m.set_gate(6, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.mov(ecx, 7).unwrap();
+        a.ret().unwrap();
+    });
+    m.assemble(handler + 0x28, |a| {
+        a.mov(ebx, 2).unwrap();
+        a.hlt().unwrap();
+    });
+    m.assemble(ud2_at, |a| {
+        a.ud2().unwrap();
+    });
+    m.assemble(CODE, |a| {
+        a.call(handler).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        // The frame goes at (RSP & !15) - 40 = `handler`.
+        a.mov(rsp, handler + 40).unwrap();
+        a.jmp(ud2_at).unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(
+        m.read(handler, 2),
+        [0xeb, 0x26],
+        "the frame holds the faulting RIP"
+    );
+    let s = m.state();
+    assert_eq!(s.regs.rcx, 0, "the stale decoded handler did not run");
+    assert_eq!(s.regs.rbx, 2, "the handler's code as the frame left it ran");
+    assert_eq!(s.regs.rip, handler + 0x28 + 6);
+}
+
+#[test]
+fn non_canonical_stack_accesses_raise_ss_and_other_operands_gp() {
+    let mut m = Machine::new(16 << 20);
+    // #SS and #GP on IST1, so a bad RSP cannot break delivery; each records its vector.
+    for (vector, handler) in [(12u8, CODE + 0x1000), (13, CODE + 0x1100)] {
+        m.set_gate(vector, handler, 1, 0);
+        m.assemble(handler, |a| {
+            a.mov(ebx, u32::from(vector)).unwrap();
+            a.hlt().unwrap();
+        });
+    }
+    let bad = 0x8000_0000_0000_0000u64;
+    type Case = fn(&mut CodeAssembler);
+    let cases: [(&str, Case, u64); 7] = [
+        ("push m64", |a| a.push(qword_ptr(rax)).unwrap(), 13),
+        ("pop m64", |a| a.pop(qword_ptr(rax)).unwrap(), 13),
+        ("call m64", |a| a.call(qword_ptr(rax)).unwrap(), 13),
+        (
+            "mov r64, [rax]",
+            |a| a.mov(rcx, qword_ptr(rax)).unwrap(),
+            13,
+        ),
+        (
+            "mov r64, [rbp]",
+            |a| a.mov(rcx, qword_ptr(rbp)).unwrap(),
+            12,
+        ),
+        ("push r64", |a| a.push(rcx).unwrap(), 12),
+        ("ret", |a| a.ret().unwrap(), 12),
+    ];
+    for (name, case, vector) in cases {
+        let start = CODE + 0x200;
+        m.set_state(start);
+        let setup = m.assemble(start, |a| {
+            a.mov(rax, bad).unwrap();
+            a.mov(rbp, bad).unwrap();
+            if vector == 12 && !name.contains("rbp") {
+                a.mov(rsp, bad).unwrap();
+            }
+        });
+        let fault_at = start + setup as u64;
+        m.assemble(fault_at, |a| {
+            case(a);
+            a.hlt().unwrap();
+        });
+        assert_eq!(m.run(), VcpuExit::Halted, "{name}");
+        let s = m.state();
+        assert_eq!(s.regs.rbx, vector, "{name}");
+        assert_eq!(
+            m.read_u64(IST_STACK_TOP - 40),
+            fault_at,
+            "{name}: RIP of the faulting instruction"
+        );
+    }
+}
+
+#[test]
+fn an_instruction_crossing_into_mmio_is_not_fetched_from_the_device() {
+    let mut m = Machine::new(16 << 20);
+    let dev = m.add_mmio(0xd000_0000, 0x1000);
+    m.map_page(0x40_0000, 0x40_0000, 0x3);
+    m.map_page(0x40_1000, 0xd000_0000, 0x3);
+    // The first 5 bytes of a 10-byte `mov rax, imm64`; the rest would come from the device.
+    m.write(0x40_0ffb, &[0x48, 0xb8, 0x11, 0x22, 0x33]);
+    m.assemble(CODE, |a| {
+        a.jmp(0x40_0ffbu64).unwrap();
+    });
+    match m.vcpu.run() {
+        Err(lodge_engine::EngineError::Guest { reason, .. }) => {
+            assert!(reason.contains("outside RAM"), "{reason}")
+        }
+        other => panic!("expected an engine failure, got {other:?}"),
+    }
+    assert_eq!(dev.lock().unwrap().reads, 0, "no device register was read");
+}
+
+#[test]
+fn a_page_fault_reading_the_gdt_during_delivery_is_a_page_fault() {
+    let mut m = Machine::new(16 << 20);
+    // The GDT moves to 0x40_0000; its second page (holding selector 0x1000) is not present.
+    let gdt = 0x40_0000u64;
+    m.map_page(gdt, gdt, 0x3);
+    m.map_page(gdt + 0x1000, gdt + 0x1000, 0x0);
+    let entries = m.read(GDT, 9 * 8);
+    m.write(gdt, &entries);
+    let gdtr = 0x20000u64;
+    m.write(gdtr, &0x1007u16.to_le_bytes());
+    m.write_u64(gdtr + 2, gdt);
+    // #UD's gate names code selector 0x1000; #PF's is the usual kernel code segment.
+    let (ud_handler, pf_handler) = (CODE + 0x1000, CODE + 0x1100);
+    m.set_gate(6, ud_handler, 0, 0);
+    let gate = IDT + 6 * 16;
+    m.write(gate + 2, &0x1000u16.to_le_bytes());
+    m.set_gate(14, pf_handler, 0, 0);
+    m.assemble(pf_handler, |a| {
+        a.pop(rbx).unwrap(); // error code
+        a.pop(rdx).unwrap(); // RIP
+        a.mov(rcx, cr2).unwrap();
+        a.hlt().unwrap();
+    });
+    let ud2_at = m.assemble(CODE, |a| {
+        a.lgdt(ptr(gdtr)).unwrap();
+    }) as u64
+        + CODE;
+    m.assemble(ud2_at, |a| {
+        a.ud2().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rcx, gdt + 0x1000, "CR2: the descriptor's address");
+    assert_eq!(s.regs.rbx, 0, "not present, supervisor read");
+    assert_eq!(s.regs.rdx, ud2_at, "the #UD's instruction");
+}
+
+#[test]
+fn wait_raises_nm_only_with_cr0_mp_and_ts() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(7, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rbx).unwrap(); // RIP of the faulting instruction
+        a.hlt().unwrap();
+    });
+    // CR0 as the machine sets it (PE, MP, ET, NE, WP, PG) with TS added, then without MP.
+    for (control, faults) in [(0x8005_003bu64, true), (0x8005_0039, false)] {
+        m.set_state(CODE);
+        m.modify_state(|s| s.sregs.cr0 = control);
+        m.assemble(CODE, |a| {
+            a.xor(ebx, ebx).unwrap();
+            a.wait().unwrap();
+            a.hlt().unwrap();
+        });
+        assert_eq!(m.run(), VcpuExit::Halted);
+        let expected = if faults { CODE + 2 } else { 0 };
+        assert_eq!(m.state().regs.rbx, expected, "CR0 {control:#x}");
+    }
+    // Other x87 instructions fault on TS alone.
+    m.set_state(CODE);
+    m.modify_state(|s| s.sregs.cr0 = 0x8005_0039);
+    m.assemble(CODE, |a| {
+        a.xor(ebx, ebx).unwrap();
+        a.fld1().unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(m.state().regs.rbx, CODE + 2, "FLD1 with TS");
+}
+
+#[test]
+fn far_transfers_to_32_bit_code_raise_gp_instead_of_ending_the_vm() {
+    let mut m = Machine::new(16 << 20);
+    let handler = CODE + 0x1000;
+    m.set_gate(13, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rbx).unwrap(); // error code
+        a.pop(rcx).unwrap(); // faulting RIP
+        a.hlt().unwrap();
+    });
+    // Selector 0x08 is 32-bit kernel code, 0x23 32-bit user code (as in Linux's GDT).
+    let pointer = 0x20000u64;
+    m.write_u64(pointer, CODE + 0x100);
+    m.write(pointer + 8, &0x08u16.to_le_bytes());
+    m.assemble(CODE, |a| {
+        a.jmp(tword_ptr(pointer)).unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!((s.regs.rbx, s.regs.rcx), (0x08, CODE), "JMP FAR");
+
+    // A user process returning to 32-bit user code with IRETQ.
+    let user = CODE + 0x2000;
+    m.set_state(CODE);
+    m.assemble(CODE, |a| {
+        a.push(i32::from(USER_DS)).unwrap();
+        a.push(0x7_0000i32).unwrap();
+        a.push(0x2i32).unwrap();
+        a.push(i32::from(USER_CS)).unwrap();
+        a.push(user as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    m.assemble(user, |a| {
+        a.push(i32::from(USER_DS)).unwrap();
+        a.push(0x7_0000i32).unwrap();
+        a.push(0x2i32).unwrap();
+        a.push(0x23i32).unwrap();
+        a.push(user as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(
+        (s.regs.rbx, s.regs.rcx),
+        (0x20, user + 2 + 5 + 2 + 2 + 5),
+        "IRETQ from CPL 3"
+    );
 }

@@ -1,14 +1,20 @@
 //! Linear-memory access: the TLB fast path, page walks, page-crossing and MMIO slow paths.
 
+use std::ops::Range;
+
 use super::{Cpu, Event};
 use crate::memory::{PAGE_OFFSET_MASK, PAGE_SIZE};
 use crate::mmu::{self, AccessKind};
 use crate::tlb::PageRights;
 
-/// Where a read-modify-write operand lives.
+/// Where a `B`-byte read-modify-write operand lives. Only `Cpu::locate` makes one, so a
+/// host address in it has been checked like a fast write.
 #[derive(Clone, Copy, Debug)]
-pub enum Place {
-    /// Host address of the operand (RAM, inside one page).
+pub struct Place<const B: usize>(Location);
+
+#[derive(Clone, Copy, Debug)]
+enum Location {
+    /// Host address of the operand: RAM with a fast write tag, all `B` bytes in one page.
     Host(usize),
     /// Anything else: accessed through the slow path, already checked for writing.
     Slow(u64),
@@ -17,11 +23,15 @@ pub enum Place {
 /// Reads `B` bytes (1, 2, 4 or 8) at a host address.
 ///
 /// # Safety
-/// `host..host + B` must lie inside a mapped guest RAM page.
+/// `host..host + B` must lie inside guest RAM that stays mapped while the `Cpu` lives.
 #[inline(always)]
 unsafe fn host_load<const B: usize>(host: usize) -> u64 {
-    // Guest memory is shared with device threads and the guest itself; it is plain bytes
-    // with no Rust invariants, so unaligned raw reads are the right primitive.
+    // SAFETY: the caller guarantees the bytes are mapped guest RAM. They hold no Rust
+    // invariants (any value is valid) and need not be aligned, hence unaligned raw reads.
+    // Device threads may write guest RAM concurrently (DMA): the value read may then mix old
+    // and new bytes, as a CPU's would. The Rust memory model leaves such a race undefined;
+    // volatile or atomic accesses would need alignment the guest does not promise, so the
+    // engine accepts it as other emulators do.
     unsafe {
         match B {
             1 => u64::from(std::ptr::read(host as *const u8)),
@@ -35,9 +45,10 @@ unsafe fn host_load<const B: usize>(host: usize) -> u64 {
 /// Writes the low `B` bytes of `value` at a host address.
 ///
 /// # Safety
-/// `host..host + B` must lie inside a mapped guest RAM page.
+/// As for `host_load`.
 #[inline(always)]
 unsafe fn host_store<const B: usize>(host: usize, value: u64) {
+    // SAFETY: as in `host_load`; writing any bytes there is valid for the same reasons.
     unsafe {
         match B {
             1 => std::ptr::write(host as *mut u8, value as u8),
@@ -46,6 +57,22 @@ unsafe fn host_store<const B: usize>(host: usize, value: u64) {
             _ => std::ptr::write_unaligned(host as *mut u64, value),
         }
     }
+}
+
+/// Splits `len` bytes at `linear` into runs within one page: each run's linear address and
+/// its range in the buffer.
+fn page_chunks(linear: u64, len: usize) -> impl Iterator<Item = (u64, Range<usize>)> {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let addr = linear.wrapping_add(done as u64);
+        let chunk = (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((len - done) as u64) as usize;
+        let range = done..done + chunk;
+        done += chunk;
+        Some((addr, range))
+    })
 }
 
 impl Cpu {
@@ -81,40 +108,71 @@ impl Cpu {
         self.write_slow(linear, &value.to_le_bytes()[..B], self.user)
     }
 
+    /// Reads `B` bytes of the stack: an implicit stack-segment access, so a non-canonical
+    /// address raises #SS instead of #GP.
+    #[inline(always)]
+    pub fn stack_read<const B: usize>(&mut self, linear: u64) -> Result<u64, Event> {
+        self.read::<B>(linear).map_err(Event::into_stack_fault)
+    }
+
+    /// Writes `B` bytes of the stack (see `stack_read`).
+    #[inline(always)]
+    pub fn stack_write<const B: usize>(&mut self, linear: u64, value: u64) -> Result<(), Event> {
+        self.write::<B>(linear, value)
+            .map_err(Event::into_stack_fault)
+    }
+
     /// Finds a read-modify-write operand, checking write access first.
     #[inline(always)]
-    pub fn locate<const B: usize>(&mut self, linear: u64) -> Result<Place, Event> {
+    pub fn locate<const B: usize>(&mut self, linear: u64) -> Result<Place<B>, Event> {
         let entry = self.tlb.entry(linear, self.user);
         if entry.write == self.tlb.tag(linear)
             && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B
         {
-            return Ok(Place::Host(linear.wrapping_add(entry.addend) as usize));
+            let host = linear.wrapping_add(entry.addend) as usize;
+            return Ok(Place(Location::Host(host)));
         }
         self.check_writable(linear, B, self.user)?;
-        Ok(Place::Slow(linear))
+        Ok(Place(Location::Slow(linear)))
     }
 
     /// Reads a located operand.
     #[inline(always)]
-    pub fn place_read<const B: usize>(&mut self, place: Place) -> Result<u64, Event> {
-        match place {
-            // SAFETY: `Place::Host` comes from `locate`, which checked a fast write tag (RAM,
-            // inside one page) exactly as `write` does.
-            Place::Host(host) => Ok(unsafe { host_load::<B>(host) }),
-            Place::Slow(linear) => self.read_slow(linear, B, self.user),
+    pub fn place_read<const B: usize>(&mut self, place: Place<B>) -> Result<u64, Event> {
+        match place.0 {
+            // SAFETY: `locate` made this `Place<B>` from a fast write tag, as `write` checks:
+            // the `B` bytes are RAM inside one page.
+            Location::Host(host) => Ok(unsafe { host_load::<B>(host) }),
+            Location::Slow(linear) => self.read_slow(linear, B, self.user),
         }
     }
 
     /// Writes a located operand.
     #[inline(always)]
-    pub fn place_write<const B: usize>(&mut self, place: Place, value: u64) -> Result<(), Event> {
-        match place {
-            // SAFETY: as in `place_read`.
-            Place::Host(host) => {
+    pub fn place_write<const B: usize>(
+        &mut self,
+        place: Place<B>,
+        value: u64,
+    ) -> Result<(), Event> {
+        match place.0 {
+            Location::Host(host) => {
+                // SAFETY: as in `place_read`; a fast write tag also means the page holds no
+                // decoded code, so no invalidation is missed.
                 unsafe { host_store::<B>(host, value) };
                 Ok(())
             }
-            Place::Slow(linear) => self.write_slow(linear, &value.to_le_bytes()[..B], self.user),
+            Location::Slow(linear) => self.write_slow(linear, &value.to_le_bytes()[..B], self.user),
+        }
+    }
+
+    /// Reads `size` bytes (1, 2, 4 or 8, chosen at run time) at `linear`.
+    #[inline]
+    pub fn read_sized(&mut self, linear: u64, size: usize) -> Result<u64, Event> {
+        match size {
+            1 => self.read::<1>(linear),
+            2 => self.read::<2>(linear),
+            4 => self.read::<4>(linear),
+            _ => self.read::<8>(linear),
         }
     }
 
@@ -166,14 +224,9 @@ impl Cpu {
 
     /// Reads any number of bytes (each page translated separately).
     pub fn read_bytes(&mut self, linear: u64, buf: &mut [u8], user: bool) -> Result<(), Event> {
-        let mut done = 0;
-        while done < buf.len() {
-            let addr = linear.wrapping_add(done as u64);
-            let chunk =
-                (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((buf.len() - done) as u64) as usize;
+        for (addr, range) in page_chunks(linear, buf.len()) {
             let phys = self.translate(addr, AccessKind::Read, user)?;
-            self.mem.read(phys, &mut buf[done..done + chunk]);
-            done += chunk;
+            self.mem.read(phys, &mut buf[range]);
         }
         Ok(())
     }
@@ -181,14 +234,9 @@ impl Cpu {
     /// Writes any number of bytes; every page is checked before anything is written.
     pub fn write_bytes(&mut self, linear: u64, data: &[u8], user: bool) -> Result<(), Event> {
         self.check_writable(linear, data.len(), user)?;
-        let mut done = 0;
-        while done < data.len() {
-            let addr = linear.wrapping_add(done as u64);
-            let chunk =
-                (PAGE_SIZE - (addr & PAGE_OFFSET_MASK)).min((data.len() - done) as u64) as usize;
+        for (addr, range) in page_chunks(linear, data.len()) {
             let phys = self.translate(addr, AccessKind::Write, user)?;
-            self.write_phys(phys, &data[done..done + chunk]);
-            done += chunk;
+            self.write_phys(phys, &data[range]);
         }
         Ok(())
     }
@@ -257,12 +305,7 @@ impl Cpu {
     #[cold]
     fn translate_miss(&mut self, linear: u64, kind: AccessKind, user: bool) -> Result<u64, Event> {
         if !mmu::is_canonical(linear) {
-            // The address rides along so that stack-segment accesses can become #SS.
-            return Err(Event::Exception(super::Exception {
-                vector: super::vector::GP,
-                error_code: Some(0),
-                address: linear,
-            }));
+            return Err(Event::non_canonical(linear));
         }
         self.stats.page_walks += 1;
         let translation = if self.paging_enabled() {
@@ -276,7 +319,6 @@ impl Cpu {
                 page_size: PAGE_SIZE,
                 writable: true,
                 executable: true,
-                global: false,
             }
         };
         let phys_page = translation.phys & !PAGE_OFFSET_MASK;
@@ -288,8 +330,12 @@ impl Cpu {
             fast_read: true,
             fast_write: !self.code_pages.contains(&phys_page),
         };
-        self.tlb
-            .insert(linear, user, phys_page, host, rights, translation.page_size);
+        // SAFETY: `host_page` returns the host address of a whole 4 KiB page of RAM, which
+        // `self.mem` keeps mapped for as long as this CPU (and its TLB) lives.
+        unsafe {
+            self.tlb
+                .insert(linear, user, phys_page, host, rights, translation.page_size)
+        };
         Ok(translation.phys)
     }
 }

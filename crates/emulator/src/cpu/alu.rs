@@ -4,7 +4,7 @@
 use iced_x86::{Instruction, Mnemonic};
 
 use super::flags::FlagOp;
-use super::op::{kind, mask, size0, Handler, Op, IMM, MEM, REG};
+use super::op::{by_size, kind, mask, size0, Handler, Op, IMM, MEM, REG};
 use super::{Cpu, Event};
 
 pub const ADD: u8 = 0;
@@ -74,14 +74,7 @@ pub fn binary<const OP: u8, const B: usize, const DST: u8, const SRC: u8>(
     op: &Op,
 ) -> Result<(), Event> {
     let writes = OP != CMP && OP != TEST;
-    let src = match SRC {
-        REG => cpu.gpr::<B>(op.r[1]),
-        IMM => op.inst.immediate(1) & mask::<B>(),
-        _ => {
-            let addr = cpu.ea(op);
-            cpu.read::<B>(addr)?
-        }
-    };
+    let src = cpu.source::<B, SRC>(op, 1)?;
     if DST == REG {
         let dst = cpu.gpr::<B>(op.r[0]);
         let r = compute::<OP, B>(cpu, dst, src);
@@ -146,48 +139,27 @@ pub fn unary<const OP: u8, const B: usize, const DST: u8>(
     Ok(())
 }
 
+/// The forms of a two-operand ALU instruction: register or memory destination, register,
+/// memory or immediate source.
 macro_rules! binary_forms {
-    ($op:expr, $size:expr, $dst:expr, $src:expr) => {{
-        const O: u8 = $op;
-        match ($size, $dst, $src) {
-            (1, REG, REG) => binary::<O, 1, REG, REG> as Handler,
-            (1, REG, MEM) => binary::<O, 1, REG, MEM>,
-            (1, REG, _) => binary::<O, 1, REG, IMM>,
-            (1, _, REG) => binary::<O, 1, MEM, REG>,
-            (1, _, _) => binary::<O, 1, MEM, IMM>,
-            (2, REG, REG) => binary::<O, 2, REG, REG>,
-            (2, REG, MEM) => binary::<O, 2, REG, MEM>,
-            (2, REG, _) => binary::<O, 2, REG, IMM>,
-            (2, _, REG) => binary::<O, 2, MEM, REG>,
-            (2, _, _) => binary::<O, 2, MEM, IMM>,
-            (4, REG, REG) => binary::<O, 4, REG, REG>,
-            (4, REG, MEM) => binary::<O, 4, REG, MEM>,
-            (4, REG, _) => binary::<O, 4, REG, IMM>,
-            (4, _, REG) => binary::<O, 4, MEM, REG>,
-            (4, _, _) => binary::<O, 4, MEM, IMM>,
-            (_, REG, REG) => binary::<O, 8, REG, REG>,
-            (_, REG, MEM) => binary::<O, 8, REG, MEM>,
-            (_, REG, _) => binary::<O, 8, REG, IMM>,
-            (_, _, REG) => binary::<O, 8, MEM, REG>,
-            (_, _, _) => binary::<O, 8, MEM, IMM>,
+    ($op:ident, $size:expr, $dst:expr, $src:expr) => {
+        match ($dst, $src) {
+            (REG, REG) => by_size!($size, binary::<$op, _, REG, REG>),
+            (REG, MEM) => by_size!($size, binary::<$op, _, REG, MEM>),
+            (REG, _) => by_size!($size, binary::<$op, _, REG, IMM>),
+            (_, REG) => by_size!($size, binary::<$op, _, MEM, REG>),
+            (_, _) => by_size!($size, binary::<$op, _, MEM, IMM>),
         }
-    }};
+    };
 }
 
 macro_rules! unary_forms {
-    ($op:expr, $size:expr, $dst:expr) => {{
-        const O: u8 = $op;
-        match ($size, $dst) {
-            (1, REG) => unary::<O, 1, REG> as Handler,
-            (1, _) => unary::<O, 1, MEM>,
-            (2, REG) => unary::<O, 2, REG>,
-            (2, _) => unary::<O, 2, MEM>,
-            (4, REG) => unary::<O, 4, REG>,
-            (4, _) => unary::<O, 4, MEM>,
-            (_, REG) => unary::<O, 8, REG>,
-            (_, _) => unary::<O, 8, MEM>,
+    ($op:ident, $size:expr, $dst:expr) => {
+        match $dst {
+            REG => by_size!($size, unary::<$op, _, REG>),
+            _ => by_size!($size, unary::<$op, _, MEM>),
         }
-    }};
+    };
 }
 
 /// The handler for an ALU instruction, if `inst` is one.

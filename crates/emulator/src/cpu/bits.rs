@@ -6,7 +6,7 @@ use iced_x86::{Instruction, Mnemonic};
 
 use super::flags::{CF, ZF};
 
-use super::op::{kind, mask, sign_extend, size0, Handler, Op, IMM, MEM, REG};
+use super::op::{by_word_size, kind, mask, sign_extend, size0, Handler, Op, IMM, MEM, REG};
 use super::{Cpu, Event};
 
 pub const BT: u8 = 0;
@@ -68,12 +68,7 @@ pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let src = if SRC == REG {
-        cpu.gpr::<B>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)?
-    };
+    let src = cpu.source::<B, SRC>(op, 1)?;
     if src == 0 {
         // A zero result sets ZF.
         cpu.flags.set_custom((B * 8) as u32, 0, false, false, false);
@@ -91,12 +86,7 @@ pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(
 
 /// LZCNT r, r/m: CF = (source == 0), ZF = (result == 0).
 pub fn lzcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let src = if SRC == REG {
-        cpu.gpr::<B>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)?
-    };
+    let src = cpu.source::<B, SRC>(op, 1)?;
     let count = u64::from(src.leading_zeros()) - (64 - (B as u64) * 8);
     cpu.set_gpr::<B>(op.r[0], count);
     cpu.flags.set_arith(
@@ -108,53 +98,41 @@ pub fn lzcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<()
 
 /// POPCNT r, r/m.
 pub fn popcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let src = if SRC == REG {
-        cpu.gpr::<B>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)?
-    };
+    let src = cpu.source::<B, SRC>(op, 1)?;
     let count = u64::from((src & mask::<B>()).count_ones());
     cpu.set_gpr::<B>(op.r[0], count);
-    // ZF = (src == 0); every other flag clear (PF is computed from a result of 1 or 0,
-    // so use a result with odd parity).
+    // ZF = (src == 0); every other arithmetic flag is cleared.
     cpu.flags
         .set_arith(super::flags::ARITH, if src == 0 { ZF } else { 0 });
     Ok(())
 }
 
+/// The forms of BT/BTS/BTR/BTC: register or memory, bit offset in a register or immediate.
 macro_rules! bt_forms {
-    ($op:expr, $size:expr, $dst:expr, $src:expr) => {{
-        const O: u8 = $op;
-        match ($size, $dst, $src) {
-            (2, REG, REG) => bit_test::<O, 2, REG, REG> as Handler,
-            (2, REG, _) => bit_test::<O, 2, REG, IMM>,
-            (2, _, REG) => bit_test::<O, 2, MEM, REG>,
-            (2, _, _) => bit_test::<O, 2, MEM, IMM>,
-            (4, REG, REG) => bit_test::<O, 4, REG, REG>,
-            (4, REG, _) => bit_test::<O, 4, REG, IMM>,
-            (4, _, REG) => bit_test::<O, 4, MEM, REG>,
-            (4, _, _) => bit_test::<O, 4, MEM, IMM>,
-            (_, REG, REG) => bit_test::<O, 8, REG, REG>,
-            (_, REG, _) => bit_test::<O, 8, REG, IMM>,
-            (_, _, REG) => bit_test::<O, 8, MEM, REG>,
-            (_, _, _) => bit_test::<O, 8, MEM, IMM>,
+    ($op:ident, $size:expr, $dst:expr, $src:expr) => {
+        match ($dst, $src) {
+            (REG, REG) => by_word_size!($size, bit_test::<$op, _, REG, REG>),
+            (REG, _) => by_word_size!($size, bit_test::<$op, _, REG, IMM>),
+            (_, REG) => by_word_size!($size, bit_test::<$op, _, MEM, REG>),
+            (_, _) => by_word_size!($size, bit_test::<$op, _, MEM, IMM>),
         }
-    }};
+    };
 }
 
-macro_rules! scan_forms {
-    ($forward:expr, $size:expr, $src:expr) => {{
-        const F: bool = $forward;
-        match ($size, $src) {
-            (2, REG) => bit_scan::<F, 2, REG> as Handler,
-            (2, _) => bit_scan::<F, 2, MEM>,
-            (4, REG) => bit_scan::<F, 4, REG>,
-            (4, _) => bit_scan::<F, 4, MEM>,
-            (_, REG) => bit_scan::<F, 8, REG>,
-            (_, _) => bit_scan::<F, 8, MEM>,
+/// The register and memory forms of `f::<B, SRC>` and `f::<FORWARD, B, SRC>` (no byte forms).
+macro_rules! rm_forms {
+    ($size:expr, $src:expr, $f:ident::<_>) => {
+        match $src {
+            REG => by_word_size!($size, $f::<_, REG>),
+            _ => by_word_size!($size, $f::<_, MEM>),
         }
-    }};
+    };
+    ($size:expr, $src:expr, $f:ident::<$forward:literal, _>) => {
+        match $src {
+            REG => by_word_size!($size, $f::<$forward, _, REG>),
+            _ => by_word_size!($size, $f::<$forward, _, MEM>),
+        }
+    };
 }
 
 /// The handler for a bit instruction, if `inst` is one.
@@ -165,24 +143,10 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Bts => bt_forms!(BTS, size, kind(inst, 0), kind(inst, 1)),
         Mnemonic::Btr => bt_forms!(BTR, size, kind(inst, 0), kind(inst, 1)),
         Mnemonic::Btc => bt_forms!(BTC, size, kind(inst, 0), kind(inst, 1)),
-        Mnemonic::Bsf | Mnemonic::Tzcnt => scan_forms!(true, size, kind(inst, 1)),
-        Mnemonic::Bsr => scan_forms!(false, size, kind(inst, 1)),
-        Mnemonic::Lzcnt => match (size, kind(inst, 1)) {
-            (2, REG) => lzcnt::<2, REG> as Handler,
-            (2, _) => lzcnt::<2, MEM>,
-            (4, REG) => lzcnt::<4, REG>,
-            (4, _) => lzcnt::<4, MEM>,
-            (_, REG) => lzcnt::<8, REG>,
-            (_, _) => lzcnt::<8, MEM>,
-        },
-        Mnemonic::Popcnt => match (size, kind(inst, 1)) {
-            (2, REG) => popcnt::<2, REG> as Handler,
-            (2, _) => popcnt::<2, MEM>,
-            (4, REG) => popcnt::<4, REG>,
-            (4, _) => popcnt::<4, MEM>,
-            (_, REG) => popcnt::<8, REG>,
-            (_, _) => popcnt::<8, MEM>,
-        },
+        Mnemonic::Bsf | Mnemonic::Tzcnt => rm_forms!(size, kind(inst, 1), bit_scan::<true, _>),
+        Mnemonic::Bsr => rm_forms!(size, kind(inst, 1), bit_scan::<false, _>),
+        Mnemonic::Lzcnt => rm_forms!(size, kind(inst, 1), lzcnt::<_>),
+        Mnemonic::Popcnt => rm_forms!(size, kind(inst, 1), popcnt::<_>),
         _ => return None,
     };
     Some(h)

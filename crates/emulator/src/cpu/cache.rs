@@ -17,14 +17,17 @@ const MAX_BLOCK: usize = 64;
 const WINDOW: u64 = 1024;
 /// Entries of the linear-address jump cache.
 const JUMP_ENTRIES: usize = 4096;
+/// Decoded instructions the cache holds at most (64 bytes each, so about 64 MiB). Blocks are
+/// keyed by linear address, so a guest mapping code at ever new addresses could otherwise
+/// make the VMM decode and keep code without bound; when full, the cache starts over (as
+/// QEMU flushes its translation cache). A Linux boot to the shell keeps about 125 K.
+const MAX_INSTRUCTIONS: usize = 1 << 20;
 
 /// Decoded straight-line code ending at a control transfer (or a page or size limit).
 pub struct Block {
     pub ops: Box<[Op]>,
     pub linear: u64,
     pub phys: u64,
-    /// Physical end of the bytes decoded.
-    pub phys_end: u64,
     /// The bytes decoded, to notice changes made behind the engine's back (device DMA).
     bytes: Box<[u8]>,
     /// The DMA epoch at which `bytes` last matched memory.
@@ -36,10 +39,38 @@ pub struct Block {
     split: usize,
 }
 
-/// A block to execute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BlockRef {
-    Cached(u32),
+impl Block {
+    /// The physical pages the block's bytes come from.
+    fn pages(&self) -> impl Iterator<Item = u64> {
+        let second = (self.phys2 != u64::MAX).then_some(self.phys2);
+        std::iter::once(self.phys & !PAGE_OFFSET_MASK).chain(second)
+    }
+
+    /// Whether the block may still run: a second page must still be mapped where it was,
+    /// and the bytes must match memory (checked once per DMA epoch).
+    fn still_valid(&mut self, cpu: &mut Cpu, epoch: u64) -> Result<bool, Event> {
+        if self.phys2 != u64::MAX {
+            let next_page = (self.linear | PAGE_OFFSET_MASK).wrapping_add(1);
+            if cpu.translate(next_page, AccessKind::Execute, cpu.user)? != self.phys2 {
+                return Ok(false);
+            }
+        }
+        if self.epoch == epoch {
+            return Ok(true);
+        }
+        let mut current = [0u8; WINDOW as usize];
+        let current = &mut current[..self.bytes.len()];
+        let (head, tail) = current.split_at_mut(self.split.min(self.bytes.len()));
+        cpu.mem.read(self.phys, head);
+        if !tail.is_empty() {
+            cpu.mem.read(self.phys2, tail);
+        }
+        if *current != *self.bytes {
+            return Ok(false);
+        }
+        self.epoch = epoch;
+        Ok(true)
+    }
 }
 
 /// All decoded blocks of one vCPU.
@@ -48,7 +79,10 @@ pub struct CodeCache {
     free: Vec<u32>,
     map: HashMap<(u64, u64), u32, FastHash>,
     pages: HashMap<u64, Vec<u32>, FastHash>,
-    jump: Box<[(u64, u32)]>,
+    jump: Box<[(u64, u32); JUMP_ENTRIES]>,
+    /// Decoded instructions in all blocks, and how many make the cache start over.
+    instructions: usize,
+    limit: usize,
 }
 
 impl Default for CodeCache {
@@ -59,12 +93,19 @@ impl Default for CodeCache {
 
 impl CodeCache {
     pub fn new() -> Self {
+        Self::with_limit(MAX_INSTRUCTIONS)
+    }
+
+    /// A cache holding at most `limit` decoded instructions.
+    fn with_limit(limit: usize) -> Self {
         CodeCache {
             blocks: Vec::new(),
             free: Vec::new(),
             map: HashMap::default(),
             pages: HashMap::default(),
-            jump: vec![(u64::MAX, 0); JUMP_ENTRIES].into_boxed_slice(),
+            jump: Box::new([(u64::MAX, 0); JUMP_ENTRIES]),
+            instructions: 0,
+            limit,
         }
     }
 
@@ -72,8 +113,9 @@ impl CodeCache {
         ((linear ^ (linear >> 12)) as usize) & (JUMP_ENTRIES - 1)
     }
 
-    /// The block starting at `linear` (physical `phys`), decoding it if needed. `epoch` is the
-    /// current DMA epoch: a block not checked since it changed is compared with memory first.
+    /// The block starting at `linear` (physical `phys`), decoding it if needed; the index
+    /// is for `block`. `epoch` is the current DMA epoch: a block not checked since it changed
+    /// is compared with memory first.
     #[inline]
     pub fn find(
         &mut self,
@@ -81,96 +123,59 @@ impl CodeCache {
         linear: u64,
         phys: u64,
         epoch: u64,
-    ) -> Result<BlockRef, Event> {
-        let slot = Self::jump_slot(linear);
-        let (cached_linear, index) = self.jump[slot];
-        let mut found = None;
-        if cached_linear == linear {
-            if let Some(Some(block)) = self.blocks.get(index as usize) {
-                if block.phys == phys && block.linear == linear {
-                    found = Some(index);
+    ) -> Result<u32, Event> {
+        if let Some(index) = self.lookup(linear, phys) {
+            if let Some(Some(block)) = self.blocks.get_mut(index as usize) {
+                if block.still_valid(cpu, epoch)? {
+                    return Ok(index);
                 }
-            }
-        }
-        if found.is_none() {
-            if let Some(&index) = self.map.get(&(linear, phys)) {
-                self.jump[slot] = (linear, index);
-                found = Some(index);
-            }
-        }
-        if let Some(index) = found {
-            let phys2 = self
-                .blocks
-                .get(index as usize)
-                .and_then(Option::as_ref)
-                .map_or(u64::MAX, |b| b.phys2);
-            let same_mapping = phys2 == u64::MAX || {
-                let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
-                cpu.translate(next_page, AccessKind::Execute, cpu.user)? == phys2
-            };
-            if same_mapping && self.still_valid(cpu, index, epoch) {
-                return Ok(BlockRef::Cached(index));
             }
             self.remove(cpu, index);
         }
         self.translate(cpu, linear, phys, epoch)
     }
 
-    /// Whether block `index` still matches memory (checked once per DMA epoch).
-    fn still_valid(&mut self, cpu: &Cpu, index: u32, epoch: u64) -> bool {
-        let Some(Some(block)) = self.blocks.get_mut(index as usize) else {
-            return false;
-        };
-        if block.epoch == epoch {
-            return true;
+    /// The cached block for (`linear`, `phys`): the jump cache, then the map.
+    #[inline]
+    fn lookup(&mut self, linear: u64, phys: u64) -> Option<u32> {
+        let slot = Self::jump_slot(linear);
+        let (cached_linear, index) = self.jump[slot];
+        if cached_linear == linear {
+            if let Some(Some(block)) = self.blocks.get(index as usize) {
+                if block.linear == linear && block.phys == phys {
+                    return Some(index);
+                }
+            }
         }
-        let mut current = [0u8; WINDOW as usize];
-        let current = &mut current[..block.bytes.len()];
-        if block.phys2 == u64::MAX {
-            cpu.mem.read(block.phys, current);
-        } else {
-            let (head, tail) = current.split_at_mut(block.split.min(block.bytes.len()));
-            cpu.mem.read(block.phys, head);
-            cpu.mem.read(block.phys2, tail);
-        }
-        if *current != *block.bytes {
-            return false;
-        }
-        block.epoch = epoch;
-        true
+        let index = *self.map.get(&(linear, phys))?;
+        self.jump[slot] = (linear, index);
+        Some(index)
     }
 
-    /// Drops block `index`.
+    /// Drops block `index` and forgets code pages left without blocks.
     fn remove(&mut self, cpu: &mut Cpu, index: u32) {
-        let Some(Some(block)) = self.blocks.get_mut(index as usize) else {
+        let Some(block) = self.blocks.get_mut(index as usize).and_then(Option::take) else {
             return;
         };
-        let pages = [
-            block.phys & !PAGE_OFFSET_MASK,
-            block.phys2 & !PAGE_OFFSET_MASK,
-        ];
-        let crossing = block.phys2 != u64::MAX;
         self.map.remove(&(block.linear, block.phys));
-        self.blocks[index as usize] = None;
         self.free.push(index);
-        for page in &pages[..1 + usize::from(crossing)] {
-            if let Some(list) = self.pages.get_mut(page) {
+        self.instructions -= block.ops.len();
+        for page in block.pages() {
+            if let Some(list) = self.pages.get_mut(&page) {
                 list.retain(|&i| i != index);
                 if list.is_empty() {
-                    self.pages.remove(page);
-                    cpu.code_pages.remove(page);
+                    self.pages.remove(&page);
+                    cpu.code_pages.remove(&page);
                 }
             }
         }
         cpu.stats.code_invalidations += 1;
     }
 
-    /// The block behind `r`.
+    /// The block at `index` (from `find`).
     #[inline]
-    pub fn block(&self, r: BlockRef) -> Option<&Block> {
-        match r {
-            BlockRef::Cached(i) => self.blocks.get(i as usize).and_then(Option::as_ref),
-        }
+    pub fn block(&self, index: u32) -> Option<&Block> {
+        self.blocks.get(index as usize).and_then(Option::as_ref)
     }
 
     /// Number of cached blocks.
@@ -178,9 +183,9 @@ impl CodeCache {
         self.map.len()
     }
 
-    /// Whether no block is cached.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+    /// Number of decoded instructions in the cached blocks.
+    pub fn instructions(&self) -> usize {
+        self.instructions
     }
 
     fn translate(
@@ -189,13 +194,9 @@ impl CodeCache {
         linear: u64,
         phys: u64,
         epoch: u64,
-    ) -> Result<BlockRef, Event> {
+    ) -> Result<u32, Event> {
         cpu.stats.blocks_translated += 1;
-        if !cpu.mem.is_ram(phys) {
-            return Err(Event::fatal(format!(
-                "Executing outside RAM at {linear:#x} (physical {phys:#x})"
-            )));
-        }
+        require_ram(cpu, linear, phys)?;
         let in_page = PAGE_SIZE - (phys & PAGE_OFFSET_MASK);
         let window = in_page.min(WINDOW);
         let mut bytes = vec![0u8; window as usize];
@@ -207,15 +208,13 @@ impl CodeCache {
             let position = decoder.position();
             decoder.decode_out(&mut inst);
             if inst.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
-                if !ops.is_empty() || window < in_page {
-                    // Stop before it; the next block starts there.
-                    if ops.is_empty() {
-                        return Err(Event::fatal("Instruction longer than the decode window"));
-                    }
-                    break;
+                if ops.is_empty() {
+                    // The window holds many instructions, so only one at the end of the page
+                    // can run out of bytes as the first: it crosses into the next page.
+                    return self.translate_crossing(cpu, linear, phys, &bytes[position..], epoch);
                 }
-                // The first instruction crosses into the next page.
-                return self.translate_crossing(cpu, linear, phys, &bytes[position..], epoch);
+                // Stop before it; the next block starts there.
+                break;
             }
             ops.push(decode::prepare(&inst));
             if decode::ends_block(&inst)
@@ -230,23 +229,27 @@ impl CodeCache {
             .last()
             .map_or(0, |op: &Op| op.inst.next_ip().wrapping_sub(linear));
         let decoded = ends.min(length);
-        let phys_end = phys + decoded;
         let block = Block {
             ops: ops.into_boxed_slice(),
             linear,
             phys,
-            phys_end,
             bytes: bytes[..decoded as usize].into(),
             epoch,
             phys2: u64::MAX,
             split: decoded as usize,
         };
-        Ok(BlockRef::Cached(self.insert(cpu, block)))
+        Ok(self.insert(cpu, block))
     }
 
     /// Adds a translated block to the cache and marks its pages as code.
     fn insert(&mut self, cpu: &mut Cpu, block: Block) -> u32 {
-        let (linear, phys, phys2) = (block.linear, block.phys, block.phys2);
+        if self.instructions + block.ops.len() > self.limit {
+            self.clear(cpu);
+            cpu.stats.code_cache_resets += 1;
+        }
+        self.instructions += block.ops.len();
+        let (linear, phys) = (block.linear, block.phys);
+        let pages = block.pages();
         let index = match self.free.pop() {
             Some(i) => {
                 self.blocks[i as usize] = Some(block);
@@ -258,8 +261,7 @@ impl CodeCache {
             }
         };
         self.map.insert((linear, phys), index);
-        let pages = [phys & !PAGE_OFFSET_MASK, phys2 & !PAGE_OFFSET_MASK];
-        for &page in &pages[..1 + usize::from(phys2 != u64::MAX)] {
+        for page in pages {
             self.pages.entry(page).or_default().push(index);
             if cpu.code_pages.insert(page) {
                 cpu.tlb.protect_code_page(page);
@@ -278,9 +280,11 @@ impl CodeCache {
         phys: u64,
         head: &[u8],
         epoch: u64,
-    ) -> Result<BlockRef, Event> {
+    ) -> Result<u32, Event> {
         let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
         let next_phys = cpu.translate(next_page, AccessKind::Execute, cpu.user)?;
+        // Code is fetched from RAM only: reading a device register has side effects.
+        require_ram(cpu, next_page, next_phys)?;
         let mut bytes = head.to_vec();
         let mut tail = [0u8; 15];
         cpu.mem.read(next_phys & !PAGE_OFFSET_MASK, &mut tail);
@@ -292,13 +296,12 @@ impl CodeCache {
             ops: vec![decode::prepare(&inst)].into_boxed_slice(),
             linear,
             phys,
-            phys_end: phys + head.len() as u64,
             bytes: bytes[..length].into(),
             epoch,
             phys2: next_phys & !PAGE_OFFSET_MASK,
             split: head.len(),
         };
-        Ok(BlockRef::Cached(self.insert(cpu, block)))
+        Ok(self.insert(cpu, block))
     }
 
     /// Drops the blocks of the code pages the guest wrote (`cpu.code_writes`).
@@ -309,15 +312,9 @@ impl CodeCache {
                 continue;
             };
             for index in list {
-                if let Some(Some(block)) = self.blocks.get(index as usize) {
-                    if block.phys & !PAGE_OFFSET_MASK == page
-                        || block.phys2 & !PAGE_OFFSET_MASK == page
-                    {
-                        self.map.remove(&(block.linear, block.phys));
-                        self.blocks[index as usize] = None;
-                        self.free.push(index);
-                        cpu.stats.code_invalidations += 1;
-                    }
+                // The list may name slots reused since by blocks elsewhere.
+                if matches!(self.block(index), Some(block) if block.pages().any(|p| p == page)) {
+                    self.remove(cpu, index);
                 }
             }
         }
@@ -332,8 +329,50 @@ impl CodeCache {
         self.map.clear();
         self.pages.clear();
         self.jump.fill((u64::MAX, 0));
+        self.instructions = 0;
         cpu.code_pages.clear();
         cpu.code_writes.clear();
         cpu.tlb.flush();
+    }
+}
+
+/// Fails unless the code at `linear` (physical `phys`) is in RAM.
+fn require_ram(cpu: &Cpu, linear: u64, phys: u64) -> Result<(), Event> {
+    if cpu.mem.is_ram(phys) {
+        Ok(())
+    } else {
+        Err(Event::fatal(format!(
+            "Executing outside RAM at {linear:#x} (physical {phys:#x})"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::PhysicalMemory;
+    use lodge_bus::IoBus;
+    use std::sync::Arc;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn a_full_cache_starts_over() {
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // A page of RET: every byte starts a block of one instruction.
+        ram.write_slice(&[0xc3; 4096], GuestAddress(0x1000))
+            .unwrap();
+        let mut cpu = Cpu::new(PhysicalMemory::new(ram, Arc::new(IoBus::new())));
+        let mut cache = CodeCache::with_limit(100);
+        for addr in 0x1000..0x1000 + 250 {
+            let index = cache.find(&mut cpu, addr, addr, 0).unwrap();
+            assert_eq!(cache.block(index).map(|b| b.linear), Some(addr));
+            assert!(cache.instructions() <= 100);
+        }
+        assert_eq!(cpu.stats.code_cache_resets, 2);
+        assert_eq!((cache.len(), cache.instructions()), (50, 50));
+        // What is still cached is found again without translating.
+        let translated = cpu.stats.blocks_translated;
+        cache.find(&mut cpu, 0x1000 + 249, 0x1000 + 249, 0).unwrap();
+        assert_eq!(cpu.stats.blocks_translated, translated);
     }
 }

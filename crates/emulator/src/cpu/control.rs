@@ -3,7 +3,7 @@
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
-use super::op::{kind, Handler, Op, MEM, REG};
+use super::op::{Handler, Op, MEM, REG};
 use super::{gpr, vector, Cpu, Event};
 
 /// JMP rel.
@@ -21,20 +21,9 @@ pub fn jcc(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     Ok(())
 }
 
-/// Reads an indirect branch target (r/m64).
-#[inline(always)]
-fn indirect_target<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<u64, Event> {
-    if SRC == REG {
-        Ok(cpu.gpr::<8>(op.r[0]))
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<8>(addr)
-    }
-}
-
 /// JMP r/m64.
 pub fn jmp_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let target = indirect_target::<SRC>(cpu, op)?;
+    let target = cpu.source::<8, SRC>(op, 0)?;
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }
@@ -52,7 +41,7 @@ pub fn call(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// CALL r/m64.
 pub fn call_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let target = indirect_target::<SRC>(cpu, op)?;
+    let target = cpu.source::<8, SRC>(op, 0)?;
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }
@@ -65,7 +54,7 @@ pub fn call_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event>
 /// RET / RET imm16.
 pub fn ret<const IMM: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let rsp = cpu.regs[gpr::RSP];
-    let target = cpu.read::<8>(rsp)?;
+    let target = cpu.stack_read::<8>(rsp)?;
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }
@@ -150,38 +139,30 @@ pub fn retf<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.far_return(B, extra)
 }
 
-/// JMP FAR m16:64 / m16:32.
-pub fn jmp_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+/// Reads the far pointer operand m16:16/32/64 (`B`-byte offset, then the selector).
+fn far_pointer<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(u16, u64), Event> {
     let addr = cpu.ea(op);
-    let offset = if B == 8 {
-        cpu.read::<8>(addr)?
-    } else {
-        cpu.read::<4>(addr)?
-    };
+    let offset = cpu.read::<B>(addr)?;
     let selector = cpu.read::<2>(addr.wrapping_add(B as u64))? as u16;
+    Ok((selector, offset))
+}
+
+/// JMP FAR m16:64 / m16:32 / m16:16.
+pub fn jmp_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let (selector, offset) = far_pointer::<B>(cpu, op)?;
     cpu.far_jump(selector, offset)
 }
 
-/// CALL FAR m16:64 / m16:32 (same privilege).
+/// CALL FAR m16:64 / m16:32 / m16:16 (same privilege).
 pub fn call_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let addr = cpu.ea(op);
-    let offset = if B == 8 {
-        cpu.read::<8>(addr)?
-    } else {
-        cpu.read::<4>(addr)?
-    };
-    let selector = cpu.read::<2>(addr.wrapping_add(B as u64))? as u16;
+    let (selector, offset) = far_pointer::<B>(cpu, op)?;
     let cs = u64::from(cpu.segs[super::seg::CS].selector);
     let ret = cpu.rip;
     let rsp = cpu.regs[gpr::RSP];
     let saved_cs = cpu.segs[super::seg::CS];
     let saved_user = cpu.user;
     cpu.far_jump(selector, offset)?;
-    let pushed = if B == 8 {
-        cpu.push::<8>(cs).and_then(|_| cpu.push::<8>(ret))
-    } else {
-        cpu.push::<4>(cs).and_then(|_| cpu.push::<4>(ret))
-    };
+    let pushed = cpu.push::<B>(cs).and_then(|_| cpu.push::<B>(ret));
     if let Err(e) = pushed {
         cpu.regs[gpr::RSP] = rsp;
         cpu.segs[super::seg::CS] = saved_cs;
@@ -198,26 +179,22 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Jmp => match inst.op_kind(0) {
             OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16 => jmp as Handler,
             OpKind::Register => jmp_indirect::<REG>,
-            OpKind::Memory if inst.is_jmp_far_indirect() => {
-                if inst.memory_size().size() == 10 {
-                    jmp_far::<8>
-                } else {
-                    jmp_far::<4>
-                }
-            }
+            OpKind::Memory if inst.is_jmp_far_indirect() => match far_offset_size(inst) {
+                8 => jmp_far::<8>,
+                4 => jmp_far::<4>,
+                _ => jmp_far::<2>,
+            },
             OpKind::Memory => jmp_indirect::<MEM>,
             _ => return None,
         },
         Mnemonic::Call => match inst.op_kind(0) {
             OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16 => call as Handler,
             OpKind::Register => call_indirect::<REG>,
-            OpKind::Memory if inst.is_call_far_indirect() => {
-                if inst.memory_size().size() == 10 {
-                    call_far::<8>
-                } else {
-                    call_far::<4>
-                }
-            }
+            OpKind::Memory if inst.is_call_far_indirect() => match far_offset_size(inst) {
+                8 => call_far::<8>,
+                4 => call_far::<4>,
+                _ => call_far::<2>,
+            },
             OpKind::Memory => call_indirect::<MEM>,
             _ => return None,
         },
@@ -279,8 +256,12 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Sysret => sysret::<false>,
         _ => return None,
     };
-    let _ = kind;
     Some(h)
+}
+
+/// The offset size of a far pointer operand (m16:64, m16:32 or m16:16).
+fn far_offset_size(inst: &Instruction) -> usize {
+    inst.memory_size().size().saturating_sub(2)
 }
 
 /// Whether a LOOP/JRCXZ uses ECX (a 0x67 prefix in 64-bit mode).

@@ -4,7 +4,7 @@
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::flags::{self, FlagOp, ZF};
-use super::op::{kind, mask, sign_extend, size0, Handler, Op, IMM, MEM, REG};
+use super::op::{by_size, kind, mask, sign_extend, size0, Handler, Op, IMM, MEM, REG};
 use super::{gpr, Cpu, Event};
 
 /// MOV dst, src.
@@ -12,14 +12,7 @@ pub fn mov<const B: usize, const DST: u8, const SRC: u8>(
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let value = match SRC {
-        REG => cpu.gpr::<B>(op.r[1]),
-        IMM => op.inst.immediate(1),
-        _ => {
-            let addr = cpu.ea(op);
-            cpu.read::<B>(addr)?
-        }
-    };
+    let value = cpu.source::<B, SRC>(op, 1)?;
     if DST == REG {
         cpu.set_gpr::<B>(op.r[0], value);
         Ok(())
@@ -47,12 +40,7 @@ pub fn extend<const D: usize, const S: usize, const SIGNED: bool, const SRC: u8>
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let value = if SRC == REG {
-        cpu.gpr::<S>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<S>(addr)?
-    };
+    let value = cpu.source::<S, SRC>(op, 1)?;
     let value = if SIGNED {
         sign_extend::<S>(value)
     } else {
@@ -73,12 +61,7 @@ pub fn lea<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 pub fn xchg<const B: usize, const MEMORY: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if MEMORY {
         // Either operand may be the memory one.
-        let (mem_n, reg) = if op.is_memory(0) {
-            (0, op.r[1])
-        } else {
-            (1, op.r[0])
-        };
-        let _ = mem_n;
+        let reg = if op.is_memory(0) { op.r[1] } else { op.r[0] };
         let addr = cpu.ea(op);
         let place = cpu.locate::<B>(addr)?;
         let old = cpu.place_read::<B>(place)?;
@@ -110,12 +93,7 @@ pub fn bswap<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// CMOVcc r, r/m. The source is read (and may fault) even when the condition is false, and
 /// a 32-bit destination is zero-extended either way.
 pub fn cmov<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let value = if SRC == REG {
-        cpu.gpr::<B>(op.r[1])
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)?
-    };
+    let value = cpu.source::<B, SRC>(op, 1)?;
     let cc = op.inst.condition_code() as u8 - 1;
     if cpu.flags.condition(cc) {
         cpu.set_gpr::<B>(op.r[0], value);
@@ -141,14 +119,7 @@ pub fn setcc<const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// PUSH r/m/imm (`B` is the stack operand size, 2 or 8).
 pub fn push<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let value = match SRC {
-        REG => cpu.gpr::<B>(op.r[0]),
-        IMM => op.inst.immediate(0),
-        _ => {
-            let addr = cpu.ea(op);
-            cpu.read::<B>(addr)?
-        }
-    };
+    let value = cpu.source::<B, SRC>(op, 0)?;
     cpu.push::<B>(value)
 }
 
@@ -156,13 +127,12 @@ pub fn push<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
 /// incremented RSP.
 pub fn pop<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let rsp = cpu.regs[gpr::RSP];
-    let value = cpu.read::<B>(rsp)?;
+    let value = cpu.pop::<B>()?;
     if DST == REG {
-        cpu.regs[gpr::RSP] = rsp.wrapping_add(B as u64);
+        // POP RSP loads the popped value, not the incremented pointer.
         cpu.set_gpr::<B>(op.r[0], value);
         Ok(())
     } else {
-        cpu.regs[gpr::RSP] = rsp.wrapping_add(B as u64);
         let addr = cpu.ea(op);
         if let Err(e) = cpu.write::<B>(addr, value) {
             cpu.regs[gpr::RSP] = rsp;
@@ -180,9 +150,7 @@ pub fn pushf<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 
 /// POPF/POPFQ.
 pub fn popf<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
-    let rsp = cpu.regs[gpr::RSP];
-    let value = cpu.read::<B>(rsp)?;
-    cpu.regs[gpr::RSP] = rsp.wrapping_add(B as u64);
+    let value = cpu.pop::<B>()?;
     let cpl = cpu.cpl();
     cpu.set_flags_privileged(value, cpl, B);
     Ok(())
@@ -224,7 +192,7 @@ pub fn sign_into_rdx<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Even
 /// LEAVE: RSP = RBP; pop RBP.
 pub fn leave<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     let rbp = cpu.regs[gpr::RBP];
-    let value = cpu.read::<B>(rbp)?;
+    let value = cpu.stack_read::<B>(rbp)?;
     cpu.regs[gpr::RSP] = rbp.wrapping_add(B as u64);
     cpu.set_gpr::<B>(gpr::RBP as u8, value);
     Ok(())
@@ -236,22 +204,22 @@ pub fn enter<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let level = op.inst.immediate(1) & 0x1f;
     let rbp = cpu.regs[gpr::RBP];
     let mut rsp = cpu.regs[gpr::RSP].wrapping_sub(B as u64);
-    cpu.write::<B>(rsp, rbp)?;
+    cpu.stack_write::<B>(rsp, rbp)?;
     let frame = rsp;
     let mut walk = rbp;
     if level > 0 {
         for _ in 1..level {
             walk = walk.wrapping_sub(B as u64);
-            let v = cpu.read::<B>(walk)?;
+            let v = cpu.stack_read::<B>(walk)?;
             rsp = rsp.wrapping_sub(B as u64);
-            cpu.write::<B>(rsp, v)?;
+            cpu.stack_write::<B>(rsp, v)?;
         }
         rsp = rsp.wrapping_sub(B as u64);
-        cpu.write::<B>(rsp, frame)?;
+        cpu.stack_write::<B>(rsp, frame)?;
     }
     let new_rsp = rsp.wrapping_sub(size);
     // The new stack top must be writable.
-    cpu.read::<1>(new_rsp)?;
+    cpu.stack_read::<1>(new_rsp)?;
     cpu.set_gpr::<B>(gpr::RBP as u8, frame);
     cpu.regs[gpr::RSP] = new_rsp;
     Ok(())
@@ -269,41 +237,36 @@ pub fn xlat(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// CMPXCHG r/m, r.
 pub fn cmpxchg<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let bits = (B * 8) as u32;
     let accumulator = cpu.gpr::<B>(0);
     let new = cpu.gpr::<B>(op.r[1]);
-    if DST == REG {
-        let current = cpu.gpr::<B>(op.r[0]);
-        cpu.flags.set_lazy(
-            FlagOp::Sub,
-            bits,
-            accumulator.wrapping_sub(current) & mask::<B>(),
-            accumulator,
-            current,
-        );
-        if current == accumulator {
-            cpu.set_gpr::<B>(op.r[0], new);
-        } else {
-            cpu.set_gpr::<B>(0, current);
+    let place = match DST {
+        REG => None,
+        _ => {
+            let addr = cpu.ea(op);
+            Some(cpu.locate::<B>(addr)?)
         }
-    } else {
-        let addr = cpu.ea(op);
-        let place = cpu.locate::<B>(addr)?;
-        let current = cpu.place_read::<B>(place)?;
-        cpu.flags.set_lazy(
-            FlagOp::Sub,
-            bits,
-            accumulator.wrapping_sub(current) & mask::<B>(),
-            accumulator,
-            current,
-        );
-        if current == accumulator {
-            cpu.place_write::<B>(place, new)?;
-        } else {
-            // The destination is written back unchanged, as the locked cycle does.
-            cpu.place_write::<B>(place, current)?;
-            cpu.set_gpr::<B>(0, current);
-        }
+    };
+    let current = match place {
+        None => cpu.gpr::<B>(op.r[0]),
+        Some(place) => cpu.place_read::<B>(place)?,
+    };
+    let difference = accumulator.wrapping_sub(current) & mask::<B>();
+    cpu.flags.set_lazy(
+        FlagOp::Sub,
+        (B * 8) as u32,
+        difference,
+        accumulator,
+        current,
+    );
+    let equal = current == accumulator;
+    match place {
+        None if equal => cpu.set_gpr::<B>(op.r[0], new),
+        // The destination is written back unchanged, as the locked cycle does.
+        Some(place) => cpu.place_write::<B>(place, if equal { new } else { current })?,
+        None => {}
+    }
+    if !equal {
+        cpu.set_gpr::<B>(0, current);
     }
     Ok(())
 }
@@ -368,24 +331,13 @@ pub fn xadd<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
     Ok(())
 }
 
-macro_rules! by_size {
-    ($size:expr, $f:ident $(, $rest:tt)*) => {
-        match $size {
-            1 => $f::<1 $(, $rest)*> as Handler,
-            2 => $f::<2 $(, $rest)*>,
-            4 => $f::<4 $(, $rest)*>,
-            _ => $f::<8 $(, $rest)*>,
-        }
-    };
-}
-
 fn mov_forms(size: usize, dst: u8, src: u8) -> Handler {
     match (dst, src) {
-        (REG, REG) => by_size!(size, mov, REG, REG),
-        (REG, MEM) => by_size!(size, mov, REG, MEM),
-        (REG, _) => by_size!(size, mov, REG, IMM),
-        (_, REG) => by_size!(size, mov, MEM, REG),
-        (_, _) => by_size!(size, mov, MEM, IMM),
+        (REG, REG) => by_size!(size, mov::<_, REG, REG>),
+        (REG, MEM) => by_size!(size, mov::<_, REG, MEM>),
+        (REG, _) => by_size!(size, mov::<_, REG, IMM>),
+        (_, REG) => by_size!(size, mov::<_, MEM, REG>),
+        (_, _) => by_size!(size, mov::<_, MEM, IMM>),
     }
 }
 
@@ -445,12 +397,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                     | iced_x86::Code::Mov_EAX_moffs32
                     | iced_x86::Code::Mov_RAX_moffs64
             ) {
-                match size {
-                    1 => mov_moffs::<1, true> as Handler,
-                    2 => mov_moffs::<2, true>,
-                    4 => mov_moffs::<4, true>,
-                    _ => mov_moffs::<8, true>,
-                }
+                by_size!(size, mov_moffs::<_, true>)
             } else if matches!(
                 inst.code(),
                 iced_x86::Code::Mov_moffs8_AL
@@ -458,12 +405,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                     | iced_x86::Code::Mov_moffs32_EAX
                     | iced_x86::Code::Mov_moffs64_RAX
             ) {
-                match size {
-                    1 => mov_moffs::<1, false> as Handler,
-                    2 => mov_moffs::<2, false>,
-                    4 => mov_moffs::<4, false>,
-                    _ => mov_moffs::<8, false>,
-                }
+                by_size!(size, mov_moffs::<_, false>)
             } else {
                 mov_forms(size, kind(inst, 0), kind(inst, 1))
             }
@@ -471,7 +413,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Movnti => mov_forms(size, MEM, REG),
         Mnemonic::Movzx => extend_forms(inst, false),
         Mnemonic::Movsx | Mnemonic::Movsxd => extend_forms(inst, true),
-        Mnemonic::Lea => by_size!(size, lea),
+        Mnemonic::Lea => by_size!(size, lea::<_>),
         Mnemonic::Xchg => {
             let memory = inst.op_kind(0) == OpKind::Memory || inst.op_kind(1) == OpKind::Memory;
             if memory {
@@ -480,12 +422,12 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                 } else {
                     size
                 };
-                by_size!(size, xchg, true)
+                by_size!(size, xchg::<_, true>)
             } else {
-                by_size!(size, xchg, false)
+                by_size!(size, xchg::<_, false>)
             }
         }
-        Mnemonic::Bswap => by_size!(size, bswap),
+        Mnemonic::Bswap => by_size!(size, bswap::<_>),
         Mnemonic::Cmovo
         | Mnemonic::Cmovno
         | Mnemonic::Cmovb
@@ -502,8 +444,8 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         | Mnemonic::Cmovge
         | Mnemonic::Cmovle
         | Mnemonic::Cmovg => match kind(inst, 1) {
-            REG => by_size!(size, cmov, REG),
-            _ => by_size!(size, cmov, MEM),
+            REG => by_size!(size, cmov::<_, REG>),
+            _ => by_size!(size, cmov::<_, MEM>),
         },
         Mnemonic::Seto
         | Mnemonic::Setno
@@ -588,14 +530,14 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         }
         Mnemonic::Xlatb => xlat,
         Mnemonic::Cmpxchg => match kind(inst, 0) {
-            REG => by_size!(size, cmpxchg, REG),
-            _ => by_size!(size, cmpxchg, MEM),
+            REG => by_size!(size, cmpxchg::<_, REG>),
+            _ => by_size!(size, cmpxchg::<_, MEM>),
         },
         Mnemonic::Cmpxchg8b => cmpxchg_double::<false>,
         Mnemonic::Cmpxchg16b => cmpxchg_double::<true>,
         Mnemonic::Xadd => match kind(inst, 0) {
-            REG => by_size!(size, xadd, REG),
-            _ => by_size!(size, xadd, MEM),
+            REG => by_size!(size, xadd::<_, REG>),
+            _ => by_size!(size, xadd::<_, MEM>),
         },
         _ => return None,
     };

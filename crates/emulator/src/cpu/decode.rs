@@ -12,9 +12,6 @@ pub fn prepare(inst: &Instruction) -> Op {
     if inst.mnemonic() == Mnemonic::Lea {
         // LEA computes an offset: no segment base.
         op.seg = 6;
-    } else if inst.is_stack_instruction() && !matches!(op.seg, 4 | 5) {
-        // Implicit stack accesses go through SS (only its fault type depends on it).
-        op.seg = super::seg::SS as u8;
     }
     op
 }

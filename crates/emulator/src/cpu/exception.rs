@@ -8,7 +8,6 @@ pub mod vector {
     pub const DE: u8 = 0;
     pub const DB: u8 = 1;
     pub const BP: u8 = 3;
-    pub const OF: u8 = 4;
     pub const UD: u8 = 6;
     pub const NM: u8 = 7;
     pub const DF: u8 = 8;
@@ -20,6 +19,7 @@ pub mod vector {
     pub const MF: u8 = 16;
     pub const AC: u8 = 17;
     pub const XM: u8 = 19;
+    pub const CP: u8 = 21;
 }
 
 /// A fault or trap raised by an instruction.
@@ -27,7 +27,8 @@ pub mod vector {
 pub struct Exception {
     pub vector: u8,
     pub error_code: Option<u32>,
-    /// The faulting linear address (CR2) for page faults.
+    /// The faulting linear address: CR2 for a page fault; for the #GP of a non-canonical
+    /// address that address (never 0), so a stack access can turn it into #SS.
     pub address: u64,
 }
 
@@ -81,6 +82,27 @@ impl Event {
     pub fn nm() -> Self {
         Self::exception(vector::NM, None)
     }
+    /// The #GP(0) of an access to non-canonical `address`.
+    #[inline]
+    pub fn non_canonical(address: u64) -> Self {
+        Event::Exception(Exception {
+            vector: vector::GP,
+            error_code: Some(0),
+            address,
+        })
+    }
+    /// The same fault seen by a stack-segment access: a non-canonical address is #SS(0).
+    #[inline]
+    pub fn into_stack_fault(self) -> Self {
+        match self {
+            Event::Exception(Exception {
+                vector: vector::GP,
+                address,
+                ..
+            }) if address != 0 => Self::ss(0),
+            other => other,
+        }
+    }
     #[inline]
     pub fn page_fault(address: u64, code: u32) -> Self {
         Event::Exception(Exception {
@@ -107,11 +129,13 @@ pub enum Source {
 
 /// Exceptions whose error code is pushed.
 fn has_error_code(vector: u8) -> bool {
-    matches!(vector, 8 | 10..=14 | 17 | 21)
+    use vector::*;
+    matches!(vector, DF | TS | NP | SS | GP | PF | AC | CP)
 }
 
 fn is_contributory(vector: u8) -> bool {
-    matches!(vector, 0 | 10..=13)
+    use vector::*;
+    matches!(vector, DE | TS | NP | SS | GP)
 }
 
 impl Cpu {
@@ -207,9 +231,12 @@ impl Cpu {
         if selector & !3 == 0 {
             return Err(Event::gp(ext));
         }
-        let code = self
-            .load_descriptor(selector)
-            .map_err(|_| Event::gp(selector_error))?;
+        let code = self.load_descriptor(selector).map_err(|e| match e {
+            // Outside the table: the error code names the selector and the EXT bit. Page
+            // faults reading the table stay page faults.
+            Event::Exception(x) if x.vector == vector::GP => Event::gp(selector_error),
+            other => other,
+        })?;
         // Must be a present 64-bit code segment no less privileged than the CPL.
         if !code.s || code.type_ & 0x8 == 0 || !code.l || code.db || code.dpl > self.cpl() {
             return Err(Event::gp(selector_error));
@@ -253,7 +280,8 @@ impl Cpu {
         if !crate::mmu::is_canonical(new_rsp) {
             return Err(Event::ss(0));
         }
-        self.write_bytes(new_rsp, &bytes[..words * 8], new_cpl == 3)?;
+        self.write_bytes(new_rsp, &bytes[..words * 8], new_cpl == 3)
+            .map_err(Event::into_stack_fault)?;
 
         // Commit.
         let mut cs = code;

@@ -100,16 +100,6 @@ impl Default for Flags {
     }
 }
 
-/// The mask of an operand of `bits` bits.
-#[inline(always)]
-pub const fn size_mask(bits: u32) -> u64 {
-    if bits >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    }
-}
-
 /// Whether the low byte of `value` has an even number of set bits.
 #[inline(always)]
 pub fn parity(value: u64) -> bool {
@@ -346,6 +336,14 @@ impl Flags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn size_mask(bits: u32) -> u64 {
+        if bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        }
+    }
 
     fn eager(op: FlagOp, size: u32, a: u64, b: u64, carry: bool) -> (u64, u64) {
         let mask = size_mask(size);

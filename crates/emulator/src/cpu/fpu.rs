@@ -151,10 +151,20 @@ impl Cpu {
         }
         Ok(())
     }
+
+    /// Checks that WAIT may run: it ignores CR0.EM and faults on CR0.TS only with CR0.MP.
+    #[inline]
+    pub fn check_wait(&self) -> Result<(), Event> {
+        if self.cr0 & (cr0::MP | cr0::TS) == cr0::MP | cr0::TS {
+            return Err(Event::nm());
+        }
+        Ok(())
+    }
 }
 
-/// FXSAVE / FXSAVE64 m512.
-pub fn fxsave<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+/// The address of an FXSAVE/FXRSTOR area, after the checks both make (#NM with CR0.EM or
+/// CR0.TS, #GP unless 16-byte aligned).
+fn fxsave_area(cpu: &Cpu, op: &Op) -> Result<u64, Event> {
     if cpu.cr0 & (cr0::EM | cr0::TS) != 0 {
         return Err(Event::nm());
     }
@@ -162,6 +172,12 @@ pub fn fxsave<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if addr & 15 != 0 {
         return Err(Event::gp(0));
     }
+    Ok(addr)
+}
+
+/// FXSAVE / FXSAVE64 m512.
+pub fn fxsave<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    let addr = fxsave_area(cpu, op)?;
     let img = cpu.fpu.fxsave_image(WIDE);
     let user = cpu.user;
     cpu.write_bytes(addr, &img, user)
@@ -169,13 +185,7 @@ pub fn fxsave<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// FXRSTOR / FXRSTOR64 m512.
 pub fn fxrstor<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    if cpu.cr0 & (cr0::EM | cr0::TS) != 0 {
-        return Err(Event::nm());
-    }
-    let addr = cpu.ea(op);
-    if addr & 15 != 0 {
-        return Err(Event::gp(0));
-    }
+    let addr = fxsave_area(cpu, op)?;
     let mut img = [0u8; 512];
     let user = cpu.user;
     cpu.read_bytes(addr, &mut img, user)?;

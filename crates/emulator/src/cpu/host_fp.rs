@@ -42,40 +42,58 @@ fn from_m128(v: __m128) -> u128 {
     unsafe { std::mem::transmute::<__m128, u128>(v) }
 }
 
+/// Runs the x87 instructions `$body` on the host FPU under the guest environment `$env`
+/// (its control word with every exception masked, its condition codes, an empty stack) and
+/// returns the status word `$body` stores in AX. `$operands` name the buffers the template
+/// uses. Afterwards pending exceptions are cleared and the host's control word is restored.
+macro_rules! x87_asm {
+    ($env:expr, [$($body:tt)*], $($operands:tt)*) => {{
+        let mut saved_cw = 0u16;
+        let status: u16;
+        // SAFETY: the instructions read and write only the buffers in `$operands`, each
+        // large enough for the memory format used on it, and leave the x87 stack empty as
+        // the ABI requires (every wrapper stores or pops what it pushes); exceptions stay
+        // masked, so nothing traps, and the host control word is restored.
+        unsafe {
+            asm!(
+                "fnstcw word ptr [{saved}]",
+                "fldenv [{env}]",
+                $($body)*
+                "fnclex",
+                "fldcw word ptr [{saved}]",
+                saved = in(reg) &mut saved_cw,
+                env = in(reg) $env.as_ptr(),
+                $($operands)*
+                out("ax") status,
+                out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
+                out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
+                options(nostack),
+            );
+        }
+        status
+    }};
+}
+
 /// Defines `fn name(a, b, env) -> (result, status)`: `b` is pushed first, then `a`, so the
-/// instruction sees ST(0) = a, ST(1) = b; `pops` more values are discarded after the result.
+/// instruction sees ST(0) = a, ST(1) = b; `$extra_pop` discards what is left after the result.
 macro_rules! x87_two {
     ($name:ident, $insn:literal, $extra_pop:literal) => {
         pub fn $name(a: &F80, b: &F80, env: &Env) -> (F80, u16) {
             let mut result = [0u8; 10];
-            let mut saved_cw = 0u16;
-            let status: u16;
-            // SAFETY: loads two values from valid buffers, runs one x87 instruction, stores
-            // one result into a valid buffer and pops the stack empty; the host control word
-            // is saved and restored and exceptions stay masked.
-            unsafe {
-                asm!(
-                    "fnstcw word ptr [{saved}]",
-                    "fldenv [{env}]",
+            let status = x87_asm!(
+                env,
+                [
                     "fld tbyte ptr [{b}]",
                     "fld tbyte ptr [{a}]",
                     $insn,
                     "fnstsw ax",
                     "fstp tbyte ptr [{r}]",
-                    concat!($extra_pop),
-                    "fnclex",
-                    "fldcw word ptr [{saved}]",
-                    saved = in(reg) &mut saved_cw,
-                    env = in(reg) env.as_ptr(),
-                    a = in(reg) a.as_ptr(),
-                    b = in(reg) b.as_ptr(),
-                    r = in(reg) result.as_mut_ptr(),
-                    out("ax") status,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(nostack),
-                );
-            }
+                    $extra_pop,
+                ],
+                a = in(reg) a.as_ptr(),
+                b = in(reg) b.as_ptr(),
+                r = in(reg) result.as_mut_ptr(),
+            );
             (result, status)
         }
     };
@@ -104,30 +122,18 @@ macro_rules! x87_memory {
             let n = m.len().min($bytes);
             operand[..n].copy_from_slice(&m[..n]);
             let mut result = [0u8; 10];
-            let mut saved_cw = 0u16;
-            let status: u16;
-            // SAFETY: as in `x87_two`; the memory operand is a local buffer of 8 bytes.
-            unsafe {
-                asm!(
-                    "fnstcw word ptr [{saved}]",
-                    "fldenv [{env}]",
+            let status = x87_asm!(
+                env,
+                [
                     "fld tbyte ptr [{a}]",
                     concat!($insn, " [{m}]"),
                     "fnstsw ax",
                     "fstp tbyte ptr [{r}]",
-                    "fnclex",
-                    "fldcw word ptr [{saved}]",
-                    saved = in(reg) &mut saved_cw,
-                    env = in(reg) env.as_ptr(),
-                    a = in(reg) a.as_ptr(),
-                    m = in(reg) operand.as_ptr(),
-                    r = in(reg) result.as_mut_ptr(),
-                    out("ax") status,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(nostack),
-                );
-            }
+                ],
+                a = in(reg) a.as_ptr(),
+                m = in(reg) operand.as_ptr(),
+                r = in(reg) result.as_mut_ptr(),
+            );
             (result, status)
         }
     };
@@ -167,29 +173,17 @@ macro_rules! x87_one {
     ($name:ident, $insn:literal) => {
         pub fn $name(a: &F80, env: &Env) -> (F80, u16) {
             let mut result = [0u8; 10];
-            let mut saved_cw = 0u16;
-            let status: u16;
-            // SAFETY: as in `x87_two`, with one value.
-            unsafe {
-                asm!(
-                    "fnstcw word ptr [{saved}]",
-                    "fldenv [{env}]",
+            let status = x87_asm!(
+                env,
+                [
                     "fld tbyte ptr [{a}]",
                     $insn,
                     "fnstsw ax",
                     "fstp tbyte ptr [{r}]",
-                    "fnclex",
-                    "fldcw word ptr [{saved}]",
-                    saved = in(reg) &mut saved_cw,
-                    env = in(reg) env.as_ptr(),
-                    a = in(reg) a.as_ptr(),
-                    r = in(reg) result.as_mut_ptr(),
-                    out("ax") status,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(nostack),
-                );
-            }
+                ],
+                a = in(reg) a.as_ptr(),
+                r = in(reg) result.as_mut_ptr(),
+            );
             (result, status)
         }
     };
@@ -208,31 +202,19 @@ macro_rules! x87_one_two {
         pub fn $name(a: &F80, env: &Env) -> (F80, F80, u16) {
             let mut top = [0u8; 10];
             let mut below = [0u8; 10];
-            let mut saved_cw = 0u16;
-            let status: u16;
-            // SAFETY: as in `x87_two`; the instruction pushes one value, both are stored.
-            unsafe {
-                asm!(
-                    "fnstcw word ptr [{saved}]",
-                    "fldenv [{env}]",
+            let status = x87_asm!(
+                env,
+                [
                     "fld tbyte ptr [{a}]",
                     $insn,
                     "fnstsw ax",
                     "fstp tbyte ptr [{t}]",
                     "fstp tbyte ptr [{u}]",
-                    "fnclex",
-                    "fldcw word ptr [{saved}]",
-                    saved = in(reg) &mut saved_cw,
-                    env = in(reg) env.as_ptr(),
-                    a = in(reg) a.as_ptr(),
-                    t = in(reg) top.as_mut_ptr(),
-                    u = in(reg) below.as_mut_ptr(),
-                    out("ax") status,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(nostack),
-                );
-            }
+                ],
+                a = in(reg) a.as_ptr(),
+                t = in(reg) top.as_mut_ptr(),
+                u = in(reg) below.as_mut_ptr(),
+            );
             (top, below, status)
         }
     };
@@ -247,27 +229,11 @@ macro_rules! x87_const {
     ($name:ident, $insn:literal) => {
         pub fn $name(env: &Env) -> (F80, u16) {
             let mut result = [0u8; 10];
-            let mut saved_cw = 0u16;
-            let status: u16;
-            // SAFETY: as in `x87_two`, loading a constant.
-            unsafe {
-                asm!(
-                    "fnstcw word ptr [{saved}]",
-                    "fldenv [{env}]",
-                    $insn,
-                    "fnstsw ax",
-                    "fstp tbyte ptr [{r}]",
-                    "fnclex",
-                    "fldcw word ptr [{saved}]",
-                    saved = in(reg) &mut saved_cw,
-                    env = in(reg) env.as_ptr(),
-                    r = in(reg) result.as_mut_ptr(),
-                    out("ax") status,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(nostack),
-                );
-            }
+            let status = x87_asm!(
+                env,
+                [$insn, "fnstsw ax", "fstp tbyte ptr [{r}]",],
+                r = in(reg) result.as_mut_ptr(),
+            );
             (result, status)
         }
     };
@@ -280,33 +246,21 @@ x87_const!(fldpi, "fldpi");
 x87_const!(fldlg2, "fldlg2");
 x87_const!(fldln2, "fldln2");
 
-/// Defines a load of `$bytes` bytes of memory format `$kind` into extended precision.
+/// Defines a load of `$bytes` bytes of a memory format into extended precision.
 macro_rules! x87_load {
     ($name:ident, $insn:literal, $bytes:literal) => {
         pub fn $name(src: &[u8; $bytes], env: &Env) -> (F80, u16) {
             let mut result = [0u8; 10];
-            let mut saved_cw = 0u16;
-            let status: u16;
-            // SAFETY: as in `x87_two`, loading from a valid buffer of the right size.
-            unsafe {
-                asm!(
-                    "fnstcw word ptr [{saved}]",
-                    "fldenv [{env}]",
+            let status = x87_asm!(
+                env,
+                [
                     concat!($insn, " [{s}]"),
                     "fnstsw ax",
                     "fstp tbyte ptr [{r}]",
-                    "fnclex",
-                    "fldcw word ptr [{saved}]",
-                    saved = in(reg) &mut saved_cw,
-                    env = in(reg) env.as_ptr(),
-                    s = in(reg) src.as_ptr(),
-                    r = in(reg) result.as_mut_ptr(),
-                    out("ax") status,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(nostack),
-                );
-            }
+                ],
+                s = in(reg) src.as_ptr(),
+                r = in(reg) result.as_mut_ptr(),
+            );
             (result, status)
         }
     };
@@ -324,28 +278,16 @@ macro_rules! x87_store {
     ($name:ident, $insn:literal, $bytes:literal) => {
         pub fn $name(value: &F80, env: &Env) -> ([u8; $bytes], u16) {
             let mut result = [0u8; $bytes];
-            let mut saved_cw = 0u16;
-            let status: u16;
-            // SAFETY: as in `x87_two`; the store pops the only value.
-            unsafe {
-                asm!(
-                    "fnstcw word ptr [{saved}]",
-                    "fldenv [{env}]",
+            let status = x87_asm!(
+                env,
+                [
                     "fld tbyte ptr [{v}]",
                     concat!($insn, " [{r}]"),
                     "fnstsw ax",
-                    "fnclex",
-                    "fldcw word ptr [{saved}]",
-                    saved = in(reg) &mut saved_cw,
-                    env = in(reg) env.as_ptr(),
-                    v = in(reg) value.as_ptr(),
-                    r = in(reg) result.as_mut_ptr(),
-                    out("ax") status,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(nostack),
-                );
-            }
+                ],
+                v = in(reg) value.as_ptr(),
+                r = in(reg) result.as_mut_ptr(),
+            );
             (result, status)
         }
     };
@@ -358,31 +300,44 @@ x87_store!(store_i32, "fistp dword ptr", 4);
 x87_store!(store_i64, "fistp qword ptr", 8);
 x87_store!(store_bcd, "fbstp tbyte ptr", 10);
 
-/// Runs an SSE instruction `dst = dst OP src` under the guest MXCSR (exceptions masked) and
-/// returns the result and the MXCSR afterwards.
+/// Runs the SSE instructions `$body` under the guest MXCSR `$mxcsr` with every exception
+/// masked, on the operands `$operands`, and returns the MXCSR afterwards (the exception flags
+/// the body raised). The host's MXCSR is restored.
+macro_rules! sse_asm {
+    ($mxcsr:expr, [$($body:tt)*], $($operands:tt)*) => {{
+        let mut host = 0u32;
+        let mut guest = $mxcsr | 0x1f80;
+        // SAFETY: the instructions work on register operands only; MXCSR is switched around
+        // them (every exception masked, so nothing traps) and the host's is restored.
+        unsafe {
+            asm!(
+                "stmxcsr dword ptr [{host}]",
+                "ldmxcsr dword ptr [{guest}]",
+                $($body)*
+                "stmxcsr dword ptr [{guest}]",
+                "ldmxcsr dword ptr [{host}]",
+                host = in(reg) &mut host,
+                guest = in(reg) &mut guest,
+                $($operands)*
+                options(nostack),
+            );
+        }
+        guest
+    }};
+}
+
+/// Defines `fn name(a, b, mxcsr) -> (result, mxcsr)` running `$insn a, b` (`dst = dst OP src`).
 macro_rules! sse_two {
     ($name:ident, $insn:literal) => {
         pub fn $name(a: u128, b: u128, mxcsr: u32) -> (u128, u32) {
             let mut x = to_m128(a);
-            let mut host = 0u32;
-            let mut guest = mxcsr | 0x1f80;
-            // SAFETY: switches MXCSR around one SSE instruction on register operands and
-            // restores the host's MXCSR.
-            unsafe {
-                asm!(
-                    "stmxcsr dword ptr [{host}]",
-                    "ldmxcsr dword ptr [{guest}]",
-                    concat!($insn, " {x}, {y}"),
-                    "stmxcsr dword ptr [{guest}]",
-                    "ldmxcsr dword ptr [{host}]",
-                    host = in(reg) &mut host,
-                    guest = in(reg) &mut guest,
-                    x = inout(xmm_reg) x,
-                    y = in(xmm_reg) to_m128(b),
-                    options(nostack),
-                );
-            }
-            (from_m128(x), guest)
+            let after = sse_asm!(
+                mxcsr,
+                [concat!($insn, " {x}, {y}"),],
+                x = inout(xmm_reg) x,
+                y = in(xmm_reg) to_m128(b),
+            );
+            (from_m128(x), after)
         }
     };
 }
@@ -432,43 +387,34 @@ sse_two!(cvttpd2dq, "cvttpd2dq");
 
 /// Runs `$insn x, y, $imm` under the guest MXCSR (used by `sse_compare`).
 macro_rules! sse_compare_with {
-    ($insn:literal, $imm:literal, $x:ident, $b:ident, $host:ident, $guest:ident) => {
-        // SAFETY: as in `sse_two`.
-        unsafe {
-            asm!(
-                "stmxcsr dword ptr [{host}]",
-                "ldmxcsr dword ptr [{guest}]",
-                concat!($insn, " {x}, {y}, ", $imm),
-                "stmxcsr dword ptr [{guest}]",
-                "ldmxcsr dword ptr [{host}]",
-                host = in(reg) &mut $host,
-                guest = in(reg) &mut $guest,
-                x = inout(xmm_reg) $x,
-                y = in(xmm_reg) to_m128($b),
-                options(nostack),
-            )
-        }
+    ($insn:literal, $imm:literal, $mxcsr:ident, $x:ident, $y:ident) => {
+        sse_asm!(
+            $mxcsr,
+            [concat!($insn, " {x}, {y}, ", $imm),],
+            x = inout(xmm_reg) $x,
+            y = in(xmm_reg) $y,
+        )
     };
 }
 
-/// Defines the eight predicates of a CMPPS/CMPPD/CMPSS/CMPSD family.
+/// Defines the eight predicates of a CMPPS/CMPPD/CMPSS/CMPSD family (the predicate is an
+/// immediate of the instruction, so each gets its own instance).
 macro_rules! sse_compare {
     ($name:ident, $insn:literal) => {
         pub fn $name(a: u128, b: u128, predicate: u8, mxcsr: u32) -> (u128, u32) {
             let mut x = to_m128(a);
-            let mut host = 0u32;
-            let mut guest = mxcsr | 0x1f80;
-            match predicate & 7 {
-                0 => sse_compare_with!($insn, "0", x, b, host, guest),
-                1 => sse_compare_with!($insn, "1", x, b, host, guest),
-                2 => sse_compare_with!($insn, "2", x, b, host, guest),
-                3 => sse_compare_with!($insn, "3", x, b, host, guest),
-                4 => sse_compare_with!($insn, "4", x, b, host, guest),
-                5 => sse_compare_with!($insn, "5", x, b, host, guest),
-                6 => sse_compare_with!($insn, "6", x, b, host, guest),
-                _ => sse_compare_with!($insn, "7", x, b, host, guest),
-            }
-            (from_m128(x), guest)
+            let y = to_m128(b);
+            let after = match predicate & 7 {
+                0 => sse_compare_with!($insn, "0", mxcsr, x, y),
+                1 => sse_compare_with!($insn, "1", mxcsr, x, y),
+                2 => sse_compare_with!($insn, "2", mxcsr, x, y),
+                3 => sse_compare_with!($insn, "3", mxcsr, x, y),
+                4 => sse_compare_with!($insn, "4", mxcsr, x, y),
+                5 => sse_compare_with!($insn, "5", mxcsr, x, y),
+                6 => sse_compare_with!($insn, "6", mxcsr, x, y),
+                _ => sse_compare_with!($insn, "7", mxcsr, x, y),
+            };
+            (from_m128(x), after)
         }
     };
 }
@@ -483,27 +429,16 @@ sse_compare!(cmpsd, "cmpsd");
 macro_rules! sse_comi {
     ($name:ident, $insn:literal) => {
         pub fn $name(a: u128, b: u128, mxcsr: u32) -> (u8, u32) {
-            let mut host = 0u32;
-            let mut guest = mxcsr | 0x1f80;
             let ax: u16;
-            // SAFETY: as in `sse_two`; LAHF copies the flags the comparison set.
-            unsafe {
-                asm!(
-                    "stmxcsr dword ptr [{host}]",
-                    "ldmxcsr dword ptr [{guest}]",
-                    concat!($insn, " {x}, {y}"),
-                    "lahf",
-                    "stmxcsr dword ptr [{guest}]",
-                    "ldmxcsr dword ptr [{host}]",
-                    host = in(reg) &mut host,
-                    guest = in(reg) &mut guest,
-                    x = in(xmm_reg) to_m128(a),
-                    y = in(xmm_reg) to_m128(b),
-                    out("ax") ax,
-                    options(nostack),
-                );
-            }
-            ((ax >> 8) as u8, guest)
+            // LAHF copies the flags the comparison set.
+            let after = sse_asm!(
+                mxcsr,
+                [concat!($insn, " {x}, {y}"), "lahf",],
+                x = in(xmm_reg) to_m128(a),
+                y = in(xmm_reg) to_m128(b),
+                out("ax") ax,
+            );
+            ((ax >> 8) as u8, after)
         }
     };
 }
@@ -518,24 +453,13 @@ macro_rules! sse_from_int {
     ($name:ident, $insn:literal, $modifier:literal) => {
         pub fn $name(a: u128, value: u64, mxcsr: u32) -> (u128, u32) {
             let mut x = to_m128(a);
-            let mut host = 0u32;
-            let mut guest = mxcsr | 0x1f80;
-            // SAFETY: as in `sse_two`.
-            unsafe {
-                asm!(
-                    "stmxcsr dword ptr [{host}]",
-                    "ldmxcsr dword ptr [{guest}]",
-                    concat!($insn, " {x}, {v", $modifier, "}"),
-                    "stmxcsr dword ptr [{guest}]",
-                    "ldmxcsr dword ptr [{host}]",
-                    host = in(reg) &mut host,
-                    guest = in(reg) &mut guest,
-                    x = inout(xmm_reg) x,
-                    v = in(reg) value,
-                    options(nostack),
-                );
-            }
-            (from_m128(x), guest)
+            let after = sse_asm!(
+                mxcsr,
+                [concat!($insn, " {x}, {v", $modifier, "}"),],
+                x = inout(xmm_reg) x,
+                v = in(reg) value,
+            );
+            (from_m128(x), after)
         }
     };
 }
@@ -549,25 +473,14 @@ sse_from_int!(cvtsi2sd_64, "cvtsi2sd", "");
 macro_rules! sse_to_int {
     ($name:ident, $insn:literal, $modifier:literal) => {
         pub fn $name(a: u128, mxcsr: u32) -> (u64, u32) {
-            let mut host = 0u32;
-            let mut guest = mxcsr | 0x1f80;
             let mut out = 0u64;
-            // SAFETY: as in `sse_two`.
-            unsafe {
-                asm!(
-                    "stmxcsr dword ptr [{host}]",
-                    "ldmxcsr dword ptr [{guest}]",
-                    concat!($insn, " {o", $modifier, "}, {x}"),
-                    "stmxcsr dword ptr [{guest}]",
-                    "ldmxcsr dword ptr [{host}]",
-                    host = in(reg) &mut host,
-                    guest = in(reg) &mut guest,
-                    x = in(xmm_reg) to_m128(a),
-                    o = inout(reg) out,
-                    options(nostack),
-                );
-            }
-            (out, guest)
+            let after = sse_asm!(
+                mxcsr,
+                [concat!($insn, " {o", $modifier, "}, {x}"),],
+                x = in(xmm_reg) to_m128(a),
+                o = inout(reg) out,
+            );
+            (out, after)
         }
     };
 }

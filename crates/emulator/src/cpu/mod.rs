@@ -95,9 +95,7 @@ pub mod cr0 {
     pub const EM: u64 = 1 << 2;
     pub const TS: u64 = 1 << 3;
     pub const ET: u64 = 1 << 4;
-    pub const NE: u64 = 1 << 5;
     pub const WP: u64 = 1 << 16;
-    pub const AM: u64 = 1 << 18;
     pub const NW: u64 = 1 << 29;
     pub const CD: u64 = 1 << 30;
     pub const PG: u64 = 1 << 31;
@@ -117,6 +115,12 @@ pub mod cr4 {
     /// Bits the guest may set: everything the reported CPU supports.
     pub const WRITABLE: u64 =
         (1 << 0) | (1 << 1) | TSD | DE | PSE | PAE | MCE | PGE | PCE | OSFXSR | OSXMMEXCPT;
+}
+
+/// Keys of one-time warnings in `Cpu::warned`, above every iced instruction code.
+pub mod warning {
+    pub const DR7_BREAKPOINTS: u16 = 0xffff;
+    pub const COMPATIBILITY_MODE: u16 = 0xfffe;
 }
 
 /// Host monotonic time since the VM started.
@@ -189,7 +193,7 @@ pub struct Cpu {
     pub interrupt_shadow: bool,
     /// Instructions retired.
     pub icount: u64,
-    /// Instructions already reported as unimplemented.
+    /// Instruction codes already reported as unimplemented, and `warning` keys.
     pub warned: HashSet<u16>,
     pub stats: Stats,
 }
@@ -199,8 +203,9 @@ pub struct Cpu {
 pub struct Stats {
     pub blocks_translated: u64,
     pub page_walks: u64,
-    pub tlb_flushes: u64,
     pub code_invalidations: u64,
+    /// Times the decoded-code cache was full and started over.
+    pub code_cache_resets: u64,
     pub exceptions: u64,
     pub interrupts: u64,
     /// Time spent sleeping in HLT.

@@ -2,19 +2,8 @@
 
 use iced_x86::{Instruction, Mnemonic};
 
-use super::op::{kind, mask, sign_extend, size0, Handler, Op, MEM, REG};
+use super::op::{by_size, by_word_size, kind, mask, sign_extend, size0, Handler, Op, MEM, REG};
 use super::{Cpu, Event};
-
-/// Reads the r/m source of a one-operand multiply or divide.
-#[inline(always)]
-fn source<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op, n: u32) -> Result<u64, Event> {
-    if SRC == REG {
-        Ok(cpu.gpr::<B>(op.r[n as usize]))
-    } else {
-        let addr = cpu.ea(op);
-        cpu.read::<B>(addr)
-    }
-}
 
 /// Splits a double-width product into the accumulator registers.
 #[inline(always)]
@@ -29,7 +18,7 @@ fn store_double<const B: usize>(cpu: &mut Cpu, low: u64, high: u64) {
 
 /// MUL r/m: unsigned rDX:rAX = rAX * src.
 pub fn mul<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let src = source::<B, SRC>(cpu, op, 0)?;
+    let src = cpu.source::<B, SRC>(op, 0)?;
     let a = cpu.gpr::<B>(0);
     let product = u128::from(a) * u128::from(src);
     let bits = B * 8;
@@ -44,7 +33,7 @@ pub fn mul<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), 
 
 /// IMUL r/m: signed rDX:rAX = rAX * src.
 pub fn imul1<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let src = sign_extend::<B>(source::<B, SRC>(cpu, op, 0)?) as i64;
+    let src = sign_extend::<B>(cpu.source::<B, SRC>(op, 0)?) as i64;
     let a = sign_extend::<B>(cpu.gpr::<B>(0)) as i64;
     let product = i128::from(a) * i128::from(src);
     let bits = B * 8;
@@ -62,7 +51,7 @@ pub fn imul<const B: usize, const SRC: u8, const THREE: bool>(
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let src = sign_extend::<B>(source::<B, SRC>(cpu, op, 1)?) as i64;
+    let src = sign_extend::<B>(cpu.source::<B, SRC>(op, 1)?) as i64;
     let other = if THREE {
         sign_extend::<B>(op.inst.immediate(2) & mask::<B>()) as i64
     } else {
@@ -100,7 +89,7 @@ fn store_division<const B: usize>(cpu: &mut Cpu, quotient: u64, remainder: u64) 
 
 /// DIV r/m (#DE on division by zero or a quotient that does not fit).
 pub fn div<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let divisor = u128::from(source::<B, SRC>(cpu, op, 0)?);
+    let divisor = u128::from(cpu.source::<B, SRC>(op, 0)?);
     if divisor == 0 {
         return Err(Event::de());
     }
@@ -115,7 +104,7 @@ pub fn div<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), 
 
 /// IDIV r/m.
 pub fn idiv<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let divisor = i128::from(sign_extend::<B>(source::<B, SRC>(cpu, op, 0)?) as i64);
+    let divisor = i128::from(sign_extend::<B>(cpu.source::<B, SRC>(op, 0)?) as i64);
     if divisor == 0 {
         return Err(Event::de());
     }
@@ -140,17 +129,12 @@ pub fn idiv<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
     Ok(())
 }
 
-macro_rules! sized_src {
+/// The register and memory forms of a one-operand multiply or divide.
+macro_rules! rm_forms {
     ($f:ident, $size:expr, $src:expr) => {
-        match ($size, $src) {
-            (1, REG) => $f::<1, REG> as Handler,
-            (1, _) => $f::<1, MEM>,
-            (2, REG) => $f::<2, REG>,
-            (2, _) => $f::<2, MEM>,
-            (4, REG) => $f::<4, REG>,
-            (4, _) => $f::<4, MEM>,
-            (_, REG) => $f::<8, REG>,
-            (_, _) => $f::<8, MEM>,
+        match $src {
+            REG => by_size!($size, $f::<_, REG>),
+            _ => by_size!($size, $f::<_, MEM>),
         }
     };
 }
@@ -158,25 +142,17 @@ macro_rules! sized_src {
 /// The handler for a multiply or divide, if `inst` is one.
 pub fn select(inst: &Instruction) -> Option<Handler> {
     let h = match inst.mnemonic() {
-        Mnemonic::Mul => sized_src!(mul, size0(inst), kind(inst, 0)),
-        Mnemonic::Div => sized_src!(div, size0(inst), kind(inst, 0)),
-        Mnemonic::Idiv => sized_src!(idiv, size0(inst), kind(inst, 0)),
-        Mnemonic::Imul if inst.op_count() == 1 => sized_src!(imul1, size0(inst), kind(inst, 0)),
+        Mnemonic::Mul => rm_forms!(mul, size0(inst), kind(inst, 0)),
+        Mnemonic::Div => rm_forms!(div, size0(inst), kind(inst, 0)),
+        Mnemonic::Idiv => rm_forms!(idiv, size0(inst), kind(inst, 0)),
+        Mnemonic::Imul if inst.op_count() == 1 => rm_forms!(imul1, size0(inst), kind(inst, 0)),
         Mnemonic::Imul => {
-            let three = inst.op_count() == 3;
-            match (size0(inst), kind(inst, 1), three) {
-                (2, REG, false) => imul::<2, REG, false> as Handler,
-                (2, _, false) => imul::<2, MEM, false>,
-                (4, REG, false) => imul::<4, REG, false>,
-                (4, _, false) => imul::<4, MEM, false>,
-                (_, REG, false) => imul::<8, REG, false>,
-                (_, _, false) => imul::<8, MEM, false>,
-                (2, REG, true) => imul::<2, REG, true>,
-                (2, _, true) => imul::<2, MEM, true>,
-                (4, REG, true) => imul::<4, REG, true>,
-                (4, _, true) => imul::<4, MEM, true>,
-                (_, REG, true) => imul::<8, REG, true>,
-                (_, _, true) => imul::<8, MEM, true>,
+            let size = size0(inst);
+            match (kind(inst, 1), inst.op_count() == 3) {
+                (REG, false) => by_word_size!(size, imul::<_, REG, false>),
+                (_, false) => by_word_size!(size, imul::<_, MEM, false>),
+                (REG, true) => by_word_size!(size, imul::<_, REG, true>),
+                (_, true) => by_word_size!(size, imul::<_, MEM, true>),
             }
         }
         _ => return None,

@@ -25,6 +25,45 @@ pub struct Op {
     pub r: [u8; 4],
 }
 
+/// The handler `f::<.., B, ..>` for an operand size of `size` bytes (1, 2, 4, else 8): the
+/// size takes the place of the `_` among the const arguments.
+macro_rules! by_size {
+    // Arguments before the size are literals (`true`) or constants (`ADD`).
+    ($size:expr, $f:ident::<$($pre:literal,)* _ $(, $post:tt)*>) => {
+        by_size!(@ $size, $f, [$($pre),*], [$($post),*])
+    };
+    ($size:expr, $f:ident::<$($pre:ident,)* _ $(, $post:tt)*>) => {
+        by_size!(@ $size, $f, [$($pre),*], [$($post),*])
+    };
+    (@ $size:expr, $f:ident, [$($pre:tt),*], [$($post:tt),*]) => {
+        match $size {
+            1 => $f::<$($pre,)* 1 $(, $post)*> as $crate::cpu::op::Handler,
+            2 => $f::<$($pre,)* 2 $(, $post)*>,
+            4 => $f::<$($pre,)* 4 $(, $post)*>,
+            _ => $f::<$($pre,)* 8 $(, $post)*>,
+        }
+    };
+}
+
+/// As `by_size!` for instructions without a byte form (2, 4, else 8 bytes).
+macro_rules! by_word_size {
+    ($size:expr, $f:ident::<$($pre:literal,)* _ $(, $post:tt)*>) => {
+        by_word_size!(@ $size, $f, [$($pre),*], [$($post),*])
+    };
+    ($size:expr, $f:ident::<$($pre:ident,)* _ $(, $post:tt)*>) => {
+        by_word_size!(@ $size, $f, [$($pre),*], [$($post),*])
+    };
+    (@ $size:expr, $f:ident, [$($pre:tt),*], [$($post:tt),*]) => {
+        match $size {
+            2 => $f::<$($pre,)* 2 $(, $post)*> as $crate::cpu::op::Handler,
+            4 => $f::<$($pre,)* 4 $(, $post)*>,
+            _ => $f::<$($pre,)* 8 $(, $post)*>,
+        }
+    };
+}
+
+pub(crate) use {by_size, by_word_size};
+
 /// Where an operand comes from, resolved at decode time.
 pub const REG: u8 = 0;
 pub const MEM: u8 = 1;
@@ -203,6 +242,24 @@ impl Cpu {
         }
     }
 
+    /// Reads operand `n` as `B` bytes when its kind (`REG`, `MEM` or `IMM`) is fixed at
+    /// decode time, as a handler's const parameter.
+    #[inline(always)]
+    pub fn source<const B: usize, const KIND: u8>(
+        &mut self,
+        op: &Op,
+        n: u32,
+    ) -> Result<u64, Event> {
+        match KIND {
+            REG => Ok(self.gpr::<B>(op.r[n as usize & 3])),
+            IMM => Ok(op.inst.immediate(n) & mask::<B>()),
+            _ => {
+                let addr = self.ea(op);
+                self.read::<B>(addr)
+            }
+        }
+    }
+
     /// Reads operand `n` (register, memory or immediate) as `B` bytes.
     #[inline(always)]
     pub fn read_operand<const B: usize>(&mut self, op: &Op, n: u32) -> Result<u64, Event> {
@@ -216,28 +273,11 @@ impl Cpu {
         }
     }
 
-    /// Writes operand `n` (register or memory) as `B` bytes.
-    #[inline(always)]
-    pub fn write_operand<const B: usize>(
-        &mut self,
-        op: &Op,
-        n: u32,
-        value: u64,
-    ) -> Result<(), Event> {
-        if op.inst.op_kind(n) == OpKind::Register {
-            self.set_gpr::<B>(op.r[n as usize & 3], value);
-            Ok(())
-        } else {
-            let addr = self.ea(op);
-            self.write::<B>(addr, value)
-        }
-    }
-
     /// Pushes a `B`-byte value.
     #[inline(always)]
     pub fn push<const B: usize>(&mut self, value: u64) -> Result<(), Event> {
         let rsp = self.regs[super::gpr::RSP].wrapping_sub(B as u64);
-        self.write::<B>(rsp, value)?;
+        self.stack_write::<B>(rsp, value)?;
         self.regs[super::gpr::RSP] = rsp;
         Ok(())
     }
@@ -246,7 +286,7 @@ impl Cpu {
     #[inline(always)]
     pub fn pop<const B: usize>(&mut self) -> Result<u64, Event> {
         let rsp = self.regs[super::gpr::RSP];
-        let value = self.read::<B>(rsp)?;
+        let value = self.stack_read::<B>(rsp)?;
         self.regs[super::gpr::RSP] = rsp.wrapping_add(B as u64);
         Ok(value)
     }

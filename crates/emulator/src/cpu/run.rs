@@ -30,14 +30,9 @@ impl Cpu {
                 if !matches!(e, Event::Halt) {
                     self.rip = op.inst.ip();
                 }
-                if let Event::Exception(x) = &mut e {
-                    // A non-canonical address through the stack segment is #SS, not #GP.
-                    if x.vector == super::vector::GP
-                        && x.address != 0
-                        && op.seg == super::seg::SS as u8
-                    {
-                        x.vector = super::vector::SS;
-                    }
+                if op.seg == super::seg::SS as u8 {
+                    // A memory operand addressed through RSP or RBP uses the stack segment.
+                    e = e.into_stack_fault();
                 }
                 self.icount += i as u64 + u64::from(matches!(e, Event::Halt));
                 return Err(e);
@@ -97,20 +92,20 @@ impl Cpu {
             }
             self.interrupt_shadow = false;
 
-            let rip = self.rip;
-            let result = match self.translate(rip, AccessKind::Execute, self.user) {
-                Ok(phys) => match cache.find(self, rip, phys, signals.dma_epoch()) {
-                    Ok(r) => match cache.block(r) {
-                        Some(block) => self.execute(block),
-                        None => Err(Event::fatal("Decoded block vanished")),
-                    },
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
+            // Drop the blocks of code pages written since the last lookup: by the last block,
+            // or by the frame of an exception or interrupt delivered since.
             if !self.code_writes.is_empty() {
                 cache.invalidate_writes(self);
             }
+            self.break_block = false;
+            let rip = self.rip;
+            let result = self
+                .translate(rip, AccessKind::Execute, self.user)
+                .and_then(|phys| cache.find(self, rip, phys, signals.dma_epoch()))
+                .and_then(|index| match cache.block(index) {
+                    Some(block) => self.execute(block),
+                    None => Err(Event::fatal("Decoded block vanished")),
+                });
             match result {
                 Ok(()) => {}
                 Err(Event::Exception(e)) => {

@@ -2,11 +2,31 @@
 //! far returns and jumps, IRETQ, SYSCALL/SYSRET, SWAPGS, LTR/LLDT.
 
 use lodge_engine::Segment;
+use tracing::warn;
 
 use super::flags::{self, AC, DF, ID, IF, IOPL, NT, RF, TF, VIF, VIP, VM};
 use super::op::Op;
 use super::{gpr, seg, Cpu, Event};
 use crate::msr::efer;
+
+/// The flat 4 GiB segment SYSCALL and SYSRET load without reading a descriptor: 64-bit
+/// code (execute/read, accessed) or data (read/write, accessed) at privilege `dpl`.
+fn flat_segment(selector: u16, dpl: u8, code: bool) -> Segment {
+    Segment {
+        selector,
+        base: 0,
+        limit: 0xffff_ffff,
+        type_: if code { 0xb } else { 0x3 },
+        present: true,
+        dpl,
+        db: !code,
+        s: true,
+        l: code,
+        g: true,
+        avl: false,
+        unusable: false,
+    }
+}
 
 /// A segment register's value after loading a null selector.
 pub fn null_segment(selector: u16) -> Segment {
@@ -117,9 +137,16 @@ impl Cpu {
         new_cpl: u8,
     ) -> Result<(), Event> {
         if !descriptor.l || descriptor.db {
-            return Err(Event::fatal(format!(
-                "Far transfer to non-64-bit code segment {selector:#x} (compatibility mode is not supported)"
-            )));
+            // Compatibility mode is not emulated. Any process can reach it (Linux's GDT has a
+            // 32-bit user code segment), so it must not end the VM: the transfer fails like
+            // one to an unusable segment, and the guest kernel kills the process.
+            if self.warned.insert(super::warning::COMPATIBILITY_MODE) {
+                warn!(
+                    "Far transfer to 32-bit code segment {selector:#x}: compatibility mode is \
+                     not supported, raising #GP"
+                );
+            }
+            return Err(Event::gp(u32::from(selector & !3)));
         }
         descriptor.selector = (selector & !3) | u16::from(new_cpl);
         descriptor.type_ |= 1;
@@ -219,12 +246,9 @@ impl Cpu {
         let rsp = self.regs[gpr::RSP];
         let mut words = [0u64; 5];
         for (i, w) in words.iter_mut().enumerate() {
-            let addr = rsp.wrapping_add((i * size) as u64);
-            *w = if size == 8 {
-                self.read::<8>(addr)?
-            } else {
-                self.read::<4>(addr)?
-            };
+            *w = self
+                .read_sized(rsp.wrapping_add((i * size) as u64), size)
+                .map_err(Event::into_stack_fault)?;
         }
         let [rip, cs, rflags, new_rsp, ss] = words;
         let (cs, ss) = (cs as u16, ss as u16);
@@ -271,13 +295,9 @@ impl Cpu {
     /// Far return (RETF): pops RIP and CS (and RSP/SS when going outward), then `pop_bytes`.
     pub fn far_return(&mut self, size: usize, pop_bytes: u64) -> Result<(), Event> {
         let rsp = self.regs[gpr::RSP];
-        let read = |cpu: &mut Cpu, offset: u64| -> Result<u64, Event> {
-            let addr = rsp.wrapping_add(offset);
-            match size {
-                8 => cpu.read::<8>(addr),
-                4 => cpu.read::<4>(addr),
-                _ => cpu.read::<2>(addr),
-            }
+        let read = |cpu: &mut Cpu, offset: u64| {
+            cpu.read_sized(rsp.wrapping_add(offset), size)
+                .map_err(Event::into_stack_fault)
         };
         let rip = read(self, 0)?;
         let cs = read(self, size as u64)? as u16;
@@ -287,6 +307,9 @@ impl Cpu {
             return Err(Event::gp(u32::from(cs & !3)));
         }
         let code = self.check_code_target(cs, new_cpl, true)?;
+        if !crate::mmu::is_canonical(rip) {
+            return Err(Event::gp(0));
+        }
         if new_cpl == cpl {
             self.set_code_segment(cs, code, new_cpl)?;
             self.rip = rip;
@@ -309,6 +332,9 @@ impl Cpu {
     pub fn far_jump(&mut self, selector: u16, rip: u64) -> Result<(), Event> {
         let rpl = (selector & 3) as u8;
         let code = self.check_code_target(selector, rpl, false)?;
+        if !crate::mmu::is_canonical(rip) {
+            return Err(Event::gp(0));
+        }
         let cpl = self.cpl();
         self.set_code_segment(selector, code, cpl)?;
         self.rip = rip;
@@ -321,38 +347,13 @@ impl Cpu {
             return Err(Event::ud());
         }
         let star = self.msr.star;
+        // Selectors are 16-bit registers: STAR-derived ones wrap.
         let selector = ((star >> 32) & 0xfffc) as u16;
         self.regs[gpr::RCX] = self.rip;
         let rflags = self.flags.get();
         self.regs[gpr::R11] = rflags & !RF;
-        self.segs[seg::CS] = Segment {
-            selector,
-            base: 0,
-            limit: 0xffff_ffff,
-            type_: 0xb,
-            present: true,
-            dpl: 0,
-            db: false,
-            s: true,
-            l: true,
-            g: true,
-            avl: false,
-            unusable: false,
-        };
-        self.segs[seg::SS] = Segment {
-            selector: selector + 8,
-            base: 0,
-            limit: 0xffff_ffff,
-            type_: 0x3,
-            present: true,
-            dpl: 0,
-            db: true,
-            s: true,
-            l: false,
-            g: true,
-            avl: false,
-            unusable: false,
-        };
+        self.segs[seg::CS] = flat_segment(selector, 0, true);
+        self.segs[seg::SS] = flat_segment(selector.wrapping_add(8), 0, false);
         self.flags.set(rflags & !self.msr.sfmask & !RF);
         self.rip = self.msr.lstar;
         self.user = false;
@@ -378,33 +379,14 @@ impl Cpu {
             return Err(Event::gp(0));
         }
         let base = ((self.msr.star >> 48) & 0xffff) as u16;
-        self.segs[seg::CS] = Segment {
-            selector: (base + 16) | 3,
-            base: 0,
-            limit: 0xffff_ffff,
-            type_: 0xb,
-            present: true,
-            dpl: 3,
-            db: false,
-            s: true,
-            l: true,
-            g: true,
-            avl: false,
-            unusable: false,
+        self.segs[seg::CS] = flat_segment(base.wrapping_add(16) | 3, 3, true);
+        // SS is loaded flat as on Intel CPUs; AVL and L (meaningless for SS) stay.
+        let old_ss = self.segs[seg::SS];
+        self.segs[seg::SS] = Segment {
+            avl: old_ss.avl,
+            l: old_ss.l,
+            ..flat_segment(base.wrapping_add(8) | 3, 3, false)
         };
-        // SS keeps its attributes apart from selector and DPL, as on Intel CPUs.
-        let mut ss = self.segs[seg::SS];
-        ss.selector = (base + 8) | 3;
-        ss.dpl = 3;
-        ss.unusable = false;
-        ss.present = true;
-        ss.s = true;
-        ss.type_ = 3;
-        ss.db = true;
-        ss.g = true;
-        ss.limit = 0xffff_ffff;
-        ss.base = 0;
-        self.segs[seg::SS] = ss;
         let r11 = self.regs[gpr::R11];
         self.flags
             .set((r11 & flags::WRITABLE & !RF & !VM) | flags::FIXED);
@@ -457,9 +439,10 @@ impl Cpu {
         if !d.present {
             return Err(Event::np(u32::from(selector & !3)));
         }
-        // Mark busy.
-        let access = self.read_system::<1>(addr + 5)? as u8;
-        self.write_bytes(addr + 5, &[access | 0x2], false)?;
+        // Mark busy (the descriptor may wrap around the end of the address space).
+        let access_byte = addr.wrapping_add(5);
+        let access = self.read_system::<1>(access_byte)? as u8;
+        self.write_bytes(access_byte, &[access | 0x2], false)?;
         let mut tr = d;
         tr.type_ = 0xb;
         self.tr = tr;
@@ -541,9 +524,9 @@ pub fn pop_segment(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     };
     let rsp = cpu.regs[gpr::RSP];
     let selector = if size == 2 {
-        cpu.read::<2>(rsp)?
+        cpu.stack_read::<2>(rsp)?
     } else {
-        cpu.read::<8>(rsp)?
+        cpu.stack_read::<8>(rsp)?
     };
     cpu.load_segment(index, selector as u16)?;
     cpu.regs[gpr::RSP] = rsp.wrapping_add(size);

@@ -3,7 +3,9 @@
 use iced_x86::{Instruction, Mnemonic};
 
 use super::flags::{CF, OF};
-use super::op::{kind, mask, sign, sign_extend, size0, Handler, Op, IMM, MEM, REG};
+use super::op::{
+    by_size, by_word_size, kind, mask, sign, sign_extend, size0, Handler, Op, IMM, MEM, REG,
+};
 use super::{Cpu, Event};
 
 pub const SHL: u8 = 0;
@@ -86,17 +88,24 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
     }
 }
 
+/// The count of a shift by CL or by immediate operand `n`, masked to 6 bits for 64-bit
+/// operands and to 5 bits otherwise.
+#[inline(always)]
+fn shift_count<const B: usize, const CNT: u8>(cpu: &Cpu, op: &Op, n: u32) -> u32 {
+    let raw = if CNT == REG {
+        cpu.regs[super::gpr::RCX] as u32
+    } else {
+        op.inst.immediate(n) as u32
+    };
+    raw & if B == 8 { 0x3f } else { 0x1f }
+}
+
 /// A shift or rotate of operand 0 by operand 1 (CL or an immediate, including the implicit 1).
 pub fn shift<const OP: u8, const B: usize, const DST: u8, const CNT: u8>(
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let raw = if CNT == REG {
-        cpu.regs[1] as u32
-    } else {
-        op.inst.immediate(1) as u32
-    };
-    let count = raw & if B == 8 { 0x3f } else { 0x1f };
+    let count = shift_count::<B, CNT>(cpu, op, 1);
     if DST == REG {
         let a = cpu.gpr::<B>(op.r[0]);
         // A 32-bit destination is written (zero-extended) even when the count is 0.
@@ -123,12 +132,7 @@ pub fn double<const LEFT: bool, const B: usize, const DST: u8, const CNT: u8>(
     cpu: &mut Cpu,
     op: &Op,
 ) -> Result<(), Event> {
-    let raw = if CNT == REG {
-        cpu.regs[1] as u32
-    } else {
-        op.inst.immediate(2) as u32
-    };
-    let count = raw & if B == 8 { 0x3f } else { 0x1f };
+    let count = shift_count::<B, CNT>(cpu, op, 2);
     let src = cpu.gpr::<B>(op.r[1]);
     let place = if DST == REG {
         None
@@ -180,48 +184,28 @@ pub fn double<const LEFT: bool, const B: usize, const DST: u8, const CNT: u8>(
     Ok(())
 }
 
+/// The forms of a shift or rotate: register or memory, count in CL or an immediate.
 macro_rules! shift_forms {
-    ($op:expr, $size:expr, $dst:expr, $cnt:expr) => {{
-        const O: u8 = $op;
-        match ($size, $dst, $cnt) {
-            (1, REG, REG) => shift::<O, 1, REG, REG> as Handler,
-            (1, REG, _) => shift::<O, 1, REG, IMM>,
-            (1, _, REG) => shift::<O, 1, MEM, REG>,
-            (1, _, _) => shift::<O, 1, MEM, IMM>,
-            (2, REG, REG) => shift::<O, 2, REG, REG>,
-            (2, REG, _) => shift::<O, 2, REG, IMM>,
-            (2, _, REG) => shift::<O, 2, MEM, REG>,
-            (2, _, _) => shift::<O, 2, MEM, IMM>,
-            (4, REG, REG) => shift::<O, 4, REG, REG>,
-            (4, REG, _) => shift::<O, 4, REG, IMM>,
-            (4, _, REG) => shift::<O, 4, MEM, REG>,
-            (4, _, _) => shift::<O, 4, MEM, IMM>,
-            (_, REG, REG) => shift::<O, 8, REG, REG>,
-            (_, REG, _) => shift::<O, 8, REG, IMM>,
-            (_, _, REG) => shift::<O, 8, MEM, REG>,
-            (_, _, _) => shift::<O, 8, MEM, IMM>,
+    ($op:ident, $size:expr, $dst:expr, $count:expr) => {
+        match ($dst, $count) {
+            (REG, REG) => by_size!($size, shift::<$op, _, REG, REG>),
+            (REG, _) => by_size!($size, shift::<$op, _, REG, IMM>),
+            (_, REG) => by_size!($size, shift::<$op, _, MEM, REG>),
+            (_, _) => by_size!($size, shift::<$op, _, MEM, IMM>),
         }
-    }};
+    };
 }
 
+/// The forms of SHLD/SHRD (no byte form).
 macro_rules! double_forms {
-    ($left:expr, $size:expr, $dst:expr, $cnt:expr) => {{
-        const L: bool = $left;
-        match ($size, $dst, $cnt) {
-            (2, REG, REG) => double::<L, 2, REG, REG> as Handler,
-            (2, REG, _) => double::<L, 2, REG, IMM>,
-            (2, _, REG) => double::<L, 2, MEM, REG>,
-            (2, _, _) => double::<L, 2, MEM, IMM>,
-            (4, REG, REG) => double::<L, 4, REG, REG>,
-            (4, REG, _) => double::<L, 4, REG, IMM>,
-            (4, _, REG) => double::<L, 4, MEM, REG>,
-            (4, _, _) => double::<L, 4, MEM, IMM>,
-            (_, REG, REG) => double::<L, 8, REG, REG>,
-            (_, REG, _) => double::<L, 8, REG, IMM>,
-            (_, _, REG) => double::<L, 8, MEM, REG>,
-            (_, _, _) => double::<L, 8, MEM, IMM>,
+    ($left:literal, $size:expr, $dst:expr, $count:expr) => {
+        match ($dst, $count) {
+            (REG, REG) => by_word_size!($size, double::<$left, _, REG, REG>),
+            (REG, _) => by_word_size!($size, double::<$left, _, REG, IMM>),
+            (_, REG) => by_word_size!($size, double::<$left, _, MEM, REG>),
+            (_, _) => by_word_size!($size, double::<$left, _, MEM, IMM>),
         }
-    }};
+    };
 }
 
 /// The handler for a shift or rotate, if `inst` is one.

@@ -3,7 +3,7 @@
 //! Lanes are handled as little-endian arrays of the 128-bit register value. Floating-point
 //! arithmetic lives in `sse_float`.
 
-use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Code, Instruction, Mnemonic, OpKind};
 
 use super::op::{Handler, Op};
 use super::{Cpu, Event};
@@ -80,10 +80,22 @@ fn sat_u16(v: i32) -> u16 {
     v.clamp(0, 65535) as u16
 }
 
-/// Two-operand lane operations (`dst = dst OP src`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Binary {
+/// Declares the two-operand lane operations and `BINARY_OPS`, which maps a handler's const
+/// parameter (`Binary as u8`) back to its operation.
+macro_rules! binary_ops {
+    ($($name:ident),* $(,)?) => {
+        /// Two-operand lane operations (`dst = dst OP src`).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum Binary {
+            $($name),*
+        }
+
+        const BINARY_OPS: &[Binary] = &[$(Binary::$name),*];
+    };
+}
+
+binary_ops!(
     AddB,
     AddW,
     AddD,
@@ -141,7 +153,7 @@ pub enum Binary {
     ShiftRightQ,
     ShiftArithW,
     ShiftArithD,
-}
+);
 
 fn binary_op(op: Binary, a: V, b: V) -> V {
     use Binary::*;
@@ -326,7 +338,7 @@ impl Cpu {
 /// `xmm0 = xmm0 OP xmm1/m128`.
 pub fn binary<const OP: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
-    // SAFETY-free conversion: OP comes from `Binary as u8` at decode time.
+    // OP is a `Binary` discriminant, chosen at decode time.
     let operation = BINARY_OPS[OP as usize];
     let src = cpu.xmm_operand(op, 1, 16, true)?;
     let d = Cpu::xmm_reg(op, 0);
@@ -346,68 +358,11 @@ pub fn binary<const OP: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     Ok(())
 }
 
-const BINARY_OPS: [Binary; 57] = {
-    use Binary::*;
-    [
-        AddB,
-        AddW,
-        AddD,
-        AddQ,
-        SubB,
-        SubW,
-        SubD,
-        SubQ,
-        AddSB,
-        AddSW,
-        AddUSB,
-        AddUSW,
-        SubSB,
-        SubSW,
-        SubUSB,
-        SubUSW,
-        MulLW,
-        MulHW,
-        MulHUW,
-        MulUDQ,
-        MAddWD,
-        AvgB,
-        AvgW,
-        MinUB,
-        MaxUB,
-        MinSW,
-        MaxSW,
-        SadBW,
-        CmpEqB,
-        CmpEqW,
-        CmpEqD,
-        CmpGtB,
-        CmpGtW,
-        CmpGtD,
-        And,
-        AndN,
-        Or,
-        Xor,
-        UnpackLowB,
-        UnpackLowW,
-        UnpackLowD,
-        UnpackLowQ,
-        UnpackHighB,
-        UnpackHighW,
-        UnpackHighD,
-        UnpackHighQ,
-        PackSSWB,
-        PackSSDW,
-        PackUSWB,
-        ShiftLeftW,
-        ShiftLeftD,
-        ShiftLeftQ,
-        ShiftRightW,
-        ShiftRightD,
-        ShiftRightQ,
-        ShiftArithW,
-        ShiftArithD,
-    ]
-};
+/// `shift_imm` operations besides the `Binary` lane shifts: PSLLDQ and PSRLDQ shift the whole
+/// register by bytes.
+const SHIFT_LEFT_BYTES: u8 = 100;
+const SHIFT_RIGHT_BYTES: u8 = 101;
+const _: () = assert!(BINARY_OPS.len() < SHIFT_LEFT_BYTES as usize);
 
 /// Lane shift by an immediate: PSLLW/D/Q, PSRLW/D/Q, PSRAW/D, PSLLDQ, PSRLDQ.
 pub fn shift_imm<const OP: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
@@ -416,15 +371,14 @@ pub fn shift_imm<const OP: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let count = op.inst.immediate(1) & 0xff;
     let a = cpu.fpu.xmm[d];
     cpu.fpu.xmm[d] = match OP {
-        // PSLLDQ / PSRLDQ: whole-register byte shifts.
-        100 => {
+        SHIFT_LEFT_BYTES => {
             if count > 15 {
                 0
             } else {
                 a << (count * 8)
             }
         }
-        101 => {
+        SHIFT_RIGHT_BYTES => {
             if count > 15 {
                 0
             } else {
@@ -661,7 +615,7 @@ pub fn maskmovdqu(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 }
 
 /// Whether any operand is an MMX register (the MMX forms are not implemented).
-fn uses_mmx(inst: &Instruction) -> bool {
+pub fn uses_mmx(inst: &Instruction) -> bool {
     (0..inst.op_count()).any(|i| inst.op_kind(i) == OpKind::Register && inst.op_register(i).is_mm())
 }
 
@@ -746,8 +700,8 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Psrlq => shift!(ShiftRightQ),
         Psraw => shift!(ShiftArithW),
         Psrad => shift!(ShiftArithD),
-        Pslldq => shift_imm::<100>,
-        Psrldq => shift_imm::<101>,
+        Pslldq => shift_imm::<SHIFT_LEFT_BYTES>,
+        Psrldq => shift_imm::<SHIFT_RIGHT_BYTES>,
         Pshufd => pshuf::<0>,
         Pshufhw => pshuf::<1>,
         Pshuflw => pshuf::<2>,
@@ -769,7 +723,6 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Maskmovdqu => maskmovdqu,
         _ => return None,
     };
-    let _ = Register::None;
     Some(h)
 }
 

@@ -33,64 +33,17 @@ fn source_size(op: &Op, n: u32) -> usize {
 }
 
 /// `dst = f(dst, src)` for arithmetic and XMM-to-XMM conversions.
-pub fn two<const F: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+#[inline(always)]
+fn two(cpu: &mut Cpu, op: &Op, f: fn(u128, u128, u32) -> (u128, u32)) -> Result<(), Event> {
     cpu.check_sse()?;
     let size = source_size(op, 1);
     let src = cpu.xmm_operand(op, 1, size, true)?;
     let d = Cpu::xmm_reg(op, 0);
-    let f = TWO[F as usize];
     let (result, after) = f(cpu.fpu.xmm[d], src, cpu.fpu.mxcsr);
     commit_flags(cpu, after)?;
     cpu.fpu.xmm[d] = result;
     Ok(())
 }
-
-type TwoFn = fn(u128, u128, u32) -> (u128, u32);
-
-const TWO: [TwoFn; 42] = [
-    host::addps,
-    host::addpd,
-    host::addss,
-    host::addsd,
-    host::subps,
-    host::subpd,
-    host::subss,
-    host::subsd,
-    host::mulps,
-    host::mulpd,
-    host::mulss,
-    host::mulsd,
-    host::divps,
-    host::divpd,
-    host::divss,
-    host::divsd,
-    host::minps,
-    host::minpd,
-    host::minss,
-    host::minsd,
-    host::maxps,
-    host::maxpd,
-    host::maxss,
-    host::maxsd,
-    host::sqrtps,
-    host::sqrtpd,
-    host::sqrtss,
-    host::sqrtsd,
-    host::rcpps,
-    host::rcpss,
-    host::rsqrtps,
-    host::rsqrtss,
-    host::cvtss2sd,
-    host::cvtsd2ss,
-    host::cvtps2pd,
-    host::cvtpd2ps,
-    host::cvtdq2ps,
-    host::cvtps2dq,
-    host::cvttps2dq,
-    host::cvtdq2pd,
-    host::cvtpd2dq,
-    host::cvttpd2dq,
-];
 
 /// CMPPS/CMPPD/CMPSS/CMPSD xmm, xmm/m, imm8 (`KIND` 0-3).
 pub fn compare<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
@@ -190,62 +143,21 @@ pub fn to_int<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// The handler for an SSE floating-point instruction, if `inst` is one.
 pub fn select(inst: &Instruction) -> Option<Handler> {
     use Mnemonic::*;
-    if (0..inst.op_count())
-        .any(|i| inst.op_kind(i) == OpKind::Register && inst.op_register(i).is_mm())
-    {
+    if super::sse::uses_mmx(inst) {
         return None;
     }
-    let index: u8 = match inst.mnemonic() {
-        Addps => 0,
-        Addpd => 1,
-        Addss => 2,
-        Addsd => 3,
-        Subps => 4,
-        Subpd => 5,
-        Subss => 6,
-        Subsd => 7,
-        Mulps => 8,
-        Mulpd => 9,
-        Mulss => 10,
-        Mulsd => 11,
-        Divps => 12,
-        Divpd => 13,
-        Divss => 14,
-        Divsd => 15,
-        Minps => 16,
-        Minpd => 17,
-        Minss => 18,
-        Minsd => 19,
-        Maxps => 20,
-        Maxpd => 21,
-        Maxss => 22,
-        Maxsd => 23,
-        Sqrtps => 24,
-        Sqrtpd => 25,
-        Sqrtss => 26,
-        Sqrtsd => 27,
-        Rcpps => 28,
-        Rcpss => 29,
-        Rsqrtps => 30,
-        Rsqrtss => 31,
-        Cvtss2sd => 32,
-        Cvtsd2ss => 33,
-        Cvtps2pd => 34,
-        Cvtpd2ps => 35,
-        Cvtdq2ps => 36,
-        Cvtps2dq => 37,
-        Cvttps2dq => 38,
-        Cvtdq2pd => 39,
-        Cvtpd2dq => 40,
-        Cvttpd2dq => 41,
-        Cmpps => return Some(compare::<0>),
-        Cmppd => return Some(compare::<1>),
-        Cmpss => return Some(compare::<2>),
-        Cmpsd if inst.code() != iced_x86::Code::Cmpsd_m32_m32 => return Some(compare::<3>),
-        Comiss => return Some(comi::<0>),
-        Ucomiss => return Some(comi::<1>),
-        Comisd => return Some(comi::<2>),
-        Ucomisd => return Some(comi::<3>),
+    if let Some(handler) = two_operand_handler(inst.mnemonic()) {
+        return Some(handler);
+    }
+    let h: Handler = match inst.mnemonic() {
+        Cmpps => compare::<0>,
+        Cmppd => compare::<1>,
+        Cmpss => compare::<2>,
+        Cmpsd if inst.code() != iced_x86::Code::Cmpsd_m32_m32 => compare::<3>,
+        Comiss => comi::<0>,
+        Ucomiss => comi::<1>,
+        Comisd => comi::<2>,
+        Ucomisd => comi::<3>,
         Cvtsi2ss | Cvtsi2sd => {
             let wide = if inst.op_kind(1) == OpKind::Register {
                 inst.op1_register().size() == 8
@@ -253,12 +165,12 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                 inst.memory_size().size() == 8
             };
             let double = inst.mnemonic() == Cvtsi2sd;
-            return Some(match (double, wide) {
+            match (double, wide) {
                 (false, false) => from_int::<false, false>,
                 (false, true) => from_int::<false, true>,
                 (true, false) => from_int::<true, false>,
                 (true, true) => from_int::<true, true>,
-            });
+            }
         }
         Cvtss2si | Cvtsd2si | Cvttss2si | Cvttsd2si => {
             let mut kind = 0u8;
@@ -271,7 +183,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
             if inst.op0_register().size() == 8 {
                 kind |= 4;
             }
-            return Some(match kind {
+            match kind {
                 0 => to_int::<0>,
                 1 => to_int::<1>,
                 2 => to_int::<2>,
@@ -280,19 +192,60 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                 5 => to_int::<5>,
                 6 => to_int::<6>,
                 _ => to_int::<7>,
-            });
+            }
         }
         _ => return None,
     };
-    macro_rules! table {
-        ($($i:literal)*) => {
-            match index {
-                $($i => two::<$i> as Handler,)*
-                _ => return None,
-            }
-        };
-    }
-    Some(
-        table!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41),
-    )
+    Some(h)
+}
+
+/// The handler for an arithmetic or XMM-to-XMM conversion instruction, if `mnemonic` is one.
+fn two_operand_handler(mnemonic: Mnemonic) -> Option<Handler> {
+    use Mnemonic::*;
+    let handler: Handler = match mnemonic {
+        Addps => |cpu, op| two(cpu, op, host::addps),
+        Addpd => |cpu, op| two(cpu, op, host::addpd),
+        Addss => |cpu, op| two(cpu, op, host::addss),
+        Addsd => |cpu, op| two(cpu, op, host::addsd),
+        Subps => |cpu, op| two(cpu, op, host::subps),
+        Subpd => |cpu, op| two(cpu, op, host::subpd),
+        Subss => |cpu, op| two(cpu, op, host::subss),
+        Subsd => |cpu, op| two(cpu, op, host::subsd),
+        Mulps => |cpu, op| two(cpu, op, host::mulps),
+        Mulpd => |cpu, op| two(cpu, op, host::mulpd),
+        Mulss => |cpu, op| two(cpu, op, host::mulss),
+        Mulsd => |cpu, op| two(cpu, op, host::mulsd),
+        Divps => |cpu, op| two(cpu, op, host::divps),
+        Divpd => |cpu, op| two(cpu, op, host::divpd),
+        Divss => |cpu, op| two(cpu, op, host::divss),
+        Divsd => |cpu, op| two(cpu, op, host::divsd),
+        Minps => |cpu, op| two(cpu, op, host::minps),
+        Minpd => |cpu, op| two(cpu, op, host::minpd),
+        Minss => |cpu, op| two(cpu, op, host::minss),
+        Minsd => |cpu, op| two(cpu, op, host::minsd),
+        Maxps => |cpu, op| two(cpu, op, host::maxps),
+        Maxpd => |cpu, op| two(cpu, op, host::maxpd),
+        Maxss => |cpu, op| two(cpu, op, host::maxss),
+        Maxsd => |cpu, op| two(cpu, op, host::maxsd),
+        Sqrtps => |cpu, op| two(cpu, op, host::sqrtps),
+        Sqrtpd => |cpu, op| two(cpu, op, host::sqrtpd),
+        Sqrtss => |cpu, op| two(cpu, op, host::sqrtss),
+        Sqrtsd => |cpu, op| two(cpu, op, host::sqrtsd),
+        Rcpps => |cpu, op| two(cpu, op, host::rcpps),
+        Rcpss => |cpu, op| two(cpu, op, host::rcpss),
+        Rsqrtps => |cpu, op| two(cpu, op, host::rsqrtps),
+        Rsqrtss => |cpu, op| two(cpu, op, host::rsqrtss),
+        Cvtss2sd => |cpu, op| two(cpu, op, host::cvtss2sd),
+        Cvtsd2ss => |cpu, op| two(cpu, op, host::cvtsd2ss),
+        Cvtps2pd => |cpu, op| two(cpu, op, host::cvtps2pd),
+        Cvtpd2ps => |cpu, op| two(cpu, op, host::cvtpd2ps),
+        Cvtdq2ps => |cpu, op| two(cpu, op, host::cvtdq2ps),
+        Cvtps2dq => |cpu, op| two(cpu, op, host::cvtps2dq),
+        Cvttps2dq => |cpu, op| two(cpu, op, host::cvttps2dq),
+        Cvtdq2pd => |cpu, op| two(cpu, op, host::cvtdq2pd),
+        Cvtpd2dq => |cpu, op| two(cpu, op, host::cvtpd2dq),
+        Cvttpd2dq => |cpu, op| two(cpu, op, host::cvttpd2dq),
+        _ => return None,
+    };
+    Some(handler)
 }

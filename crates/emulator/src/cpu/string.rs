@@ -7,7 +7,7 @@
 use iced_x86::{Code, Instruction, Mnemonic};
 
 use super::flags::{FlagOp, DF};
-use super::op::{mask, Handler, Op};
+use super::op::{by_size, mask, Handler, Op};
 use super::{gpr, Cpu, Event};
 use crate::memory::{PAGE_OFFSET_MASK, PAGE_SIZE};
 
@@ -291,31 +291,13 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
     let a32 = super::op::is_addr32(inst);
     macro_rules! forms {
         ($k:ident) => {
-            match (size, rep, a32) {
-                (1, ONCE, false) => string::<$k, 1, ONCE, false> as Handler,
-                (1, REPE, false) => string::<$k, 1, REPE, false>,
-                (1, _, false) => string::<$k, 1, REPNE, false>,
-                (2, ONCE, false) => string::<$k, 2, ONCE, false>,
-                (2, REPE, false) => string::<$k, 2, REPE, false>,
-                (2, _, false) => string::<$k, 2, REPNE, false>,
-                (4, ONCE, false) => string::<$k, 4, ONCE, false>,
-                (4, REPE, false) => string::<$k, 4, REPE, false>,
-                (4, _, false) => string::<$k, 4, REPNE, false>,
-                (_, ONCE, false) => string::<$k, 8, ONCE, false>,
-                (_, REPE, false) => string::<$k, 8, REPE, false>,
-                (_, _, false) => string::<$k, 8, REPNE, false>,
-                (1, ONCE, true) => string::<$k, 1, ONCE, true>,
-                (1, REPE, true) => string::<$k, 1, REPE, true>,
-                (1, _, true) => string::<$k, 1, REPNE, true>,
-                (2, ONCE, true) => string::<$k, 2, ONCE, true>,
-                (2, REPE, true) => string::<$k, 2, REPE, true>,
-                (2, _, true) => string::<$k, 2, REPNE, true>,
-                (4, ONCE, true) => string::<$k, 4, ONCE, true>,
-                (4, REPE, true) => string::<$k, 4, REPE, true>,
-                (4, _, true) => string::<$k, 4, REPNE, true>,
-                (_, ONCE, true) => string::<$k, 8, ONCE, true>,
-                (_, REPE, true) => string::<$k, 8, REPE, true>,
-                (_, _, true) => string::<$k, 8, REPNE, true>,
+            match (rep, a32) {
+                (ONCE, false) => by_size!(size, string::<$k, _, ONCE, false>),
+                (REPE, false) => by_size!(size, string::<$k, _, REPE, false>),
+                (_, false) => by_size!(size, string::<$k, _, REPNE, false>),
+                (ONCE, true) => by_size!(size, string::<$k, _, ONCE, true>),
+                (REPE, true) => by_size!(size, string::<$k, _, REPE, true>),
+                (_, true) => by_size!(size, string::<$k, _, REPNE, true>),
             }
         };
     }

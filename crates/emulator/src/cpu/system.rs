@@ -5,7 +5,7 @@ use iced_x86::{Instruction, Mnemonic, OpKind};
 use tracing::{debug, warn};
 
 use super::flags::{self, CF, DF, IF, IOPL};
-use super::op::{kind, size0, Handler, Op, MEM, REG};
+use super::op::{size0, Handler, Op};
 use super::{cr0, cr4, gpr, seg, Cpu, Event};
 use crate::msr::{self, efer, index};
 use crate::pic::Pic;
@@ -333,7 +333,7 @@ pub fn mov_to_control(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
                 if value >> 32 != 0 {
                     return Err(Event::gp(0));
                 }
-                if value & 0xff != 0 && cpu.warned.insert(0xffff) {
+                if value & 0xff != 0 && cpu.warned.insert(super::warning::DR7_BREAKPOINTS) {
                     warn!("Hardware breakpoints enabled in DR7 ({value:#x}) are not emulated");
                 }
                 cpu.dr[7] = value | 0x400;
@@ -680,6 +680,5 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2 => undefined,
         _ => return None,
     };
-    let _ = (kind, REG, MEM);
     Some(h)
 }

@@ -7,7 +7,7 @@
 //! the masked response would leave it, a simplification of the hardware's pre-computation
 //! behaviour).
 
-use iced_x86::{Code, Instruction, Mnemonic, OpKind};
+use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::host_fp::{self as host, F80, SW_C0, SW_C1, SW_C2, SW_C3};
 use super::op::{Handler, Op};
@@ -138,10 +138,14 @@ impl Cpu {
 
 /// Executes any x87 instruction.
 pub fn execute(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    cpu.check_x87()?;
     let inst = &op.inst;
     use Mnemonic::*;
     let mnemonic = inst.mnemonic();
+    if mnemonic == Wait {
+        cpu.check_wait()?;
+    } else {
+        cpu.check_x87()?;
+    }
     // Non-waiting control instructions do not check for pending exceptions.
     let no_wait = matches!(
         mnemonic,
@@ -811,19 +815,11 @@ fn load_environment(cpu: &mut Cpu, env: &[u8; 28], short: bool) {
 
 /// The handler for an x87 instruction, if `inst` is one.
 pub fn select(inst: &Instruction) -> Option<Handler> {
-    let m = format!("{:?}", inst.mnemonic());
-    let x87 = (m.starts_with('F')
-        && !matches!(
-            inst.mnemonic(),
-            Mnemonic::Fxsave
-                | Mnemonic::Fxsave64
-                | Mnemonic::Fxrstor
-                | Mnemonic::Fxrstor64
-                | Mnemonic::Femms
-        ))
-        || inst.mnemonic() == Mnemonic::Wait;
-    if !x87 || inst.code() == Code::INVALID {
-        return None;
-    }
-    Some(execute as Handler)
+    use iced_x86::CpuidFeature::{FPU, FPU287, FPU287XL_ONLY, FPU387};
+    let x87 = inst.mnemonic() == Mnemonic::Wait
+        || inst
+            .cpuid_features()
+            .iter()
+            .any(|f| matches!(f, FPU | FPU287 | FPU287XL_ONLY | FPU387));
+    x87.then_some(execute as Handler)
 }

@@ -30,15 +30,17 @@ pub const USER_DS: u16 = 0x2b;
 pub const USER_CS: u16 = 0x33;
 pub const TSS_SELECTOR: u16 = 0x38;
 
-/// Records port/MMIO writes and answers reads with a fixed pattern.
+/// Records port/MMIO writes, counts reads and answers them with a fixed pattern.
 #[derive(Default)]
 pub struct Recorder {
     pub writes: Vec<(u64, Vec<u8>)>,
+    pub reads: usize,
     pub read_value: u8,
 }
 
 impl BusDevice for Recorder {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.reads += 1;
         for (i, b) in data.iter_mut().enumerate() {
             *b = self
                 .read_value

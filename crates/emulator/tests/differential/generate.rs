@@ -129,7 +129,8 @@ pub fn generate(code: Code, rng: &mut Rng) -> Option<Case> {
     None
 }
 
-fn is_string(mnemonic: Mnemonic) -> bool {
+/// MOVS/STOS/LODS/CMPS/SCAS (MOVSD and CMPSD only by `Code`: the names are shared with SSE2).
+pub fn is_string(mnemonic: Mnemonic) -> bool {
     use Mnemonic::*;
     matches!(
         mnemonic,

@@ -34,39 +34,39 @@ fn cases(default: usize) -> usize {
 /// RFLAGS bits compared: CF, PF, AF, ZF, SF, OF, DF.
 const COMPARED_FLAGS: u64 = 0xcd5;
 
+/// The bits of `table` (iced bit, architectural bit) whose iced bit is set in `bits`.
+fn map_bits(bits: u32, table: &[(u32, u64)]) -> u64 {
+    table
+        .iter()
+        .filter(|(iced, _)| bits & iced != 0)
+        .fold(0, |mask, (_, bit)| mask | bit)
+}
+
 fn undefined_flags(case: &Case) -> u64 {
-    let bits = case.inst.rflags_undefined();
-    let mut mask = 0;
-    for (iced, x86) in [
-        (RflagsBits::OF, 0x800),
-        (RflagsBits::SF, 0x80),
-        (RflagsBits::ZF, 0x40),
-        (RflagsBits::AF, 0x10),
-        (RflagsBits::CF, 0x1),
-        (RflagsBits::PF, 0x4),
-    ] {
-        if bits & iced != 0 {
-            mask |= x86;
-        }
-    }
-    mask
+    map_bits(
+        case.inst.rflags_undefined(),
+        &[
+            (RflagsBits::OF, 0x800),
+            (RflagsBits::SF, 0x80),
+            (RflagsBits::ZF, 0x40),
+            (RflagsBits::AF, 0x10),
+            (RflagsBits::CF, 0x1),
+            (RflagsBits::PF, 0x4),
+        ],
+    )
 }
 
 /// x87 condition codes the instruction leaves undefined.
 fn undefined_conditions(case: &Case) -> u16 {
-    let bits = case.inst.rflags_undefined();
-    let mut mask = 0;
-    for (iced, sw) in [
-        (RflagsBits::C0, 0x100),
-        (RflagsBits::C1, 0x200),
-        (RflagsBits::C2, 0x400),
-        (RflagsBits::C3, 0x4000),
-    ] {
-        if bits & iced != 0 {
-            mask |= sw;
-        }
-    }
-    mask
+    map_bits(
+        case.inst.rflags_undefined(),
+        &[
+            (RflagsBits::C0, 0x100),
+            (RflagsBits::C1, 0x200),
+            (RflagsBits::C2, 0x400),
+            (RflagsBits::C3, 0x4000),
+        ],
+    ) as u16
 }
 
 fn describe(case: &Case) -> String {
@@ -339,30 +339,8 @@ fn data_movement() {
 
 #[test]
 fn string_instructions() {
-    use Mnemonic::*;
     check("string", cases(300), |c| {
-        matches!(c, Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32)
-            || matches!(
-                c.mnemonic(),
-                Movsb
-                    | Movsw
-                    | Movsq
-                    | Stosb
-                    | Stosw
-                    | Stosd
-                    | Stosq
-                    | Lodsb
-                    | Lodsw
-                    | Lodsd
-                    | Lodsq
-                    | Cmpsb
-                    | Cmpsw
-                    | Cmpsq
-                    | Scasb
-                    | Scasw
-                    | Scasd
-                    | Scasq
-            )
+        matches!(c, Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32) || generate::is_string(c.mnemonic())
     });
 }
 
