@@ -448,6 +448,37 @@ async fn stop_forces_a_guest_that_ignores_the_power_button() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_pause_is_reported_and_undone() {
+    let daemon = TestDaemon::start();
+    let api = &daemon.api;
+    api.create_vm(json!({"name": "stuck", "append": ["fake.pause_incomplete"]}))
+        .await;
+    api.action("/v1/vms/stuck/start").await;
+    api.wait_state("stuck", "running").await;
+    let response = api.action("/v1/vms/stuck/pause").await;
+    assert_error(&response, 409, "vmm_refused");
+    assert!(
+        response.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("still running"),
+        "{}",
+        response.1
+    );
+    assert_eq!(api.get("/v1/vms/stuck").await.1["state"], "running");
+    // The daemon resumed the half-paused VMM: a second attempt is not "Already paused".
+    let again = api.action("/v1/vms/stuck/pause").await;
+    assert!(
+        again.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("still running"),
+        "{}",
+        again.1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_record_the_reason_and_the_end_of_the_console() {
     let daemon = TestDaemon::start();
     let api = &daemon.api;
@@ -1077,9 +1108,11 @@ async fn every_documented_response_is_exercised() {
         .await
         .unwrap();
     api.action("/v1/vms/f/pause").await;
-    lodge_daemon::vmm::request(&socket, lodge_daemon::vmm::Request::Resume)
+    // The daemon resumes a VMM whose pause failed, to match the inventory's "running".
+    let status = lodge_daemon::vmm::request(&socket, lodge_daemon::vmm::Request::Status)
         .await
         .unwrap();
+    assert_eq!(status.state, "running");
     // Starting fails: 500.
     daemon.halt();
     daemon.config.vmm_binary = "/nonexistent".into();

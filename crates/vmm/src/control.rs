@@ -115,7 +115,14 @@ impl ControlSocket {
         };
         match request {
             ControlRequest::Status {} => {}
-            ControlRequest::Pause {} => self.machine.pause(),
+            ControlRequest::Pause {} => {
+                if let Err(e) = self.machine.pause() {
+                    return ControlResponse::Error {
+                        ok: false,
+                        error: format!("Pause incomplete: {e}"),
+                    };
+                }
+            }
             ControlRequest::Resume {} => self.machine.resume(),
             ControlRequest::Shutdown {} => self.power_button.press(),
             ControlRequest::Stop {} => self.machine.stop("stop requested on the control socket"),

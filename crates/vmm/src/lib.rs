@@ -22,4 +22,7 @@ mod vcpu;
 
 pub use config::VmConfig;
 pub use exit::ExitReason;
-pub use machine::{Machine, MachineError, MachineHandle, MachineOptions, RunSummary};
+pub use machine::{
+    Machine, MachineError, MachineHandle, MachineOptions, RunSummary, PAUSE_TIMEOUT,
+};
+pub use vcpu::PauseTimeout;

@@ -22,7 +22,7 @@ use crate::control::ControlSocket;
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, MemoryError};
-use crate::vcpu::{self, VcpuGate};
+use crate::vcpu::{self, PauseTimeout, VcpuGate};
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,12 @@ pub struct RunSummary {
     pub boot_time: Option<Duration>,
 }
 
+/// How long a pause waits for the vCPUs to park: the emulator checks for stop requests
+/// between blocks and KVM returns at once on its kick signal, so only a vCPU stuck in a
+/// device handler takes longer. Shorter than the daemon's control request timeout, so
+/// the daemon hears why.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Controls a running VM from other threads.
 #[derive(Clone)]
 pub struct MachineHandle {
@@ -113,11 +119,11 @@ impl MachineHandle {
         self.exit.request(ExitReason::Stopped(why.to_owned()));
     }
 
-    /// Parks every vCPU. Returns once each is asked to stop, not once it has: a vCPU may
-    /// finish the guest code it is running first.
-    pub fn pause(&self) {
+    /// Parks every vCPU and returns once all have parked, or with an error naming how many
+    /// still run after [`PAUSE_TIMEOUT`] (the pause stays in effect for them).
+    pub fn pause(&self) -> Result<(), PauseTimeout> {
         let stoppers = self.stoppers.lock().unwrap_or_else(|e| e.into_inner());
-        self.gate.pause(&stoppers);
+        self.gate.pause(&stoppers, PAUSE_TIMEOUT)
     }
 
     /// Lets the vCPUs run again.

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use lodge_engine::{Vcpu, VcpuExit, VcpuStopper};
 
@@ -19,16 +20,47 @@ pub struct VcpuGate {
 struct GateState {
     paused: bool,
     exiting: bool,
+    /// vCPU threads that have not returned.
+    live: usize,
+    /// Of those, the ones waiting in `park`.
+    parked: usize,
+}
+
+/// Returned by [`VcpuGate::pause`] when a vCPU keeps running past the deadline.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{running} of {live} vCPUs still running after {timeout:?}")]
+pub struct PauseTimeout {
+    pub running: usize,
+    pub live: usize,
+    pub timeout: Duration,
 }
 
 impl VcpuGate {
-    /// Pauses every vCPU; they park until [`VcpuGate::resume`].
-    pub fn pause(&self, stoppers: &[Arc<dyn VcpuStopper>]) {
+    /// Pauses every vCPU and waits up to `timeout` until each has parked, so that when it
+    /// returns `Ok` no guest code runs until [`VcpuGate::resume`]. On a timeout the pause
+    /// stays in effect and the late vCPUs park when they next leave the engine.
+    pub fn pause(
+        &self,
+        stoppers: &[Arc<dyn VcpuStopper>],
+        timeout: Duration,
+    ) -> Result<(), PauseTimeout> {
         let mut state = self.lock();
         state.paused = true;
         // Stopping under the lock: a vCPU clears its stop request under the same lock, so it
         // cannot clear this one after leaving a previous pause.
         stoppers.iter().for_each(|s| s.stop());
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| s.parked < s.live && !s.exiting)
+            .unwrap_or_else(|e| e.into_inner());
+        if state.parked < state.live && !state.exiting {
+            return Err(PauseTimeout {
+                running: state.live - state.parked,
+                live: state.live,
+                timeout,
+            });
+        }
+        Ok(())
     }
 
     /// Lets paused vCPUs run again.
@@ -55,9 +87,12 @@ impl VcpuGate {
     /// whether the thread should keep running.
     fn park(&self, stopper: &dyn VcpuStopper) -> bool {
         let mut state = self.lock();
+        state.parked += 1;
+        self.changed.notify_all();
         while state.paused && !state.exiting {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+        state.parked -= 1;
         if state.exiting {
             return false;
         }
@@ -65,8 +100,26 @@ impl VcpuGate {
         true
     }
 
+    /// Counts a vCPU thread as live until the returned guard drops, so a pause does not wait
+    /// for vCPUs that have ended.
+    fn enter(self: &Arc<Self>) -> LiveVcpu {
+        self.lock().live += 1;
+        LiveVcpu { gate: self.clone() }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct LiveVcpu {
+    gate: Arc<VcpuGate>,
+}
+
+impl Drop for LiveVcpu {
+    fn drop(&mut self) {
+        self.gate.lock().live -= 1;
+        self.gate.changed.notify_all();
     }
 }
 
@@ -79,9 +132,11 @@ pub fn spawn(
     exit: Arc<ExitSignal>,
 ) -> std::io::Result<JoinHandle<()>> {
     let stopper = vcpu.stopper();
+    let live = gate.enter();
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
+            let _live = live;
             let reason = loop {
                 match vcpu.run() {
                     Ok(VcpuExit::Stopped) => {
@@ -201,7 +256,13 @@ mod tests {
     fn pause_parks_and_resume_runs_again() {
         let (vcpu, gate, runs, _exit) = start(u32::MAX);
         wait_for(|| runs.load(Ordering::SeqCst) == 1);
-        gate.pause(std::slice::from_ref(&vcpu.stopper));
+        gate.pause(std::slice::from_ref(&vcpu.stopper), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            gate.lock().parked,
+            1,
+            "pause returns once the vCPU has parked"
+        );
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(runs.load(Ordering::SeqCst), 1, "a paused vCPU does not run");
         assert!(gate.is_paused());
@@ -215,7 +276,8 @@ mod tests {
     fn exit_stops_a_paused_vcpu() {
         let (vcpu, gate, runs, exit) = start(u32::MAX);
         wait_for(|| runs.load(Ordering::SeqCst) == 1);
-        gate.pause(std::slice::from_ref(&vcpu.stopper));
+        gate.pause(std::slice::from_ref(&vcpu.stopper), Duration::from_secs(5))
+            .unwrap();
         gate.exit(std::slice::from_ref(&vcpu.stopper));
         vcpu.thread.join().unwrap();
         assert_eq!(exit.reason(), None, "a requested exit is not a guest event");
@@ -255,6 +317,64 @@ mod tests {
                 "vCPU 3: Running the vCPU failed: {cause}"
             )))
         );
+    }
+
+    /// A vCPU that ignores stop requests, as one stuck in a device handler would.
+    struct DeafVcpu {
+        release: Arc<AtomicBool>,
+    }
+
+    impl Vcpu for DeafVcpu {
+        fn set_state(&mut self, _: &CpuState) -> Result<(), EngineError> {
+            Ok(())
+        }
+        fn state(&self) -> Result<CpuState, EngineError> {
+            Ok(CpuState::default())
+        }
+        fn run(&mut self) -> Result<VcpuExit, EngineError> {
+            while !self.release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(VcpuExit::Stopped)
+        }
+        fn stopper(&self) -> Arc<dyn VcpuStopper> {
+            Arc::new(FakeStopper::default())
+        }
+    }
+
+    #[test]
+    fn pause_reports_vcpus_that_do_not_park_in_time() {
+        let release = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(VcpuGate::default());
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let vcpu = DeafVcpu {
+            release: release.clone(),
+        };
+        let stopper = vcpu.stopper();
+        let thread = spawn(0, Box::new(vcpu), gate.clone(), exit).unwrap();
+        let timeout = Duration::from_millis(50);
+        assert_eq!(
+            gate.pause(std::slice::from_ref(&stopper), timeout),
+            Err(PauseTimeout {
+                running: 1,
+                live: 1,
+                timeout
+            })
+        );
+        assert!(gate.is_paused(), "the pause stays in effect");
+        release.store(true, Ordering::SeqCst);
+        wait_for(|| gate.lock().parked == 1);
+        gate.exit(std::slice::from_ref(&stopper));
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn pause_does_not_wait_for_ended_vcpus() {
+        let (vcpu, gate, _runs, _exit) = start(1);
+        vcpu.thread.join().unwrap();
+        assert_eq!(gate.lock().live, 0);
+        gate.pause(std::slice::from_ref(&vcpu.stopper), Duration::ZERO)
+            .unwrap();
     }
 
     #[test]

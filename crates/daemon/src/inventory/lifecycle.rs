@@ -455,12 +455,17 @@ impl Inventory {
             return Err(wrong_state(&record, hint));
         }
         let socket = self.vm_paths(id).api_socket();
-        vmm::request(&socket, request)
-            .await
-            .map_err(|source| InventoryError::Vmm {
+        if let Err(source) = vmm::request(&socket, request).await {
+            if request == Request::Pause {
+                // A pause the VMM could not complete still holds the vCPUs that did park;
+                // the inventory says running, so the VM must run.
+                let _ = vmm::request(&socket, Request::Resume).await;
+            }
+            return Err(InventoryError::Vmm {
                 name: record.name.clone(),
                 source,
-            })?;
+            });
+        }
         self.db().transition(id, &[from], to)?;
         self.vm(name)
     }

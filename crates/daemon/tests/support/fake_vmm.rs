@@ -6,7 +6,8 @@
 //! - `fake.crash_after_ms=N`: after N ms, print a panic and end with status 1 and a report;
 //! - `fake.vanish_after_ms=N`: after N ms, die by SIGKILL without a report;
 //! - `fake.start_delay_ms=N`: wait N ms before opening the control socket;
-//! - `fake.console_spam=N`: write N console lines at start (log rotation).
+//! - `fake.console_spam=N`: write N console lines at start (log rotation);
+//! - `fake.pause_incomplete`: a pause parks the vCPUs but reports that one did not park.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -50,6 +51,7 @@ struct Vmm {
     booted_ms: Mutex<Option<u64>>,
     exit_file: PathBuf,
     ignore_shutdown: bool,
+    pause_incomplete: bool,
 }
 
 impl Vmm {
@@ -85,6 +87,9 @@ impl Vmm {
             Some("pause") => {
                 if self.paused.swap(true, Ordering::SeqCst) {
                     return json!({ "ok": false, "error": "Already paused" });
+                }
+                if self.pause_incomplete {
+                    return json!({ "ok": false, "error": "Pause incomplete: 1 of 1 vCPUs still running after 2s" });
                 }
                 self.status()
             }
@@ -164,6 +169,7 @@ fn main() {
         booted_ms: Mutex::new(None),
         exit_file: path("exit_file"),
         ignore_shutdown: flag(&append, "fake.ignore_shutdown").is_some(),
+        pause_incomplete: flag(&append, "fake.pause_incomplete").is_some(),
     }));
     if let Some(delay) = flag(&append, "fake.start_delay_ms") {
         std::thread::sleep(Duration::from_millis(delay));
