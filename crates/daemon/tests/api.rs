@@ -96,6 +96,7 @@ async fn invalid_requests_get_400_413_415_with_the_error_shape() {
         json!({"name": ""}),
         json!({"name": "a", "cpus": 0}),
         json!({"name": "a", "cpus": 33}),
+        json!({"name": "a", "cpus": 2, "engine": "emulator"}),
         json!({"name": "a", "memory_mib": 16}),
         json!({"name": "a", "kernel": "/nonexistent/vmlinux"}),
         json!({"name": "a", "kernel": "relative/vmlinux"}),

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::capacity::{CapacityError, HostCapacity};
 use crate::config::{DaemonConfig, Paths, VmPaths};
 use crate::db::{rfc3339, Db, DbError, VmRecord, VmSettings};
-use crate::model::{CreateVm, HostInfo, UpdateVm, Vm, VmExit, VmRuntime, VmState};
+use crate::model::{CreateVm, Engine, HostInfo, UpdateVm, Vm, VmExit, VmRuntime, VmState};
 use crate::storage::StorageError;
 use crate::vmm::VmmError;
 
@@ -328,6 +328,12 @@ fn validate_settings(settings: &VmSettings) -> Result<()> {
     if settings.cpus == 0 || settings.cpus > MAX_VCPUS {
         return invalid(format!(
             "Invalid vCPU count {} (1 to {MAX_VCPUS})",
+            settings.cpus
+        ));
+    }
+    if settings.engine == Engine::Emulator && settings.cpus > 1 {
+        return invalid(format!(
+            "The software engine runs one vCPU ({} requested)",
             settings.cpus
         ));
     }
