@@ -1,6 +1,6 @@
 //! The default Linux guest booted by `lodge run` on each engine: a shell command, a virtio-blk
-//! ext4 disk written in one boot and read back in the next, virtio-rng, and reboot ending the
-//! VM with status 0.
+//! ext4 disk written in one boot and read back in the next, virtio-rng, a userspace workload
+//! checked against the host, and reboot ending the VM with status 0.
 //!
 //! The software engine runs these everywhere. The KVM engine runs them where hardware
 //! virtualization is available; on PVM hosts (whose KVM interprets guest ring 0 and cannot
@@ -189,6 +189,41 @@ fn reads_virtio_rng(engine: &str) {
     );
 }
 
+/// Integer, SSE and floating-point work in guest userspace (hashing, compression, sorting,
+/// awk's double arithmetic) gives the same results as the same busybox binary on the host.
+fn computes_what_the_host_computes(engine: &str) {
+    // No double quotes: the guest's init takes guest.cmd="..." up to the next one.
+    let command = "sha256sum /bin/busybox; \
+        head -c 1000000 /bin/busybox | gzip -9 | md5sum; \
+        head -c 1000000 /bin/busybox | gzip | gunzip | md5sum; \
+        head -c 1000000 /bin/busybox | bzip2 | md5sum; \
+        seq 1 20000 | sort -r | md5sum; \
+        awk 'BEGIN{s=0; for(i=1;i<=200000;i++) s+=1/i; print s, s*1e300*7, int(s*1e9)}'";
+    // The recipe copies the host's busybox-static binary into the initramfs, so the host's
+    // copy is the reference; the first line (its hash) checks that it is the same binary.
+    let host = Command::new("/bin/busybox")
+        .args(["sh", "-c", command])
+        .output()
+        .expect("the host's busybox runs");
+    assert!(host.status.success(), "{host:?}");
+    let expected = String::from_utf8(host.stdout).unwrap();
+    assert_eq!(expected.lines().count(), 6, "{expected}");
+
+    let output = boot(engine, command, &[]);
+    let text = console(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("lodge-guest: command exited with status 0"),
+        "{text}"
+    );
+    for line in expected.lines() {
+        assert!(
+            text.lines().any(|l| l == line),
+            "the guest printed no line `{line}`: {text}"
+        );
+    }
+}
+
 /// `lodge run` on a terminal: keys typed reach the guest shell, Ctrl-C reaches the guest
 /// rather than killing lodge, and `reboot -f` ends lodge with status 0.
 fn interactive_console(engine: &str) {
@@ -274,6 +309,18 @@ fn emulator_disk_survives_a_reboot() {
 #[test]
 fn emulator_reads_virtio_rng() {
     reads_virtio_rng("emulator");
+}
+
+#[test]
+fn emulator_computes_what_the_host_computes() {
+    computes_what_the_host_computes("emulator");
+}
+
+#[test]
+fn kvm_computes_what_the_host_computes() {
+    if engine_runs_linux("kvm", "kvm_computes_what_the_host_computes") {
+        computes_what_the_host_computes("kvm");
+    }
 }
 
 #[test]
