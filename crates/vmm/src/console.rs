@@ -154,8 +154,13 @@ impl MutEventSubscriber for StdinInput {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.input, EventSet::IN)) {
-            tracing::warn!("Console input unavailable: {e:?}");
+        match ops.add(Events::new(&self.input, EventSet::IN)) {
+            Ok(()) => {}
+            // epoll refuses regular files and /dev/null: there is nothing to wait for.
+            Err(event_manager::Error::Epoll(errno)) if errno.errno() == libc::EPERM => {
+                tracing::info!("Console input off: stdin is not a terminal, pipe or socket");
+            }
+            Err(e) => tracing::warn!("Console input unavailable: {e}"),
         }
     }
 }
