@@ -166,7 +166,8 @@ impl Vcpu for EmulatorVcpu {
         let s = self.cpu.stats;
         tracing::info!(
             "Software engine executed {executed} instructions in {:.3} s busy ({:.0} M/s), {:.3} s halted; \
-             {} blocks translated ({} cached, {} instructions, {} resets), {} page walks, \
+             {} blocks translated ({} cached, {} instructions, {} resets), \
+             {} blocks reached through links and {} through lookups, {} page walks, \
              {} TLB flushes, {} code invalidations, {} exceptions, {} interrupts",
             busy as f64 / 1e9,
             executed as f64 * 1e3 / busy.max(1) as f64,
@@ -175,6 +176,8 @@ impl Vcpu for EmulatorVcpu {
             self.cache.len(),
             self.cache.instructions(),
             s.code_cache_resets,
+            s.linked_blocks,
+            s.looked_up_blocks,
             s.page_walks,
             self.cpu.tlb.flushes,
             s.code_invalidations,

@@ -59,6 +59,9 @@ pub struct Tlb {
     generation: u64,
     /// Full flushes so far.
     pub flushes: u64,
+    /// Flushes of any extent (full or INVLPG) so far: translations cached elsewhere (block
+    /// links) are valid only while this stays the same.
+    pub changes: u64,
     /// 2 MiB / 1 GiB mappings cached as 4 KiB entries: an INVLPG inside one flushes everything.
     large_pages: Vec<(u64, u64)>,
     /// More large pages were cached than `large_pages` holds.
@@ -77,6 +80,7 @@ impl Tlb {
             entries: Box::new([TlbEntry::EMPTY; 2 * TLB_ENTRIES]),
             generation: 1,
             flushes: 0,
+            changes: 0,
             large_pages: Vec::new(),
             large_pages_overflowed: false,
         }
@@ -154,6 +158,7 @@ impl Tlb {
     /// Drops every entry.
     pub fn flush(&mut self) {
         self.flushes += 1;
+        self.changes += 1;
         self.large_pages.clear();
         self.large_pages_overflowed = false;
         self.generation += 1;
@@ -165,6 +170,7 @@ impl Tlb {
 
     /// Drops the translation of the page holding `linear` (INVLPG).
     pub fn flush_page(&mut self, linear: u64) {
+        self.changes += 1;
         if self.large_pages_overflowed
             || self
                 .large_pages

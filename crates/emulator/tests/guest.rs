@@ -964,3 +964,180 @@ fn far_transfers_to_32_bit_code_raise_gp_instead_of_ending_the_vm() {
         "IRETQ from CPL 3"
     );
 }
+
+/// Assembles `build`'s code for linear address `linear` and writes it at physical `phys`.
+fn assemble_at(m: &Machine, linear: u64, phys: u64, build: impl FnOnce(&mut CodeAssembler)) {
+    let mut a = CodeAssembler::new(64).unwrap();
+    build(&mut a);
+    m.write(phys, &a.assemble(linear).unwrap());
+}
+
+/// A loop whose blocks link to each other remaps its own page on the last round, by INVLPG
+/// or by reloading CR3: the block after the remapping must come from the new page.
+fn remapping_inside_a_linked_loop(reload_cr3: bool) {
+    let mut m = Machine::new(16 << 20);
+    let linear = 0x40_0000u64;
+    let (old, new) = (0x60_0000u64, 0x70_0000u64);
+    m.map_page(linear, old, 0x3);
+    // The first page table map_page made; `linear` is its first entry.
+    let pte = PT_POOL;
+    for (phys, value) in [(old, 1u32), (new, 2)] {
+        assemble_at(&m, linear, phys, |a| {
+            let mut top = a.create_label();
+            a.set_label(&mut top).unwrap();
+            a.cmp(ecx, 1).unwrap();
+            a.cmove(rsi, rdx).unwrap();
+            a.mov(qword_ptr(r8), rsi).unwrap();
+            if reload_cr3 {
+                a.mov(rax, cr3).unwrap();
+                a.mov(cr3, rax).unwrap();
+            } else {
+                a.invlpg(byte_ptr(rdi)).unwrap();
+            }
+            a.mov(eax, value).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(top).unwrap();
+            a.ret().unwrap();
+        });
+    }
+    m.assemble(CODE, |a| {
+        a.mov(ecx, 5).unwrap();
+        a.mov(rsi, old | 3).unwrap();
+        a.mov(rdx, new | 3).unwrap();
+        a.mov(r8, pte).unwrap();
+        a.mov(rdi, linear).unwrap();
+        a.call(linear).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(m.state().regs.rax, 2, "the remapped page's code ran");
+}
+
+#[test]
+fn linked_blocks_follow_an_invlpg_remapping() {
+    remapping_inside_a_linked_loop(false);
+}
+
+#[test]
+fn linked_blocks_follow_a_cr3_reload_remapping() {
+    remapping_inside_a_linked_loop(true);
+}
+
+#[test]
+fn linked_blocks_recheck_the_privilege() {
+    let mut m = Machine::new(16 << 20);
+    // A supervisor-only page: IRETQ there, then code that counts the rounds and jumps back.
+    let page = 0x40_0000u64;
+    m.map_page(page, page, 0x3);
+    let after_iret = page + 2;
+    m.assemble(page, |a| {
+        a.iretq().unwrap();
+        a.inc(ebx).unwrap();
+        a.jmp(r12).unwrap();
+    });
+    assert_eq!(m.read(page, 2), [0x48, 0xcf], "IRETQ is two bytes");
+    let handler = CODE + 0x1000;
+    m.set_gate(14, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rdx).unwrap(); // error code
+        a.mov(rcx, qword_ptr(rsp)).unwrap(); // RIP
+        a.mov(r9, qword_ptr(rsp + 8)).unwrap(); // CS
+        a.hlt().unwrap();
+    });
+    // Two rounds at CPL 0 (linking IRETQ's block to the next), then one to CPL 3 at the
+    // same address, which must fault: the page is not user-accessible.
+    let rounds = [CODE, CODE + 0x100, CODE + 0x200];
+    for (i, &at) in rounds.iter().enumerate() {
+        let user = i == 2;
+        m.assemble(at, |a| {
+            if i == 0 {
+                a.xor(ebx, ebx).unwrap();
+            }
+            if user {
+                a.push(i32::from(USER_DS)).unwrap();
+                a.push(0x7_0000i32).unwrap();
+                a.push(2i32).unwrap();
+                a.push(i32::from(USER_CS)).unwrap();
+            } else {
+                a.mov(r12, rounds[i + 1]).unwrap();
+                a.mov(rax, rsp).unwrap();
+                a.push(i32::from(KERNEL_DS)).unwrap();
+                a.push(rax).unwrap();
+                a.push(2i32).unwrap();
+                a.push(i32::from(KERNEL_CS)).unwrap();
+            }
+            a.push(after_iret as i32).unwrap();
+            a.mov(rax, page).unwrap();
+            a.jmp(rax).unwrap();
+        });
+    }
+    assert_eq!(m.run(), VcpuExit::Halted);
+    let s = m.state();
+    assert_eq!(s.regs.rbx, 2, "both supervisor rounds ran");
+    assert_eq!(
+        s.regs.rdx, 0x15,
+        "user instruction fetch from a present page"
+    );
+    assert_eq!(s.regs.rcx, after_iret);
+    assert_eq!(s.regs.r9, u64::from(USER_CS));
+}
+
+#[test]
+fn linked_blocks_see_code_written_through_an_alias() {
+    let mut m = Machine::new(16 << 20);
+    let page = 0x40_0000u64;
+    let alias = 0x50_0000u64;
+    m.map_page(alias, page, 0x3);
+    // jmp to the next instruction (a block of its own, linked to the next); mov eax, 1; ret
+    m.write(page, &[0xeb, 0x00, 0xb8, 1, 0, 0, 0, 0xc3]);
+    m.assemble(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 4).unwrap();
+        a.xor(ebx, ebx).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(page).unwrap();
+        a.add(ebx, eax).unwrap();
+        a.inc(byte_ptr(alias + 3)).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    assert_eq!(m.state().regs.rbx, 1 + 2 + 3 + 4);
+}
+
+#[test]
+fn linked_blocks_see_code_rewritten_by_a_device() {
+    let mut m = Machine::new(16 << 20);
+    let function = 0x40_0000u64;
+    count_interrupts(&m, 0x35);
+    // jmp to the next instruction (a block of its own, linked to the next); mov eax, 1; ret
+    m.write(function, &[0xeb, 0x00, 0xb8, 1, 0, 0, 0, 0xc3]);
+    m.assemble(CODE, |a| {
+        init_pic(a, !0x20, 0xff);
+        a.call(function).unwrap();
+        a.call(function).unwrap();
+        a.mov(ebx, eax).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.cli().unwrap();
+        a.call(function).unwrap();
+        a.hlt().unwrap();
+    });
+    let memory = m.memory.clone();
+    let line = m.vm.interrupt_line(5).unwrap();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        // A device rewrites only the second block, then interrupts.
+        use vm_memory::Bytes;
+        memory
+            .write_slice(&[2], vm_memory::GuestAddress(function + 3))
+            .unwrap();
+        line.trigger().unwrap();
+    });
+    assert_eq!(m.run(), VcpuExit::Halted);
+    t.join().unwrap();
+    let s = m.state();
+    assert_eq!(s.regs.rbx, 1);
+    assert_eq!(s.regs.rax, 2, "the rewritten block ran");
+}

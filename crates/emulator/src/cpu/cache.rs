@@ -37,6 +37,28 @@ pub struct Block {
     /// lie in the first page. `u64::MAX` otherwise.
     phys2: u64,
     split: usize,
+    /// Blocks that ran after this one, most recent first (see [`Link`]).
+    links: [Link; 2],
+}
+
+/// A remembered successor: under link key `key` (see [`CodeCache::link_key`]), the block at
+/// linear address `target` is block `index`. Only successors in the same linear page as the
+/// block are linked, and only blocks within one page are link targets, so following a link
+/// stands for a translation of a page the block itself was found through.
+#[derive(Clone, Copy)]
+struct Link {
+    target: u64,
+    index: u32,
+    key: u64,
+}
+
+impl Link {
+    /// Matches no key (keys are never `u64::MAX`).
+    const NONE: Link = Link {
+        target: u64::MAX,
+        index: 0,
+        key: u64::MAX,
+    };
 }
 
 impl Block {
@@ -48,7 +70,16 @@ impl Block {
 
     /// Whether the block may still run: a second page must still be mapped where it was,
     /// and the bytes must match memory (checked once per DMA epoch).
+    #[inline(always)]
     fn still_valid(&mut self, cpu: &mut Cpu, epoch: u64) -> Result<bool, Event> {
+        if self.phys2 == u64::MAX && self.epoch == epoch {
+            return Ok(true);
+        }
+        self.still_valid_slow(cpu, epoch)
+    }
+
+    #[inline(never)]
+    fn still_valid_slow(&mut self, cpu: &mut Cpu, epoch: u64) -> Result<bool, Event> {
         if self.phys2 != u64::MAX {
             let next_page = (self.linear | PAGE_OFFSET_MASK).wrapping_add(1);
             if cpu.translate(next_page, AccessKind::Execute, cpu.user)? != self.phys2 {
@@ -83,6 +114,14 @@ pub struct CodeCache {
     /// Decoded instructions in all blocks, and how many make the cache start over.
     instructions: usize,
     limit: usize,
+    /// Links made before the last change of this generation are dead. It changes when a
+    /// block is removed, the cache is cleared, the TLB is flushed (fully or one page:
+    /// mappings may have changed) or a new DMA epoch begins (blocks must be compared with
+    /// memory again).
+    link_generation: u64,
+    /// The TLB's `changes` and the DMA epoch when the generation last changed.
+    seen_tlb_changes: u64,
+    seen_epoch: u64,
 }
 
 impl Default for CodeCache {
@@ -106,6 +145,9 @@ impl CodeCache {
             jump: Box::new([(u64::MAX, 0); JUMP_ENTRIES]),
             instructions: 0,
             limit,
+            link_generation: 0,
+            seen_tlb_changes: 0,
+            seen_epoch: 0,
         }
     }
 
@@ -135,6 +177,54 @@ impl CodeCache {
         self.translate(cpu, linear, phys, epoch)
     }
 
+    /// The key under which links are made and followed now: the link generation (brought
+    /// up to date with the TLB and the DMA epoch `epoch`) and the privilege.
+    #[inline(always)]
+    pub fn link_key(&mut self, cpu: &Cpu, epoch: u64) -> u64 {
+        if cpu.tlb.changes != self.seen_tlb_changes || epoch != self.seen_epoch {
+            self.seen_tlb_changes = cpu.tlb.changes;
+            self.seen_epoch = epoch;
+            self.link_generation += 1;
+        }
+        (self.link_generation << 1) | u64::from(cpu.user)
+    }
+
+    /// The block linked from block `from` for `target` under `key`, if any. `from` must
+    /// have been found under `key` (so it is still cached).
+    #[inline(always)]
+    pub fn linked(&self, from: u32, target: u64, key: u64) -> Option<u32> {
+        let block = self.block(from)?;
+        block
+            .links
+            .iter()
+            .find(|link| link.target == target && link.key == key)
+            .map(|link| link.index)
+    }
+
+    /// Remembers that block `to`, found under `key` for linear address `target`, ran after
+    /// block `from` (found under the same key). Does nothing unless `target` is in the same
+    /// linear page as `from` and `to` lies within one page.
+    pub fn link(&mut self, from: u32, target: u64, to: u32, key: u64) {
+        let Some(to_block) = self.block(to) else {
+            return;
+        };
+        if to_block.phys2 != u64::MAX || to_block.linear != target {
+            return;
+        }
+        let Some(Some(block)) = self.blocks.get_mut(from as usize) else {
+            return;
+        };
+        if block.linear & !PAGE_OFFSET_MASK != target & !PAGE_OFFSET_MASK {
+            return;
+        }
+        block.links[1] = block.links[0];
+        block.links[0] = Link {
+            target,
+            index: to,
+            key,
+        };
+    }
+
     /// The cached block for (`linear`, `phys`): the jump cache, then the map.
     #[inline]
     fn lookup(&mut self, linear: u64, phys: u64) -> Option<u32> {
@@ -158,6 +248,8 @@ impl CodeCache {
             return;
         };
         self.map.remove(&(block.linear, block.phys));
+        // Links to this slot (which may be reused) and from it die.
+        self.link_generation += 1;
         self.free.push(index);
         self.instructions -= block.ops.len();
         for page in block.pages() {
@@ -237,6 +329,7 @@ impl CodeCache {
             epoch,
             phys2: u64::MAX,
             split: decoded as usize,
+            links: [Link::NONE; 2],
         };
         Ok(self.insert(cpu, block))
     }
@@ -300,6 +393,7 @@ impl CodeCache {
             epoch,
             phys2: next_phys & !PAGE_OFFSET_MASK,
             split: head.len(),
+            links: [Link::NONE; 2],
         };
         Ok(self.insert(cpu, block))
     }
@@ -330,6 +424,7 @@ impl CodeCache {
         self.pages.clear();
         self.jump.fill((u64::MAX, 0));
         self.instructions = 0;
+        self.link_generation += 1;
         cpu.code_pages.clear();
         cpu.code_writes.clear();
         cpu.tlb.flush();
@@ -374,5 +469,52 @@ mod tests {
         let translated = cpu.stats.blocks_translated;
         cache.find(&mut cpu, 0x1000 + 249, 0x1000 + 249, 0).unwrap();
         assert_eq!(cpu.stats.blocks_translated, translated);
+    }
+
+    #[test]
+    fn links_hold_only_under_the_key_they_were_made_with() {
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // Pages of RET: every byte starts a block of one instruction.
+        ram.write_slice(&[0xc3; 8192], GuestAddress(0x1000))
+            .unwrap();
+        let mut cpu = Cpu::new(PhysicalMemory::new(ram, Arc::new(IoBus::new())));
+        let mut cache = CodeCache::new();
+        let a = cache.find(&mut cpu, 0x1000, 0x1000, 0).unwrap();
+        let b = cache.find(&mut cpu, 0x1010, 0x1010, 0).unwrap();
+        let c = cache.find(&mut cpu, 0x2000, 0x2000, 0).unwrap();
+        let key = cache.link_key(&cpu, 0);
+        cache.link(a, 0x1010, b, key);
+        assert_eq!(cache.linked(a, 0x1010, key), Some(b));
+        assert_eq!(cache.linked(a, 0x1011, key), None, "another target");
+        // Successors in another page are not linked.
+        cache.link(a, 0x2000, c, key);
+        assert_eq!(cache.linked(a, 0x2000, key), None);
+        assert_eq!(cache.linked(a, 0x1010, key), Some(b));
+
+        // Another privilege, a TLB flush of one page or of all, a new DMA epoch.
+        cpu.user = true;
+        assert_ne!(cache.link_key(&cpu, 0), key);
+        cpu.user = false;
+        assert_eq!(cache.link_key(&cpu, 0), key);
+        cpu.tlb.flush_page(0x5000);
+        let after_invlpg = cache.link_key(&cpu, 0);
+        assert_ne!(after_invlpg, key);
+        assert_eq!(cache.linked(a, 0x1010, after_invlpg), None);
+        cache.link(a, 0x1010, b, after_invlpg);
+        cpu.tlb.flush();
+        let after_flush = cache.link_key(&cpu, 0);
+        assert_ne!(after_flush, after_invlpg);
+        assert_eq!(cache.linked(a, 0x1010, after_flush), None);
+        cache.link(a, 0x1010, b, after_flush);
+        let new_epoch = cache.link_key(&cpu, 1);
+        assert_ne!(new_epoch, after_flush);
+        assert_eq!(cache.linked(a, 0x1010, new_epoch), None);
+
+        // Removing blocks (a write to their page) changes the key too.
+        cache.link(a, 0x1010, b, new_epoch);
+        cpu.code_writes.push(0x1000);
+        cache.invalidate_writes(&mut cpu);
+        assert_ne!(cache.link_key(&cpu, 1), new_epoch);
+        assert!(cache.block(a).is_none() && cache.block(b).is_none());
     }
 }

@@ -12,10 +12,10 @@ pub fn jmp(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     Ok(())
 }
 
-/// Jcc rel.
-pub fn jcc(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let cc = op.inst.condition_code() as u8 - 1;
-    if cpu.flags.condition(cc) {
+/// Jcc rel with condition code `CC` (the opcode's low nibble): one handler per condition,
+/// so the condition's evaluation is specialised.
+pub fn jcc<const CC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    if cpu.flags.condition(CC) {
         cpu.rip = op.inst.near_branch_target();
     }
     Ok(())
@@ -210,22 +210,22 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
             iced_x86::Code::Retfd | iced_x86::Code::Retfd_imm16 => retf::<4>,
             _ => retf::<2>,
         },
-        Mnemonic::Jo
-        | Mnemonic::Jno
-        | Mnemonic::Jb
-        | Mnemonic::Jae
-        | Mnemonic::Je
-        | Mnemonic::Jne
-        | Mnemonic::Jbe
-        | Mnemonic::Ja
-        | Mnemonic::Js
-        | Mnemonic::Jns
-        | Mnemonic::Jp
-        | Mnemonic::Jnp
-        | Mnemonic::Jl
-        | Mnemonic::Jge
-        | Mnemonic::Jle
-        | Mnemonic::Jg => jcc,
+        Mnemonic::Jo => jcc::<0>,
+        Mnemonic::Jno => jcc::<1>,
+        Mnemonic::Jb => jcc::<2>,
+        Mnemonic::Jae => jcc::<3>,
+        Mnemonic::Je => jcc::<4>,
+        Mnemonic::Jne => jcc::<5>,
+        Mnemonic::Jbe => jcc::<6>,
+        Mnemonic::Ja => jcc::<7>,
+        Mnemonic::Js => jcc::<8>,
+        Mnemonic::Jns => jcc::<9>,
+        Mnemonic::Jp => jcc::<10>,
+        Mnemonic::Jnp => jcc::<11>,
+        Mnemonic::Jl => jcc::<12>,
+        Mnemonic::Jge => jcc::<13>,
+        Mnemonic::Jle => jcc::<14>,
+        Mnemonic::Jg => jcc::<15>,
         Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne | Mnemonic::Jrcxz | Mnemonic::Jecxz => {
             let addr32 = is_ecx_form(inst);
             let k = match inst.mnemonic() {

@@ -59,6 +59,11 @@ pub fn ends_block(inst: &Instruction) -> bool {
     if inst.flow_control() != FlowControl::Next {
         return true;
     }
+    if string::select(inst).is_some() && (inst.has_rep_prefix() || inst.has_repne_prefix()) {
+        // A long REP instruction yields by restarting itself (setting RIP), which only the
+        // last instruction of a block may do.
+        return true;
+    }
     let writes_special_register = inst.op_count() > 0
         && inst.op_kind(0) == OpKind::Register
         && (inst.op0_register().is_cr()

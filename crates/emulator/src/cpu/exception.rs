@@ -26,7 +26,9 @@ pub mod vector {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exception {
     pub vector: u8,
-    pub error_code: Option<u32>,
+    /// 16 bits hold every error code this CPU produces (selector errors and page-fault bits
+    /// 0-4), and keep `Result<(), Event>`, which every handler returns, in two registers.
+    pub error_code: Option<u16>,
     /// The faulting linear address: CR2 for a page fault; for the #GP of a non-canonical
     /// address that address (never 0), so a stack access can turn it into #SS.
     pub address: u64,
@@ -41,16 +43,20 @@ pub enum Event {
     Halt,
     /// The CPU shut down (triple fault).
     TripleFault,
-    /// Something the engine cannot emulate and cannot turn into a guest exception.
-    Fatal(Box<str>),
+    /// Something the engine cannot emulate and cannot turn into a guest exception (boxed
+    /// twice to keep the event small).
+    Fatal(Box<Box<str>>),
 }
+
+// Handlers return `Result<(), Event>` per instruction: in registers, not through memory.
+const _: () = assert!(std::mem::size_of::<Result<(), Event>>() <= 16);
 
 impl Event {
     #[inline]
     pub fn exception(vector: u8, error_code: Option<u32>) -> Self {
         Event::Exception(Exception {
             vector,
-            error_code,
+            error_code: error_code.map(|code| code as u16),
             address: 0,
         })
     }
@@ -107,12 +113,12 @@ impl Event {
     pub fn page_fault(address: u64, code: u32) -> Self {
         Event::Exception(Exception {
             vector: vector::PF,
-            error_code: Some(code),
+            error_code: Some(code as u16),
             address,
         })
     }
     pub fn fatal(reason: impl Into<String>) -> Self {
-        Event::Fatal(reason.into().into_boxed_str())
+        Event::Fatal(Box::new(reason.into().into_boxed_str()))
     }
 }
 
@@ -149,7 +155,7 @@ impl Cpu {
                 self.cr2 = current.address;
             }
             let code = if has_error_code(current.vector) {
-                Some(current.error_code.unwrap_or(0))
+                Some(u32::from(current.error_code.unwrap_or(0)))
             } else {
                 None
             };

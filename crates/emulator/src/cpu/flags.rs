@@ -306,7 +306,7 @@ impl Flags {
 
     /// Evaluates condition code `cc` (the low nibble of a Jcc/SETcc/CMOVcc opcode: 0 = O,
     /// 1 = NO, 2 = B, ..., 15 = G).
-    #[inline]
+    #[inline(always)]
     pub fn condition(&self, cc: u8) -> bool {
         let negate = cc & 1 != 0;
         let sign = self.sign_bit();

@@ -202,6 +202,10 @@ pub struct Cpu {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub blocks_translated: u64,
+    /// Blocks reached through a link from the block before (no lookup).
+    pub linked_blocks: u64,
+    /// Blocks looked up by address (TLB, jump cache, map).
+    pub looked_up_blocks: u64,
     pub page_walks: u64,
     pub code_invalidations: u64,
     /// Times the decoded-code cache was full and started over.

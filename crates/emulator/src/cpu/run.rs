@@ -22,29 +22,55 @@ pub enum RunExit {
 
 impl Cpu {
     /// Runs the instructions of `block`.
+    ///
+    /// RIP is kept up to date only where something reads it: before the last instruction
+    /// (the only one that may transfer control, read RIP or restart itself: see
+    /// `decode::ends_block`), at an exception (the faulting instruction) and when a block
+    /// stops early after a write to code (the next instruction).
     #[inline]
     fn execute(&mut self, block: &Block) -> Result<(), Event> {
-        for (i, op) in block.ops.iter().enumerate() {
-            self.rip = op.inst.next_ip();
-            if let Err(mut e) = (op.handler)(self, op) {
-                if !matches!(e, Event::Halt) {
-                    self.rip = op.inst.ip();
-                }
-                if op.seg == super::seg::SS as u8 {
-                    // A memory operand addressed through RSP or RBP uses the stack segment.
-                    e = e.into_stack_fault();
-                }
-                self.icount += i as u64 + u64::from(matches!(e, Event::Halt));
-                return Err(e);
+        let Some((last, body)) = block.ops.split_last() else {
+            return Ok(());
+        };
+        for (i, op) in body.iter().enumerate() {
+            if let Err(e) = (op.handler)(self, op) {
+                return Err(self.stopped_at(op, i, e));
             }
             if self.break_block {
                 self.break_block = false;
+                self.rip = op.inst.next_ip();
                 self.icount += i as u64 + 1;
                 return Ok(());
             }
         }
+        self.rip = last.inst.next_ip();
+        if let Err(e) = (last.handler)(self, last) {
+            return Err(self.stopped_at(last, body.len(), e));
+        }
+        self.break_block = false;
         self.icount += block.ops.len() as u64;
         Ok(())
+    }
+
+    /// Sets RIP and the instruction count after instruction `op` (the `index`th of its block)
+    /// raised `event`, and gives the event as the loop sees it.
+    #[cold]
+    #[inline(never)]
+    fn stopped_at(&mut self, op: &super::op::Op, index: usize, event: Event) -> Event {
+        let mut event = event;
+        let halted = matches!(event, Event::Halt);
+        // A fault restarts the instruction; HLT resumes after it.
+        self.rip = if halted {
+            op.inst.next_ip()
+        } else {
+            op.inst.ip()
+        };
+        if op.seg == super::seg::SS as u8 {
+            // A memory operand addressed through RSP or RBP uses the stack segment.
+            event = event.into_stack_fault();
+        }
+        self.icount += index as u64 + u64::from(halted);
+        event
     }
 
     /// Takes interrupt edges from other threads into the PIC and polls the PIT.
@@ -71,6 +97,9 @@ impl Cpu {
     pub fn run(&mut self, cache: &mut CodeCache, signals: &Signals) -> RunExit {
         Signals::enter_vcpu_thread();
         let mut next_poll = self.icount;
+        // The block that last ran to its end, and the link key it was found under: the
+        // next block is looked up in its links first.
+        let mut previous: Option<(u32, u64)> = None;
         loop {
             if signals.any() {
                 if signals.stop_requested() {
@@ -85,6 +114,7 @@ impl Cpu {
             if self.pic.has_interrupt() && !self.interrupt_shadow && self.flags.system(IF) {
                 if let Some(vector) = self.pic.acknowledge() {
                     self.stats.interrupts += 1;
+                    previous = None;
                     if let Err(e) = self.raise_external(vector) {
                         return exit_for(e);
                     }
@@ -99,16 +129,45 @@ impl Cpu {
             }
             self.break_block = false;
             let rip = self.rip;
-            let result = self
-                .translate(rip, AccessKind::Execute, self.user)
-                .and_then(|phys| cache.find(self, rip, phys, signals.dma_epoch()))
-                .and_then(|index| match cache.block(index) {
-                    Some(block) => self.execute(block),
-                    None => Err(Event::fatal("Decoded block vanished")),
-                });
+            let epoch = signals.dma_epoch();
+            let key = cache.link_key(self, epoch);
+            let linked = match previous.take() {
+                Some((from, from_key)) if from_key == key => {
+                    cache.linked(from, rip, key).ok_or(Some(from))
+                }
+                _ => Err(None),
+            };
+            let found = match linked {
+                Ok(index) => {
+                    self.stats.linked_blocks += 1;
+                    Ok((index, key))
+                }
+                Err(from) => {
+                    self.stats.looked_up_blocks += 1;
+                    self.translate(rip, AccessKind::Execute, self.user)
+                        .and_then(|phys| cache.find(self, rip, phys, epoch))
+                        .map(|index| {
+                            // Finding may have removed blocks (the previous one among them),
+                            // which changes the key: `from` is then not linked.
+                            let now = cache.link_key(self, epoch);
+                            if let Some(from) = from.filter(|_| now == key) {
+                                cache.link(from, rip, index, now);
+                            }
+                            (index, now)
+                        })
+                }
+            };
+            let result = found.and_then(|(index, key)| match cache.block(index) {
+                Some(block) => {
+                    previous = Some((index, key));
+                    self.execute(block)
+                }
+                None => Err(Event::fatal("Decoded block vanished")),
+            });
             match result {
                 Ok(()) => {}
                 Err(Event::Exception(e)) => {
+                    previous = None;
                     self.stats.exceptions += 1;
                     if let Err(e) = self.raise(e) {
                         return exit_for(e);
@@ -153,7 +212,7 @@ impl Cpu {
 fn exit_for(event: Event) -> RunExit {
     match event {
         Event::TripleFault => RunExit::TripleFault,
-        Event::Fatal(reason) => RunExit::Fatal(reason.into()),
+        Event::Fatal(reason) => RunExit::Fatal((*reason).into()),
         Event::Halt => RunExit::Halted,
         Event::Exception(e) => RunExit::Fatal(format!("Undeliverable exception {e:?}")),
     }
