@@ -21,7 +21,7 @@ runs=${1:-5}
 
 scripts/install-deps.sh >/dev/null
 cargo build --release -q -p lodge
-lodge=target/release/lodge
+lodge=${CARGO_TARGET_DIR:-target}/release/lodge
 image=$("$lodge" guest-image)
 # The guest's init takes guest.cmd="..." up to the next double quote.
 cmdline="console=ttyS0 reboot=k panic=-1 guest.cmd=\"$guest_command\""

@@ -14,7 +14,7 @@ runs=${1:-3}
 
 scripts/install-deps.sh >/dev/null
 cargo build --release -q -p lodge
-lodge=target/release/lodge
+lodge=${CARGO_TARGET_DIR:-target}/release/lodge
 image=$("$lodge" guest-image)
 cmdline='console=ttyS0 reboot=k panic=-1 guest.cmd="sleep 3"'
 
