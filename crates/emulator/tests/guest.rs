@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use iced_x86::code_asm::*;
-use lodge_engine::VcpuExit;
+use lodge_engine::{CpuState, VcpuExit};
 
 #[test]
 fn computes_and_halts() {
@@ -481,18 +481,20 @@ fn interrupt_lines_and_vcpus_are_validated() {
         .unwrap());
 }
 
-#[test]
-fn code_rewritten_by_a_device_is_noticed_after_its_interrupt() {
+/// Calls the function `code` (which returns EAX) `warm_up` times, so its blocks are decoded
+/// (and linked), saves EAX in EBX and halts; meanwhile a device (another thread) writes
+/// `patch` at `offset` into the function and raises an interrupt, after which the function
+/// is called once more.
+fn call_code_a_device_rewrites(code: &[u8], warm_up: usize, offset: u64, patch: &[u8]) -> CpuState {
     let mut m = Machine::new(16 << 20);
     let function = 0x40_0000u64;
     count_interrupts(&m, 0x35);
-    m.assemble(function, |a| {
-        a.mov(eax, 1).unwrap();
-        a.ret().unwrap();
-    });
+    m.write(function, code);
     m.assemble(CODE, |a| {
         init_pic(a, !0x20, 0xff);
-        a.call(function).unwrap();
+        for _ in 0..warm_up {
+            a.call(function).unwrap();
+        }
         a.mov(ebx, eax).unwrap();
         a.sti().unwrap();
         a.hlt().unwrap();
@@ -502,18 +504,24 @@ fn code_rewritten_by_a_device_is_noticed_after_its_interrupt() {
     });
     let memory = m.memory.clone();
     let line = m.vm.interrupt_line(5).unwrap();
+    let patch = patch.to_vec();
     let t = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(50));
-        // A device (another thread) rewrites the code, then interrupts.
         use vm_memory::Bytes;
         memory
-            .write_slice(&[0xb8, 2, 0, 0, 0], vm_memory::GuestAddress(function))
+            .write_slice(&patch, vm_memory::GuestAddress(function + offset))
             .unwrap();
         line.trigger().unwrap();
     });
     assert_eq!(m.run(), VcpuExit::Halted);
     t.join().unwrap();
-    let s = m.state();
+    m.state()
+}
+
+#[test]
+fn code_rewritten_by_a_device_is_noticed_after_its_interrupt() {
+    // mov eax, 1; ret  →  mov eax, 2; ret
+    let s = call_code_a_device_rewrites(&[0xb8, 1, 0, 0, 0, 0xc3], 1, 0, &[0xb8, 2, 0, 0, 0]);
     assert_eq!(s.regs.rbx, 1);
     assert_eq!(s.regs.rax, 2, "the rewritten instruction ran");
 }
@@ -1108,36 +1116,9 @@ fn linked_blocks_see_code_written_through_an_alias() {
 
 #[test]
 fn linked_blocks_see_code_rewritten_by_a_device() {
-    let mut m = Machine::new(16 << 20);
-    let function = 0x40_0000u64;
-    count_interrupts(&m, 0x35);
-    // jmp to the next instruction (a block of its own, linked to the next); mov eax, 1; ret
-    m.write(function, &[0xeb, 0x00, 0xb8, 1, 0, 0, 0, 0xc3]);
-    m.assemble(CODE, |a| {
-        init_pic(a, !0x20, 0xff);
-        a.call(function).unwrap();
-        a.call(function).unwrap();
-        a.mov(ebx, eax).unwrap();
-        a.sti().unwrap();
-        a.hlt().unwrap();
-        a.cli().unwrap();
-        a.call(function).unwrap();
-        a.hlt().unwrap();
-    });
-    let memory = m.memory.clone();
-    let line = m.vm.interrupt_line(5).unwrap();
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
-        // A device rewrites only the second block, then interrupts.
-        use vm_memory::Bytes;
-        memory
-            .write_slice(&[2], vm_memory::GuestAddress(function + 3))
-            .unwrap();
-        line.trigger().unwrap();
-    });
-    assert_eq!(m.run(), VcpuExit::Halted);
-    t.join().unwrap();
-    let s = m.state();
+    // jmp to the next instruction (a block of its own, linked to the next); mov eax, 1; ret.
+    // Two calls make the link; the device rewrites only the second block.
+    let s = call_code_a_device_rewrites(&[0xeb, 0x00, 0xb8, 1, 0, 0, 0, 0xc3], 2, 3, &[2]);
     assert_eq!(s.regs.rbx, 1);
     assert_eq!(s.regs.rax, 2, "the rewritten block ran");
 }
