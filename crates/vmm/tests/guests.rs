@@ -147,7 +147,7 @@ fn port_accesses_keep_their_width(engine: EngineChoice) {
     assert_eq!(guest.console_output(), "abc");
 }
 
-fn stops_a_halted_guest(engine: EngineChoice) {
+fn pauses_and_stops_a_halted_guest(engine: EngineChoice) {
     let guest = TestGuest::new(engine, |asm| {
         print(asm, "halting\n")?;
         let mut halt = asm.create_label();
@@ -160,11 +160,15 @@ fn stops_a_halted_guest(engine: EngineChoice) {
     let handle = machine.handle();
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
+        // A halted vCPU parks too (KVM does not return from `hlt` on its own here).
+        let paused = handle.pause();
+        handle.resume();
         handle.stop("test");
+        paused
     });
     let started = Instant::now();
     let summary = machine.run().unwrap();
-    stopper.join().unwrap();
+    assert_eq!(stopper.join().unwrap(), Ok(()), "the halted vCPU parked");
     assert_eq!(summary.reason, ExitReason::Stopped("test".into()));
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(guest.console_output(), "halting\n");
@@ -416,9 +420,9 @@ fn kvm_port_accesses_keep_their_width() {
 }
 
 #[test]
-fn kvm_stops_a_halted_guest() {
-    if kvm_available("kvm_stops_a_halted_guest") {
-        stops_a_halted_guest(EngineChoice::Kvm);
+fn kvm_pauses_and_stops_a_halted_guest() {
+    if kvm_available("kvm_pauses_and_stops_a_halted_guest") {
+        pauses_and_stops_a_halted_guest(EngineChoice::Kvm);
     }
 }
 
@@ -470,8 +474,8 @@ fn emulator_port_accesses_keep_their_width() {
 }
 
 #[test]
-fn emulator_stops_a_halted_guest() {
-    stops_a_halted_guest(EngineChoice::Emulator);
+fn emulator_pauses_and_stops_a_halted_guest() {
+    pauses_and_stops_a_halted_guest(EngineChoice::Emulator);
 }
 
 #[test]
