@@ -737,6 +737,88 @@ fn far_jump_and_return_to_non_canonical_offsets_fault_at_the_instruction() {
 }
 
 #[test]
+fn relative_branches_to_non_canonical_targets_fault_at_the_branch() {
+    let mut m = Machine::new(16 << 20);
+    // The upper half's first 512 GiB alias the identity map, so code runs just above the
+    // non-canonical hole and short branches back reach into it.
+    let upper = 0xffff_8000_0000_0000u64;
+    let hole = upper - 0x40;
+    m.write_u64(PML4 + 256 * 8, PDPT | 7);
+    let handler = CODE + 0x1000;
+    m.set_gate(13, handler, 0, 0);
+    m.assemble(handler, |a| {
+        a.pop(rbx).unwrap(); // error code
+        a.pop(rdx).unwrap(); // faulting RIP
+        a.pop(rax).unwrap(); // CS
+        a.pop(rax).unwrap(); // RFLAGS
+        a.pop(rsi).unwrap(); // RSP at the fault
+        a.hlt().unwrap();
+    });
+    let start = upper + 0x10;
+    /// Assembles a case's code, given the non-canonical target.
+    type Code = fn(&mut CodeAssembler, u64);
+    // Each case: the code, and the offset of the branch that must fault (None: no fault).
+    let cases: [(&str, Code, Option<u64>); 5] = [
+        ("jmp", |a, hole| a.jmp(hole).unwrap(), Some(0)),
+        ("call", |a, hole| a.call(hole).unwrap(), Some(0)),
+        (
+            "taken je",
+            |a, hole| {
+                a.xor(eax, eax).unwrap();
+                a.je(hole).unwrap();
+            },
+            Some(2),
+        ),
+        (
+            "taken loop",
+            |a, hole| {
+                a.mov(ecx, 5).unwrap();
+                a.loop_(hole).unwrap();
+            },
+            Some(5),
+        ),
+        (
+            "not-taken je",
+            |a, hole| {
+                a.mov(eax, 1).unwrap();
+                a.test(eax, eax).unwrap();
+                a.je(hole).unwrap();
+                a.mov(ecx, 0x55).unwrap();
+                a.hlt().unwrap();
+            },
+            None,
+        ),
+    ];
+    for (name, code, fault_at) in cases {
+        m.set_state(start);
+        m.modify_state(|s| {
+            s.regs.rsp = STACK_TOP;
+            s.regs.rbx = u64::MAX;
+        });
+        // Assembled for its upper-half address, stored at the physical address it aliases.
+        let mut a = CodeAssembler::new(64).unwrap();
+        code(&mut a, hole);
+        m.write(start - upper, &a.assemble(start).unwrap());
+        assert_eq!(m.run(), VcpuExit::Halted, "{name}");
+        let s = m.state();
+        match fault_at {
+            Some(offset) => {
+                assert_eq!(
+                    (s.regs.rbx, s.regs.rdx),
+                    (0, start + offset),
+                    "{name}: #GP(0) at the branch"
+                );
+                assert_eq!(s.regs.rsi, STACK_TOP, "{name}: nothing pushed");
+                if name == "taken loop" {
+                    assert_eq!(s.regs.rcx, 5, "{name}: the count is unchanged");
+                }
+            }
+            None => assert_eq!((s.regs.rbx, s.regs.rcx), (u64::MAX, 0x55), "{name}: ran on"),
+        }
+    }
+}
+
+#[test]
 fn code_overwritten_by_an_exception_frame_is_retranslated() {
     let mut m = Machine::new(16 << 20);
     // The #UD handler at `handler` first runs as a function (`mov ecx, 7; ret`), so its

@@ -175,6 +175,36 @@ pub fn call_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// The handler for a control transfer, if `inst` is one.
 pub fn select(inst: &Instruction) -> Option<Handler> {
+    let handler = select_unchecked(inst)?;
+    // A relative target is fixed at decode time, so only branches that could fault on it
+    // pay for the check.
+    if inst.op_count() > 0
+        && inst.op0_kind() == OpKind::NearBranch64
+        && !crate::mmu::is_canonical(inst.near_branch_target())
+    {
+        return Some(relative_branch_to_non_canonical);
+    }
+    Some(handler)
+}
+
+/// A relative JMP, CALL, Jcc or LOOP whose target is not canonical: taking it raises #GP(0)
+/// at the branch, before any of its effects.
+fn relative_branch_to_non_canonical(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    if matches!(op.inst.mnemonic(), Mnemonic::Jmp | Mnemonic::Call) {
+        return Err(Event::gp(0));
+    }
+    // Jcc and LOOP: run the branch, then undo it if it was taken (LOOP's count included).
+    let rcx = cpu.regs[gpr::RCX];
+    let handler = select_unchecked(&op.inst).ok_or_else(|| Event::fatal("Branch vanished"))?;
+    handler(cpu, op)?;
+    if cpu.rip == op.inst.near_branch_target() {
+        cpu.regs[gpr::RCX] = rcx;
+        return Err(Event::gp(0));
+    }
+    Ok(())
+}
+
+fn select_unchecked(inst: &Instruction) -> Option<Handler> {
     let h = match inst.mnemonic() {
         Mnemonic::Jmp => match inst.op_kind(0) {
             OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16 => jmp as Handler,
