@@ -296,18 +296,9 @@ fn user_mode_round_trip_with_syscall_and_interrupt() {
     m.set_gate(0x80, int_handler, 0, 3);
     // Kernel: STAR/LSTAR, then iretq to user mode.
     m.assemble(CODE, |a| {
-        a.mov(ecx, 0xc000_0081u32).unwrap();
-        a.xor(eax, eax).unwrap();
-        a.mov(
-            edx,
-            (u32::from(USER_DS - 8 - 3) << 16) | u32::from(KERNEL_CS),
-        )
-        .unwrap();
-        a.wrmsr().unwrap();
-        a.mov(ecx, 0xc000_0082u32).unwrap();
-        a.mov(eax, syscall_entry as u32).unwrap();
-        a.xor(edx, edx).unwrap();
-        a.wrmsr().unwrap();
+        let star = (u64::from(USER_DS - 8 - 3) << 48) | (u64::from(KERNEL_CS) << 32);
+        write_msr(a, 0xc000_0081, star);
+        write_msr(a, 0xc000_0082, syscall_entry);
         a.push(i32::from(USER_DS)).unwrap();
         a.push(0x7_0000i32).unwrap();
         a.push(0x202i32).unwrap();
@@ -576,14 +567,8 @@ fn syscall_and_sysret_selectors_wrap_like_16_bit_registers() {
     // STAR[47:32] = 0xfffc (SYSCALL CS; SS = CS + 8 wraps to 4), STAR[63:48] = 0xfff8
     // (SYSRET CS = base + 16 wraps to 8, SS = base + 8 wraps to 0).
     m.assemble(CODE, |a| {
-        a.mov(ecx, 0xc000_0081u32).unwrap();
-        a.xor(eax, eax).unwrap();
-        a.mov(edx, 0xfff8_fffcu32).unwrap();
-        a.wrmsr().unwrap();
-        a.mov(ecx, 0xc000_0082u32).unwrap();
-        a.mov(eax, entry as u32).unwrap();
-        a.xor(edx, edx).unwrap();
-        a.wrmsr().unwrap();
+        write_msr(a, 0xc000_0081, 0xfff8_fffc_0000_0000);
+        write_msr(a, 0xc000_0082, entry);
         a.syscall().unwrap();
     });
     m.assemble(entry, |a| {

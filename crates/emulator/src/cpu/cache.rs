@@ -450,13 +450,18 @@ mod tests {
     use std::sync::Arc;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+    /// A CPU whose memory holds RET at 0x1000..0x3000: every byte starts a block of one
+    /// instruction.
+    fn cpu_over_returns() -> Cpu {
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        ram.write_slice(&[0xc3; 8192], GuestAddress(0x1000))
+            .unwrap();
+        Cpu::new(PhysicalMemory::new(ram, Arc::new(IoBus::new())))
+    }
+
     #[test]
     fn a_full_cache_starts_over() {
-        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        // A page of RET: every byte starts a block of one instruction.
-        ram.write_slice(&[0xc3; 4096], GuestAddress(0x1000))
-            .unwrap();
-        let mut cpu = Cpu::new(PhysicalMemory::new(ram, Arc::new(IoBus::new())));
+        let mut cpu = cpu_over_returns();
         let mut cache = CodeCache::with_limit(100);
         for addr in 0x1000..0x1000 + 250 {
             let index = cache.find(&mut cpu, addr, addr, 0).unwrap();
@@ -473,11 +478,7 @@ mod tests {
 
     #[test]
     fn links_hold_only_under_the_key_they_were_made_with() {
-        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        // Pages of RET: every byte starts a block of one instruction.
-        ram.write_slice(&[0xc3; 8192], GuestAddress(0x1000))
-            .unwrap();
-        let mut cpu = Cpu::new(PhysicalMemory::new(ram, Arc::new(IoBus::new())));
+        let mut cpu = cpu_over_returns();
         let mut cache = CodeCache::new();
         let a = cache.find(&mut cpu, 0x1000, 0x1000, 0).unwrap();
         let b = cache.find(&mut cpu, 0x1010, 0x1010, 0).unwrap();

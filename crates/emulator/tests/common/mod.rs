@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use iced_x86::code_asm::CodeAssembler;
+use iced_x86::code_asm::{eax, ecx, edx, CodeAssembler};
 use lodge_bus::{BusDevice, IoBus};
 use lodge_emulator::EmulatorEngine;
 use lodge_engine::{CpuState, DescriptorTable, Engine, Segment, Vcpu, VcpuExit, Vm, VmSpec};
@@ -29,6 +29,14 @@ pub const KERNEL_DS: u16 = 0x18;
 pub const USER_DS: u16 = 0x2b;
 pub const USER_CS: u16 = 0x33;
 pub const TSS_SELECTOR: u16 = 0x38;
+
+/// Assembles a WRMSR of `value` to `msr` (clobbers EAX, ECX, EDX).
+pub fn write_msr(a: &mut CodeAssembler, msr: u32, value: u64) {
+    a.mov(ecx, msr).unwrap();
+    a.mov(eax, value as u32).unwrap();
+    a.mov(edx, (value >> 32) as u32).unwrap();
+    a.wrmsr().unwrap();
+}
 
 /// Records port/MMIO writes, counts reads and answers them with a fixed pattern.
 #[derive(Default)]
