@@ -55,7 +55,7 @@ impl HostCapacity {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         Self {
             cpus,
-            memory_mib: host_memory_mib(),
+            memory_mib: lodge_contract::limits::host_memory().map_or(0, |memory| memory.mib()),
             memory_overcommit,
             cpu_overcommit,
         }
@@ -111,23 +111,6 @@ impl HostCapacity {
         }
         Ok(())
     }
-}
-
-fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("MemTotal:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
-        .map_or(0, |kib| kib >> 10)
 }
 
 #[cfg(test)]

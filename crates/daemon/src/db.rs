@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
 
-use crate::model::{DiskAttachment, DiskState, Engine, VmState};
+use crate::model::{DiskAttachment, DiskState, EngineChoice, EngineKind, VmState};
 
 /// Schema migrations, applied in order; the schema version is the number applied.
 const MIGRATIONS: &[&str] = &[r#"
@@ -89,7 +89,7 @@ pub struct VmSettings {
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
     pub append: Vec<String>,
-    pub engine: Engine,
+    pub engine: EngineChoice,
     pub rng: bool,
 }
 
@@ -117,7 +117,7 @@ pub struct RuntimeRecord {
     /// a reused pid is never mistaken for the VMM.
     pub start_ticks: Option<u64>,
     pub started_at: i64,
-    pub engine: Option<String>,
+    pub engine: Option<EngineKind>,
     pub boot_time_ms: Option<u64>,
 }
 
@@ -310,7 +310,7 @@ impl Db {
                 runtime.pid,
                 runtime.start_ticks.map(|t| t as i64),
                 runtime.started_at,
-                runtime.engine,
+                runtime.engine.map(EngineKind::as_str),
                 runtime.boot_time_ms.map(|t| t as i64),
             ],
         )?;
@@ -321,13 +321,17 @@ impl Db {
     pub fn set_runtime_info(
         &self,
         id: i64,
-        engine: Option<&str>,
+        engine: Option<EngineKind>,
         boot_time_ms: Option<u64>,
     ) -> Result<(), DbError> {
         self.conn.execute(
             "UPDATE vms SET run_engine = coalesce(?2, run_engine), \
              boot_time_ms = coalesce(?3, boot_time_ms) WHERE id = ?1 AND started_at IS NOT NULL",
-            params![id, engine, boot_time_ms.map(|t| t as i64)],
+            params![
+                id,
+                engine.map(EngineKind::as_str),
+                boot_time_ms.map(|t| t as i64)
+            ],
         )?;
         Ok(())
     }
@@ -513,7 +517,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<RowResult> {
     let started_at: Option<i64> = row.get(15)?;
     let exit_reason: Option<String> = row.get(20)?;
     let (Some(engine), Some(state), Ok(append)) = (
-        Engine::parse(&engine),
+        engine.parse::<EngineChoice>().ok(),
         VmState::parse(&state),
         serde_json::from_str::<Vec<String>>(&append),
     ) else {
@@ -524,7 +528,9 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<RowResult> {
             pid,
             start_ticks: row.get::<_, Option<i64>>(14)?.map(|t| t as u64),
             started_at,
-            engine: row.get(16)?,
+            engine: row
+                .get::<_, Option<String>>(16)?
+                .and_then(|engine| engine.parse().ok()),
             boot_time_ms: row.get::<_, Option<i64>>(17)?.map(|t| t as u64),
         })
     });
@@ -599,7 +605,7 @@ mod tests {
             initrd: None,
             cmdline: Some("console=ttyS0".into()),
             append: vec!["quiet".into()],
-            engine: Engine::Emulator,
+            engine: EngineChoice::Emulator,
             rng: true,
         }
     }

@@ -3,6 +3,7 @@
 //! Every request type denies unknown fields, so a misspelled setting is an error instead of
 //! being silently ignored.
 
+pub use lodge_contract::{EngineChoice, EngineKind};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -63,33 +64,6 @@ impl std::fmt::Display for VmState {
     }
 }
 
-/// The CPU engine a VM asks for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// KVM when it can run Linux guests on this host, else the software engine.
-    #[default]
-    Auto,
-    Kvm,
-    Emulator,
-}
-
-impl Engine {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Engine::Auto => "auto",
-            Engine::Kvm => "kvm",
-            Engine::Emulator => "emulator",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        [Engine::Auto, Engine::Kvm, Engine::Emulator]
-            .into_iter()
-            .find(|engine| engine.as_str() == text)
-    }
-}
-
 /// A managed disk attached to a VM, in the order the guest sees them (`/dev/vda` first).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -101,7 +75,7 @@ pub struct DiskAttachment {
 }
 
 /// A request to define a VM.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// DNS-label-like: 1 to 63 of `a-z`, `0-9` and `-`, not starting or ending with `-`.
@@ -115,18 +89,18 @@ pub struct CreateVm {
     #[serde(default)]
     pub disks: Vec<DiskAttachment>,
     /// Host path of a vmlinux or bzImage; absent: the default guest image.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
     /// Replaces the default kernel command line.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
     /// Appended to the kernel command line.
     #[serde(default)]
     pub append: Vec<String>,
     #[serde(default)]
-    pub engine: Engine,
+    pub engine: EngineChoice,
     /// Adds a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
@@ -142,17 +116,26 @@ pub fn default_memory_mib() -> u64 {
 
 /// New settings for a stopped VM; absent fields keep their value. For `kernel`, `initrd`
 /// and `cmdline` an empty string returns to the default.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateVm {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<DiskAttachment>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub append: Option<Vec<String>>,
-    pub engine: Option<Engine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rng: Option<bool>,
 }
 
@@ -169,7 +152,7 @@ pub struct Vm {
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
     pub append: Vec<String>,
-    pub engine: Engine,
+    pub engine: EngineChoice,
     pub rng: bool,
     /// RFC 3339.
     pub created_at: String,
@@ -185,8 +168,8 @@ pub struct Vm {
 pub struct VmRuntime {
     pub pid: u32,
     pub started_at: String,
-    /// The engine the VMM chose (`kvm` or `emulator`), once it has answered.
-    pub engine: Option<String>,
+    /// The engine the VMM chose, once it has answered.
+    pub engine: Option<EngineKind>,
     /// Time from process start to the guest's userspace, once reached.
     pub boot_time_ms: Option<u64>,
 }
@@ -288,15 +271,15 @@ pub struct ImportProgress {
 
 /// A request for a disk: either a blank sparse image of `size_bytes`, or an import (copy)
 /// of the raw image at the host path `source`. Exactly one of the two is given.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDisk {
     pub name: String,
     /// Size of a blank image: a positive multiple of 512.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
     /// Absolute host path of a raw image to copy in (holes stay holes).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
 }
 
@@ -394,7 +377,7 @@ mod tests {
     fn requests_deny_unknown_fields_and_fill_defaults() {
         let create: CreateVm = serde_json::from_str(r#"{"name": "a"}"#).unwrap();
         assert_eq!((create.cpus, create.memory_mib), (1, 256));
-        assert_eq!(create.engine, Engine::Auto);
+        assert_eq!(create.engine, EngineChoice::Auto);
         assert!(serde_json::from_str::<CreateVm>(r#"{"name": "a", "cpu": 2}"#).is_err());
         assert!(serde_json::from_str::<UpdateVm>(r#"{"memory": 2}"#).is_err());
         let attach = r#"{"name": "a", "disks": [{"disk": "d", "ro": true}]}"#;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hyper::Method;
+use lodge_contract::{ControlRequest, RunState};
 use lodge_daemon::client::Endpoint;
 use lodge_daemon::config::TcpListen;
 use serde_json::{json, Value};
@@ -467,7 +468,8 @@ async fn an_incomplete_pause_is_reported_and_undone() {
         response.1
     );
     assert_eq!(api.get("/v1/vms/stuck").await.1["state"], "running");
-    // The daemon resumed the half-paused VMM: a second attempt is not "Already paused".
+    // The daemon resumed the half-paused VMM: a second attempt is incomplete again (without
+    // the resume it would find every vCPU parked and succeed).
     let again = api.action("/v1/vms/stuck/pause").await;
     assert!(
         again.1["error"]["message"]
@@ -1101,19 +1103,22 @@ async fn every_documented_response_is_exercised() {
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     api.action("/v1/vms/f/kill").await;
-    // The VMM refusing: pause a VM whose VMM thinks it is paused already.
+    // The VMM refusing: a pause that leaves a vCPU running.
+    api.call(
+        Method::PATCH,
+        "/v1/vms/f",
+        Some(json!({"append": ["fake.pause_incomplete"]})),
+    )
+    .await;
     api.action("/v1/vms/f/start").await;
     api.wait_state("f", "running").await;
     let socket = daemon.paths().vm(4).api_socket();
-    lodge_daemon::vmm::request(&socket, lodge_daemon::vmm::Request::Pause)
-        .await
-        .unwrap();
     api.action("/v1/vms/f/pause").await;
     // The daemon resumes a VMM whose pause failed, to match the inventory's "running".
-    let status = lodge_daemon::vmm::request(&socket, lodge_daemon::vmm::Request::Status)
+    let status = lodge_daemon::vmm::request(&socket, ControlRequest::Status {})
         .await
         .unwrap();
-    assert_eq!(status.state, "running");
+    assert_eq!(status.state, RunState::Running);
     // Starting fails: 500.
     daemon.halt();
     daemon.config.vmm_binary = "/nonexistent".into();

@@ -14,33 +14,14 @@
 pub mod kvm;
 mod state;
 
-use std::fmt;
 use std::sync::Arc;
 
 use lodge_bus::{InterruptLine, IoBus};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use lodge_contract::EngineKind;
 pub use state::{CpuState, DescriptorTable, Registers, Segment, SpecialRegisters};
-
-/// Which engine runs the guest's vCPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    /// Hardware virtualization through `/dev/kvm`.
-    Kvm,
-    /// The pure-Rust x86-64 software engine.
-    Emulator,
-}
-
-impl fmt::Display for EngineKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            EngineKind::Kvm => "kvm",
-            EngineKind::Emulator => "emulator",
-        })
-    }
-}
 
 /// How interrupts reach the vCPUs; the VMM builds the firmware tables to match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use lodge_vmm::config::{host_memory, ConsoleConfig, DiskConfig, EngineChoice, MemorySize};
+use lodge_contract::config::{parse_memory, parse_vcpus};
+use lodge_contract::{limits, ConsoleConfig, DiskConfig, EngineChoice, ExitRecord, VmConfig};
 use lodge_vmm::console::{write_host_text, RawTerminal};
-use lodge_vmm::engine_select;
-use lodge_vmm::exit::ExitRecord;
-use lodge_vmm::{ExitReason, Machine, MachineOptions, VmConfig};
+use lodge_vmm::{engine_select, supervision};
+use lodge_vmm::{ExitReason, Machine, MachineOptions};
 
 use crate::guest_image;
 
@@ -66,7 +66,7 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
         }
     };
     let (reason, status, boot_time_ms) = run_config(&config, start);
-    if let Some(path) = &config.exit_file {
+    if let Some(path) = &config.supervision.exit_file {
         let record = ExitRecord {
             reason,
             status: i32::from(status),
@@ -88,10 +88,11 @@ fn run_config(config: &VmConfig, start: Instant) -> (String, u8, Option<u64>) {
         eprintln!("lodge: error: {message}");
         (message, status, None)
     };
-    if let Err(e) = config.validate(host_memory()) {
+    let machine_config = &config.machine;
+    if let Err(e) = machine_config.validate(limits::host_memory()) {
         return fail(USAGE_ERROR, e.to_string());
     }
-    let selected = match engine_select::select(config.engine) {
+    let selected = match engine_select::select(machine_config.engine) {
         Ok(selected) => selected,
         Err(e) => return fail(1, e.to_string()),
     };
@@ -100,16 +101,19 @@ fn run_config(config: &VmConfig, start: Instant) -> (String, u8, Option<u64>) {
         selected.engine.kind(),
         selected.reason
     );
-    let stdio = config.console == ConsoleConfig::Stdio;
+    let stdio = machine_config.console == ConsoleConfig::Stdio;
     let options = MachineOptions {
         start,
         console_input: stdio,
         handle_signals: true,
     };
-    let machine = match Machine::build(config, selected.engine.as_ref(), options) {
+    let mut machine = match Machine::build(machine_config, selected.engine.as_ref(), options) {
         Ok(machine) => machine,
         Err(e) => return fail(1, format!("{:#}", anyhow::Error::new(e))),
     };
+    if let Err(e) = supervision::attach(&mut machine, &config.supervision) {
+        return fail(1, format!("{:#}", anyhow::Error::new(e)));
+    }
     tracing::debug!(cmdline = machine.cmdline(), "Booting");
     let terminal = if stdio { RawTerminal::enter() } else { None };
     if terminal.is_some() {
@@ -144,47 +148,43 @@ fn run_config(config: &VmConfig, start: Instant) -> (String, u8, Option<u64>) {
 fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     let mut config = match &args.config {
         Some(path) => VmConfig::from_file(path)?,
-        None => VmConfig::new(PathBuf::new()),
+        None => VmConfig::default(),
     };
+    let machine = &mut config.machine;
     if let Some(kernel) = args.kernel {
-        config.kernel = kernel;
+        machine.kernel = kernel;
     }
-    if config.kernel.as_os_str().is_empty() {
+    if machine.uses_default_kernel() {
         let image = guest_image::default_image()?;
-        config.kernel = image.kernel;
-        if args.initrd.is_none() && config.initrd.is_none() {
-            config.initrd = Some(image.initrd);
+        machine.kernel = image.kernel;
+        if args.initrd.is_none() && machine.initrd.is_none() {
+            machine.initrd = Some(image.initrd);
         }
     }
     if let Some(initrd) = args.initrd {
-        config.initrd = Some(initrd);
+        machine.initrd = Some(initrd);
     }
     if let Some(cmdline) = args.cmdline {
-        config.cmdline = Some(cmdline);
+        machine.cmdline = Some(cmdline);
     }
-    config.append.extend(args.append);
+    machine.append.extend(args.append);
     if let Some(cpus) = args.cpus {
-        config.cpus = cpus.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "Invalid vCPU count '{cpus}' (1 to {})",
-                lodge_vmm::config::MAX_VCPUS
-            )
-        })?;
+        machine.cpus = parse_vcpus(&cpus)?;
     }
     if let Some(memory) = args.memory {
-        config.memory = memory.parse::<MemorySize>()?;
+        machine.memory = parse_memory(&memory)?;
     }
     for disk in args.disk {
-        config.disks.push(disk.parse::<DiskConfig>()?);
+        machine.disks.push(disk.parse::<DiskConfig>()?);
     }
     if args.rng {
-        config.rng = true;
+        machine.rng = true;
     }
     if let Some(engine) = args.engine {
-        config.engine = engine.parse::<EngineChoice>()?;
+        machine.engine = engine.parse::<EngineChoice>()?;
     }
     if let Some(console) = args.console {
-        config.console = console.parse::<ConsoleConfig>()?;
+        machine.console = console.parse::<ConsoleConfig>()?;
     }
     Ok(config)
 }

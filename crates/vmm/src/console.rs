@@ -11,8 +11,8 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use lodge_devices::serial::SerialConsole;
 use nix::sys::termios::{self, SetArg, Termios};
 
-use crate::config::ConsoleConfig;
 use crate::exit::{ExitReason, ExitSignal};
+use lodge_contract::ConsoleConfig;
 
 /// Ctrl-A: the console escape key (as in QEMU and screen). Ctrl-A x quits, Ctrl-A Ctrl-A
 /// sends one Ctrl-A to the guest.

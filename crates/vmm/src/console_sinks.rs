@@ -14,24 +14,15 @@ use lodge_devices::serial::SerialConsole;
 
 use crate::unix_socket::UnixSocketListener;
 
-/// Serial output fanned out to the primary console, the log and the socket clients.
+/// Serial output fanned out to the primary console and the [`ConsoleTaps`].
 pub struct ConsoleFanout {
     primary: Box<dyn Write + Send>,
-    log: Option<CappedLog>,
-    clients: Arc<ConsoleClients>,
+    taps: Arc<ConsoleTaps>,
 }
 
 impl ConsoleFanout {
-    pub fn new(
-        primary: Box<dyn Write + Send>,
-        log: Option<CappedLog>,
-        clients: Arc<ConsoleClients>,
-    ) -> Self {
-        Self {
-            primary,
-            log,
-            clients,
-        }
+    pub fn new(primary: Box<dyn Write + Send>, taps: Arc<ConsoleTaps>) -> Self {
+        Self { primary, taps }
     }
 }
 
@@ -41,18 +32,37 @@ impl Write for ConsoleFanout {
         if let Err(e) = self.primary.write_all(buf) {
             tracing::debug!("Console output failed: {e}");
         }
-        if let Some(log) = &mut self.log {
-            if let Err(e) = log.write_all(buf) {
-                tracing::warn!("Console log write failed: {e}");
-            }
-        }
-        self.clients.broadcast(buf);
+        self.taps.write(buf);
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         let _ = self.primary.flush();
         Ok(())
+    }
+}
+
+/// Where serial output goes besides the primary console, attached by a supervisor before
+/// the VM runs: a log, and the clients of the console socket.
+#[derive(Default)]
+pub struct ConsoleTaps {
+    log: Mutex<Option<CappedLog>>,
+    clients: ConsoleClients,
+}
+
+impl ConsoleTaps {
+    /// Appends all further output to `log`.
+    pub fn set_log(&self, log: CappedLog) {
+        *self.log.lock().unwrap_or_else(|e| e.into_inner()) = Some(log);
+    }
+
+    fn write(&self, buf: &[u8]) {
+        if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            if let Err(e) = log.write_all(buf) {
+                tracing::warn!("Console log write failed: {e}");
+            }
+        }
+        self.clients.broadcast(buf);
     }
 }
 
@@ -108,7 +118,7 @@ impl Write for CappedLog {
 
 /// Connected console-socket clients, written from the vCPU thread that emulates the UART.
 #[derive(Default)]
-pub struct ConsoleClients {
+struct ConsoleClients {
     streams: Mutex<HashMap<RawFd, UnixStream>>,
 }
 
@@ -141,7 +151,7 @@ impl ConsoleClients {
 /// Accepts console-socket clients and forwards their input to the serial port.
 pub struct ConsoleSocket {
     listener: UnixSocketListener,
-    clients: Arc<ConsoleClients>,
+    taps: Arc<ConsoleTaps>,
     serial: Arc<Mutex<SerialConsole>>,
     /// Clients' read ends, by fd (the write ends are in `clients`).
     readers: HashMap<RawFd, UnixStream>,
@@ -151,12 +161,12 @@ impl ConsoleSocket {
     /// Binds the socket at `path`, replacing a stale one.
     pub fn bind(
         path: &Path,
-        clients: Arc<ConsoleClients>,
+        taps: Arc<ConsoleTaps>,
         serial: Arc<Mutex<SerialConsole>>,
     ) -> io::Result<Self> {
         Ok(Self {
             listener: UnixSocketListener::bind(path)?,
-            clients,
+            taps,
             serial,
             readers: HashMap::new(),
         })
@@ -165,7 +175,7 @@ impl ConsoleSocket {
     fn accept(&mut self, ops: &mut EventOps) {
         let Self {
             listener,
-            clients,
+            taps,
             readers,
             ..
         } = self;
@@ -180,7 +190,7 @@ impl ConsoleSocket {
             let fd = stream.as_raw_fd();
             if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
                 readers.insert(fd, stream);
-                clients.add(fd, writer);
+                taps.clients.add(fd, writer);
             }
         });
     }
@@ -205,7 +215,7 @@ impl ConsoleSocket {
         if let Some(stream) = self.readers.remove(&fd) {
             let _ = ops.remove(Events::new(&stream, EventSet::IN));
         }
-        self.clients.remove(fd);
+        self.taps.clients.remove(fd);
     }
 }
 
@@ -302,20 +312,24 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.sock");
-        let clients = Arc::new(ConsoleClients::default());
+        let taps = Arc::new(ConsoleTaps::default());
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             Arc::new(NoInterrupt),
             Box::new(io::sink()),
         )));
-        let socket = ConsoleSocket::bind(&path, clients.clone(), serial).unwrap();
+        let socket = ConsoleSocket::bind(&path, taps.clone(), serial).unwrap();
         let mut events: EventManager<Arc<Mutex<ConsoleSocket>>> = EventManager::new().unwrap();
         events.add_subscriber(Arc::new(Mutex::new(socket)));
 
         let client = UnixStream::connect(&path).unwrap();
         events.run_with_timeout(1000).unwrap();
-        assert_eq!(clients.lock().len(), 1, "the client is not served");
+        assert_eq!(taps.clients.lock().len(), 1, "the client is not served");
         drop(client);
         events.run_with_timeout(1000).unwrap();
-        assert_eq!(clients.lock().len(), 0, "the gone client still gets output");
+        assert_eq!(
+            taps.clients.lock().len(),
+            0,
+            "the gone client still gets output"
+        );
     }
 }

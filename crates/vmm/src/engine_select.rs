@@ -4,7 +4,7 @@ use lodge_emulator::EmulatorEngine;
 use lodge_engine::kvm::{self, KvmEngine, KvmFlavor};
 use lodge_engine::{Engine, EngineError};
 
-use crate::config::EngineChoice;
+use lodge_contract::EngineChoice;
 
 /// The engine chosen and a sentence saying why, for the user.
 pub struct SelectedEngine {

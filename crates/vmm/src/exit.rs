@@ -43,25 +43,6 @@ impl fmt::Display for ExitReason {
     }
 }
 
-/// What the exit file says, for a supervisor that may not be the VMM's parent.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ExitRecord {
-    pub reason: String,
-    pub status: i32,
-    pub boot_time_ms: Option<u64>,
-}
-
-impl ExitRecord {
-    /// Writes the record atomically (temporary file, then rename) so a reader never sees half.
-    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(".tmp");
-        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        std::fs::write(&temporary, json)?;
-        std::fs::rename(&temporary, path)
-    }
-}
-
 /// The first reason any thread gives for ending the VM, plus an eventfd that wakes the main
 /// loop when one is given.
 pub struct ExitSignal {
@@ -115,21 +96,6 @@ mod tests {
         signal.request(ExitReason::Stopped("late".into()));
         assert_eq!(signal.reason(), Some(ExitReason::GuestReset));
         assert_eq!(signal.event().read().unwrap(), 2);
-    }
-
-    #[test]
-    fn exit_record_round_trips_through_its_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("exit.json");
-        let record = ExitRecord {
-            reason: "Guest reset".into(),
-            status: 0,
-            boot_time_ms: Some(812),
-        };
-        record.write(&path).unwrap();
-        let read: ExitRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        assert_eq!(read, record);
-        assert!(!dir.path().join("exit.json.tmp").exists());
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! One virtual machine: configuration, memory layout, x86-64 boot, devices, vCPU threads and
-//! the event loop.
+//! One virtual machine: memory layout, x86-64 boot, devices, vCPU threads and the event loop.
 //!
-//! [`Machine::build`] turns a validated [`VmConfig`] into guest memory, devices on the buses
-//! and vCPUs in their boot state on the chosen engine; [`Machine::run`] runs it until the
-//! guest resets or powers off, the engine fails, or the host stops it.
+//! [`Machine::build`] turns a validated [`lodge_contract::MachineConfig`] into guest memory,
+//! devices on the buses and vCPUs in their boot state on the chosen engine;
+//! [`supervision::attach`] adds what a supervisor asked for (console log, console and control
+//! sockets); [`Machine::run`] runs the VM until the guest resets or powers off, the engine
+//! fails, or the host stops it.
 
 pub mod boot;
-pub mod config;
 pub mod console;
 pub mod console_sinks;
 pub mod control;
@@ -16,11 +16,11 @@ pub mod exit;
 pub mod layout;
 mod machine;
 pub mod memory;
+pub mod supervision;
 pub mod testing;
 mod unix_socket;
 mod vcpu;
 
-pub use config::VmConfig;
 pub use exit::ExitReason;
 pub use machine::{
     Machine, MachineError, MachineHandle, MachineOptions, RunSummary, PAUSE_TIMEOUT,

@@ -8,17 +8,19 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use lodge_bus::IoBus;
+use lodge_contract::control::ControlTarget;
+use lodge_contract::{ConsoleConfig, EngineKind, MachineConfig, RunState, VmmStatus};
+use lodge_devices::serial::SerialConsole;
 use lodge_devices::virtio::{BlockConfig, VirtioBlock, VirtioRng};
+use lodge_devices::{BootTimeHandle, PowerButtonHandle};
 use lodge_engine::{Engine, EngineError, InterruptModel, Vcpu, VcpuStopper, Vm, VmSpec};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::{self, BootError, LoadedKernel};
-use crate::config::{ConsoleConfig, VmConfig};
 use crate::console::{self, StdinInput};
-use crate::console_sinks::{CappedLog, ConsoleClients, ConsoleFanout, ConsoleSocket};
-use crate::control::ControlSocket;
+use crate::console_sinks::{ConsoleFanout, ConsoleTaps};
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, MemoryError};
@@ -29,6 +31,8 @@ use crate::vcpu::{self, PauseTimeout, VcpuGate};
 pub enum MachineError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("Cannot build {0} vCPUs")]
+    VcpuCount(u32),
     #[error("Cannot create the VM")]
     CreateVm(#[source] EngineError),
     #[error("Cannot create vCPU {index}")]
@@ -61,13 +65,6 @@ pub enum MachineError {
     Signals(#[source] nix::Error),
     #[error("Cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    #[error("Cannot open the {what} at {path}")]
-    Socket {
-        what: &'static str,
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// How the VM is attached to the process running it.
@@ -111,6 +108,9 @@ pub struct MachineHandle {
     gate: Arc<VcpuGate>,
     stoppers: Arc<Mutex<Vec<Arc<dyn VcpuStopper>>>>,
     exit: Arc<ExitSignal>,
+    boot_time: BootTimeHandle,
+    power_button: PowerButtonHandle,
+    engine: EngineKind,
 }
 
 impl MachineHandle {
@@ -137,6 +137,39 @@ impl MachineHandle {
     }
 }
 
+/// The control socket's requests, on this VM.
+impl ControlTarget for MachineHandle {
+    fn pause(&self) -> Result<(), String> {
+        MachineHandle::pause(self).map_err(|e| e.to_string())
+    }
+
+    fn resume(&self) {
+        MachineHandle::resume(self);
+    }
+
+    /// The guest decides when to power off.
+    fn press_power_button(&self) {
+        self.power_button.press();
+    }
+
+    fn stop(&self) {
+        MachineHandle::stop(self, "stop requested on the control socket");
+    }
+
+    fn status(&self) -> VmmStatus {
+        VmmStatus {
+            state: if self.is_paused() {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
+            boot_time_ms: self.boot_time.boot_time().map(|t| t.as_millis() as u64),
+            pid: std::process::id(),
+            engine: self.engine,
+        }
+    }
+}
+
 /// A VM ready to run.
 pub struct Machine {
     // Field order matters for drop: vCPUs and devices go before the engine VM and memory.
@@ -148,18 +181,21 @@ pub struct Machine {
     cmdline: String,
     options: MachineOptions,
     console_is_stdio: bool,
+    console_taps: Arc<ConsoleTaps>,
     handle: MachineHandle,
-    /// Console and control sockets, served by the event loop.
-    sockets: Vec<Subscriber>,
+    /// Served by the event loop besides the devices (a supervisor's sockets).
+    extra_subscribers: Vec<Subscriber>,
 }
 
 impl Machine {
     /// Builds the VM `config` describes on `engine`. The config must have been validated.
     pub fn build(
-        config: &VmConfig,
+        config: &MachineConfig,
         engine: &dyn Engine,
         options: MachineOptions,
     ) -> Result<Self, MachineError> {
+        let vcpu_count =
+            u8::try_from(config.cpus).map_err(|_| MachineError::VcpuCount(config.cpus))?;
         let memory = memory::allocate(config.memory.bytes())?;
         // Kernel and initrd first: a bad image is reported before anything else is set up.
         let loaded = boot::load_images(&memory, &config.kernel, config.initrd.as_deref())?;
@@ -167,24 +203,14 @@ impl Machine {
         let engine_vm = engine
             .create_vm(VmSpec {
                 memory: memory.clone(),
-                vcpu_count: config.cpus,
+                vcpu_count,
                 io: io.clone(),
             })
             .map_err(MachineError::CreateVm)?;
 
         let primary = console::output(&config.console).map_err(MachineError::ConsoleOutput)?;
-        let log = match &config.console_log {
-            Some(log) => Some(CappedLog::open(&log.path, log.limit).map_err(|source| {
-                MachineError::Socket {
-                    what: "console log",
-                    path: log.path.clone(),
-                    source,
-                }
-            })?),
-            None => None,
-        };
-        let clients = Arc::new(ConsoleClients::default());
-        let output = Box::new(ConsoleFanout::new(primary, log, clients.clone()));
+        let console_taps = Arc::new(ConsoleTaps::default());
+        let output = Box::new(ConsoleFanout::new(primary, console_taps.clone()));
         let exit = Arc::new(ExitSignal::new().map_err(MachineError::EventFd)?);
         // Recorded on the vCPU thread at the reset pulse: whatever the guest runs after it
         // (Linux tries other reset methods next) must not become the VM's exit reason.
@@ -217,13 +243,13 @@ impl Machine {
             cmdline.push_str(arg);
         }
         let mp_table = match engine_vm.interrupt_model() {
-            InterruptModel::Apic => Some(config.cpus),
+            InterruptModel::Apic => Some(vcpu_count),
             InterruptModel::Pic => None,
         };
         let boot_state = boot::write_boot_parameters(&memory, &loaded, &cmdline, mp_table)?;
 
-        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-        for index in 0..config.cpus {
+        let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+        for index in 0..vcpu_count {
             let vcpu = engine_vm
                 .create_vcpu(index)
                 .map_err(|source| MachineError::CreateVcpu { index, source })?;
@@ -238,36 +264,11 @@ impl Machine {
             gate: Arc::new(VcpuGate::default()),
             stoppers: Arc::new(Mutex::new(vcpus.iter().map(|v| v.stopper()).collect())),
             exit,
+            boot_time: devices.boot_time(),
+            power_button: devices.power_button(),
+            engine: engine.kind(),
         };
-        let mut sockets: Vec<Subscriber> = Vec::new();
-        if let Some(path) = &config.console_socket {
-            let socket =
-                ConsoleSocket::bind(path, clients, devices.serial()).map_err(|source| {
-                    MachineError::Socket {
-                        what: "console socket",
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-            sockets.push(Arc::new(Mutex::new(socket)));
-        }
-        if let Some(path) = &config.api_socket {
-            let control = ControlSocket::bind(
-                path,
-                handle.clone(),
-                devices.boot_time(),
-                devices.power_button(),
-                engine.kind(),
-            )
-            .map_err(|source| MachineError::Socket {
-                what: "control socket",
-                path: path.clone(),
-                source,
-            })?;
-            sockets.push(Arc::new(Mutex::new(control)));
-        }
         Ok(Self {
-            sockets,
             vcpus,
             devices,
             engine_vm,
@@ -275,8 +276,10 @@ impl Machine {
             loaded,
             cmdline,
             console_is_stdio: config.console == ConsoleConfig::Stdio,
+            console_taps,
             options,
             handle,
+            extra_subscribers: Vec::new(),
         })
     }
 
@@ -295,6 +298,21 @@ impl Machine {
         self.handle.clone()
     }
 
+    /// Where serial output goes besides the primary console.
+    pub fn console_taps(&self) -> Arc<ConsoleTaps> {
+        self.console_taps.clone()
+    }
+
+    /// The serial console (to feed it input).
+    pub fn serial(&self) -> Arc<Mutex<SerialConsole>> {
+        self.devices.serial()
+    }
+
+    /// Adds something for the event loop to serve while the VM runs.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.extra_subscribers.push(subscriber);
+    }
+
     /// Runs the VM until the guest or the host ends it.
     pub fn run(self) -> Result<RunSummary, MachineError> {
         let mut event_manager: EventManager<Subscriber> =
@@ -309,7 +327,12 @@ impl Machine {
             },
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
-        for subscriber in self.devices.subscribers().iter().chain(&self.sockets) {
+        for subscriber in self
+            .devices
+            .subscribers()
+            .iter()
+            .chain(&self.extra_subscribers)
+        {
             event_manager.add_subscriber(subscriber.clone());
         }
         if self.options.console_input && self.console_is_stdio {

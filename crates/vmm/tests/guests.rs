@@ -11,11 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
+use lodge_contract::{ByteSize, ConsoleConfig, ConsoleLogConfig, EngineChoice, VmConfig};
 use lodge_engine::kvm;
-use lodge_vmm::config::{ConsoleConfig, ConsoleLogConfig, EngineChoice, MemorySize};
-use lodge_vmm::engine_select;
 use lodge_vmm::testing::{vmlinux_from_code, TEST_KERNEL_ENTRY};
-use lodge_vmm::{ExitReason, Machine, MachineOptions, RunSummary, VmConfig};
+use lodge_vmm::{engine_select, supervision};
+use lodge_vmm::{ExitReason, Machine, MachineOptions, RunSummary};
 
 /// A guest's kernel file, console log and config.
 struct TestGuest {
@@ -35,10 +35,11 @@ impl TestGuest {
         let mut kernel = tempfile::NamedTempFile::new().unwrap();
         kernel.write_all(&vmlinux_from_code(&code)).unwrap();
         let console = tempfile::NamedTempFile::new().unwrap();
-        let mut config = VmConfig::new(kernel.path());
-        config.memory = MemorySize(64 << 20);
-        config.engine = engine;
-        config.console = ConsoleConfig::File(console.path().to_owned());
+        let mut config = VmConfig::default();
+        config.machine.kernel = kernel.path().to_owned();
+        config.machine.memory = ByteSize::from_bytes(64 << 20);
+        config.machine.engine = engine;
+        config.machine.console = ConsoleConfig::File(console.path().to_owned());
         Self {
             _kernel: kernel,
             console,
@@ -47,14 +48,16 @@ impl TestGuest {
     }
 
     fn machine(&self) -> Machine {
-        self.config.validate(u64::MAX).unwrap();
-        let selected = engine_select::select(self.config.engine).unwrap();
-        Machine::build(
-            &self.config,
+        self.config.machine.validate(None).unwrap();
+        let selected = engine_select::select(self.config.machine.engine).unwrap();
+        let mut machine = Machine::build(
+            &self.config.machine,
             selected.engine.as_ref(),
             MachineOptions::default(),
         )
-        .unwrap()
+        .unwrap();
+        supervision::attach(&mut machine, &self.config.supervision).unwrap();
+        machine
     }
 
     fn run(&self) -> RunSummary {
@@ -125,7 +128,7 @@ fn reads_virtio_magic_over_mmio(engine: EngineChoice) {
         i8042_reset(asm)
     });
     let mut config_guest = guest;
-    config_guest.config.rng = true;
+    config_guest.config.machine.rng = true;
     let summary = config_guest.run();
     assert_eq!(summary.reason, ExitReason::GuestReset);
     assert_eq!(config_guest.console_output(), "virt");
@@ -237,9 +240,9 @@ fn sockets_drive_the_vm(engine: EngineChoice) {
     let api = dir.path().join("api.sock");
     let console = dir.path().join("console.sock");
     let log = dir.path().join("console.log");
-    guest.config.api_socket = Some(api.clone());
-    guest.config.console_socket = Some(console.clone());
-    guest.config.console_log = Some(ConsoleLogConfig {
+    guest.config.supervision.api_socket = Some(api.clone());
+    guest.config.supervision.console_socket = Some(console.clone());
+    guest.config.supervision.console_log = Some(ConsoleLogConfig {
         path: log.clone(),
         limit: 1 << 20,
     });
@@ -302,7 +305,7 @@ fn control_socket_outlives_a_client_that_does_not_read() {
     });
     let dir = tempfile::tempdir().unwrap();
     let api = dir.path().join("api.sock");
-    guest.config.api_socket = Some(api.clone());
+    guest.config.supervision.api_socket = Some(api.clone());
     let machine = guest.machine();
     let runner = std::thread::spawn(move || machine.run().unwrap());
 

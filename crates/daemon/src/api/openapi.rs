@@ -31,7 +31,8 @@ use crate::model;
         disks::list, disks::create, disks::show, disks::delete,
     ),
     components(schemas(
-        model::Vm, model::VmState, model::Engine, model::DiskAttachment, model::CreateVm,
+        model::Vm, model::VmState, model::EngineChoice, model::EngineKind, model::DiskAttachment,
+        model::CreateVm,
         model::UpdateVm, model::VmRuntime, model::VmExit, model::Disk, model::DiskState,
         model::ImportProgress, model::CreateDisk, model::HostInfo, model::ErrorBody,
         model::ErrorDetail,

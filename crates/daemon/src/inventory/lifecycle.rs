@@ -9,6 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use lodge_contract::{
+    ByteSize, ConsoleConfig, ConsoleLogConfig, ControlRequest, DiskConfig, ExitRecord as VmmExit,
+    MachineConfig, RunState, Supervision, VmConfig,
+};
 use tokio::sync::watch;
 
 use super::{create_dir, lock, Inventory, InventoryError, Result};
@@ -16,7 +20,7 @@ use crate::config::VmPaths;
 use crate::db::{now_ms, ExitRecord, RuntimeRecord, VmRecord};
 use crate::model::{DiskState, Vm, VmState};
 use crate::supervisor::{self, PidWatch};
-use crate::vmm::{self, ConsoleLog, Request, VmmConfig, VmmDisk};
+use crate::vmm;
 
 /// How long the VMM gets to end after a `stop` request before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -174,11 +178,11 @@ impl Inventory {
     }
 
     pub async fn pause_vm(self: &Arc<Self>, name: &str) -> Result<Vm> {
-        self.pause_or_resume(name, Request::Pause).await
+        self.pause_or_resume(name, ControlRequest::Pause {}).await
     }
 
     pub async fn resume_vm(self: &Arc<Self>, name: &str) -> Result<Vm> {
-        self.pause_or_resume(name, Request::Resume).await
+        self.pause_or_resume(name, ControlRequest::Resume {}).await
     }
 
     /// Stops the VM gracefully (as [`Inventory::stop_vm`]) and starts it again; a VM that
@@ -365,34 +369,42 @@ impl Inventory {
         Ok(())
     }
 
-    fn vmm_config(&self, record: &VmRecord, paths: &VmPaths) -> VmmConfig {
+    fn vmm_config(&self, record: &VmRecord, paths: &VmPaths) -> VmConfig {
         let settings = &record.settings;
-        VmmConfig {
+        let machine = MachineConfig {
+            // Empty: `lodge run` boots the default guest image.
             kernel: settings.kernel.clone().unwrap_or_default().into(),
             initrd: settings.initrd.clone().map(Into::into),
             cmdline: settings.cmdline.clone(),
             append: settings.append.clone(),
             cpus: settings.cpus,
-            memory: settings.memory_mib,
+            // Checked against the limits when the settings were saved.
+            memory: ByteSize::from_mib(settings.memory_mib).unwrap_or_default(),
             disks: settings
                 .disks
                 .iter()
                 .zip(&record.disk_paths)
-                .map(|(attachment, path)| VmmDisk {
+                .map(|(attachment, path)| DiskConfig {
                     path: path.into(),
                     read_only: attachment.read_only,
                 })
                 .collect(),
             rng: settings.rng,
-            engine: settings.engine.as_str().to_owned(),
-            console: "none".to_owned(),
-            api_socket: paths.api_socket(),
-            console_log: ConsoleLog {
+            engine: settings.engine,
+            console: ConsoleConfig::None,
+        };
+        let supervision = Supervision {
+            api_socket: Some(paths.api_socket()),
+            console_socket: Some(paths.console_socket()),
+            console_log: Some(ConsoleLogConfig {
                 path: paths.console_log(),
                 limit: self.config.console_log_limit,
-            },
-            console_socket: paths.console_socket(),
-            exit_file: paths.exit_file(),
+            }),
+            exit_file: Some(paths.exit_file()),
+        };
+        VmConfig {
+            machine,
+            supervision,
         }
     }
 
@@ -434,13 +446,13 @@ impl Inventory {
         Ok(())
     }
 
-    async fn pause_or_resume(self: &Arc<Self>, name: &str, request: Request) -> Result<Vm> {
+    async fn pause_or_resume(self: &Arc<Self>, name: &str, request: ControlRequest) -> Result<Vm> {
         let id = self.record(name)?.id;
         let lock = self.vm_lock(id);
         let _guard = lock.lock().await;
         let record = self.record(name)?;
         let (from, to, hint) = match request {
-            Request::Pause => (
+            ControlRequest::Pause {} => (
                 VmState::Running,
                 VmState::Paused,
                 "only a running VM can be paused",
@@ -456,10 +468,10 @@ impl Inventory {
         }
         let socket = self.vm_paths(id).api_socket();
         if let Err(source) = vmm::request(&socket, request).await {
-            if request == Request::Pause {
+            if request == (ControlRequest::Pause {}) {
                 // A pause the VMM could not complete still holds the vCPUs that did park;
                 // the inventory says running, so the VM must run.
-                let _ = vmm::request(&socket, Request::Resume).await;
+                let _ = vmm::request(&socket, ControlRequest::Resume {}).await;
             }
             return Err(InventoryError::Vmm {
                 name: record.name.clone(),
@@ -508,9 +520,9 @@ impl Inventory {
         let socket = process.paths.api_socket();
         if paused {
             // A paused guest cannot answer the power button.
-            let _ = vmm::request(&socket, Request::Resume).await;
+            let _ = vmm::request(&socket, ControlRequest::Resume {}).await;
         }
-        match vmm::request(&socket, Request::Shutdown).await {
+        match vmm::request(&socket, ControlRequest::Shutdown {}).await {
             Ok(_) => {
                 if process.wait_exit(timeout).await {
                     return;
@@ -528,7 +540,7 @@ impl Inventory {
     /// `stop` request, then SIGKILL; returns once the exit is recorded.
     async fn force_stop(&self, process: &Process) {
         process.stop_requested.store(true, Ordering::Relaxed);
-        let _ = vmm::request(&process.paths.api_socket(), Request::Stop).await;
+        let _ = vmm::request(&process.paths.api_socket(), ControlRequest::Stop {}).await;
         if process.wait_exit(STOP_GRACE).await {
             return;
         }
@@ -552,20 +564,16 @@ impl Inventory {
             if *exited.borrow() {
                 return;
             }
-            if let Ok(status) = vmm::request(&socket, Request::Status).await {
-                let state = if status.state == "paused" {
-                    VmState::Paused
-                } else {
-                    VmState::Running
+            if let Ok(status) = vmm::request(&socket, ControlRequest::Status {}).await {
+                let state = match status.state {
+                    RunState::Paused => VmState::Paused,
+                    RunState::Running => VmState::Running,
                 };
                 {
                     let db = self.db();
                     let _ = db.transition(process.id, &[VmState::Starting], state);
-                    let _ = db.set_runtime_info(
-                        process.id,
-                        status.engine.as_deref(),
-                        status.boot_time_ms,
-                    );
+                    let _ =
+                        db.set_runtime_info(process.id, Some(status.engine), status.boot_time_ms);
                 }
                 if status.boot_time_ms.is_some() || tokio::time::Instant::now() > deadline {
                     return;
@@ -640,7 +648,7 @@ fn exit_outcome(
     status: Option<ExitStatus>,
     was_watched: bool,
 ) -> (VmState, ExitRecord) {
-    let report = vmm::read_exit_report(&paths.exit_file());
+    let report = VmmExit::read(&paths.exit_file());
     let (state, exit_status, reason) = match (&report, status) {
         (Some(report), _) => {
             let state = if report.status == 0 {

@@ -14,27 +14,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use lodge_contract::{limits, ByteSize};
+
 use crate::capacity::{CapacityError, HostCapacity};
 use crate::config::{DaemonConfig, Paths, VmPaths};
 use crate::db::{rfc3339, Db, DbError, VmRecord, VmSettings};
-use crate::model::{CreateVm, Engine, HostInfo, UpdateVm, Vm, VmExit, VmRuntime, VmState};
+use crate::model::{CreateVm, HostInfo, UpdateVm, Vm, VmExit, VmRuntime, VmState};
 use crate::storage::StorageError;
 use crate::vmm::VmmError;
 
 pub(crate) use lifecycle::error_chain;
 pub use lifecycle::{Process, Reconciled};
-
-/// Most vCPUs a VM may have (the VMM's limit).
-pub const MAX_VCPUS: u32 = 32;
-/// Least memory a VM may have (the VMM's limit).
-pub const MIN_MEMORY_MIB: u64 = 64;
-/// Most memory a VM may have, far above any host here, to keep arithmetic sane.
-pub const MAX_MEMORY_MIB: u64 = 1 << 30;
-/// Longest kernel command line (`cmdline` plus `append`) accepted. The kernel takes 2048
-/// bytes in all, and the VMM adds its default command line when none is given, the devices
-/// it announces (about 35 bytes per virtio device) and its engine's arguments: half is left
-/// for those so a VM the API accepts always boots.
-const MAX_CMDLINE: usize = 1024;
 
 /// Why an operation was refused or failed. [`InventoryError::status_and_code`] maps each to
 /// the API's status and stable error code.
@@ -325,24 +315,10 @@ fn create_dir(dir: &Path) -> Result<()> {
 
 fn validate_settings(settings: &VmSettings) -> Result<()> {
     let invalid = |message: String| Err(InventoryError::Invalid(message));
-    if settings.cpus == 0 || settings.cpus > MAX_VCPUS {
-        return invalid(format!(
-            "Invalid vCPU count {} (1 to {MAX_VCPUS})",
-            settings.cpus
-        ));
-    }
-    if settings.engine == Engine::Emulator && settings.cpus > 1 {
-        return invalid(format!(
-            "The software engine runs one vCPU ({} requested)",
-            settings.cpus
-        ));
-    }
-    if settings.memory_mib < MIN_MEMORY_MIB || settings.memory_mib > MAX_MEMORY_MIB {
-        return invalid(format!(
-            "Invalid memory {} MiB ({MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB)",
-            settings.memory_mib
-        ));
-    }
+    let limit = |error: limits::LimitError| InventoryError::Invalid(error.to_string());
+    limits::check_vcpus(settings.cpus, settings.engine.kind()).map_err(limit)?;
+    let memory = ByteSize::from_mib(settings.memory_mib).unwrap_or(ByteSize::from_bytes(u64::MAX));
+    limits::check_memory(memory).map_err(limit)?;
     for (what, path) in [("Kernel", &settings.kernel), ("Initrd", &settings.initrd)] {
         if let Some(path) = path {
             let path = PathBuf::from(path);
@@ -354,17 +330,7 @@ fn validate_settings(settings: &VmSettings) -> Result<()> {
             }
         }
     }
-    let cmdline_length = settings.cmdline.as_ref().map_or(0, String::len)
-        + settings.append.iter().map(|a| a.len() + 1).sum::<usize>();
-    if cmdline_length > MAX_CMDLINE {
-        return invalid(format!(
-            "Kernel command line is {cmdline_length} bytes (at most {MAX_CMDLINE})"
-        ));
-    }
-    let texts = settings.cmdline.iter().chain(settings.append.iter());
-    if texts.into_iter().any(|text| text.contains('\0')) {
-        return invalid("Kernel command line contains a NUL byte".to_owned());
-    }
+    limits::check_cmdline(settings.cmdline.as_deref(), &settings.append).map_err(limit)?;
     for attachment in &settings.disks {
         crate::model::validate_name(&attachment.disk).map_err(InventoryError::Invalid)?;
     }
@@ -395,7 +361,7 @@ fn to_vm(record: &VmRecord) -> Vm {
                 Some(VmRuntime {
                     pid: runtime.pid?,
                     started_at: rfc3339(runtime.started_at),
-                    engine: runtime.engine.clone(),
+                    engine: runtime.engine,
                     boot_time_ms: runtime.boot_time_ms,
                 })
             }),

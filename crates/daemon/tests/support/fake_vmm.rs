@@ -7,7 +7,8 @@
 //! - `fake.vanish_after_ms=N`: after N ms, die by SIGKILL without a report;
 //! - `fake.start_delay_ms=N`: wait N ms before opening the control socket;
 //! - `fake.console_spam=N`: write N console lines at start (log rotation);
-//! - `fake.pause_incomplete`: a pause parks the vCPUs but reports that one did not park.
+//! - `fake.pause_incomplete`: a pause parks the vCPUs but reports that one did not park (a
+//!   second pause without a resume in between succeeds: by then it has parked).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use lodge_contract::control::{handle_line, ControlTarget};
+use lodge_contract::{EngineKind, ExitRecord, RunState, VmConfig, VmmStatus};
 
 struct Console {
     log: PathBuf,
@@ -56,70 +58,66 @@ struct Vmm {
 
 impl Vmm {
     fn exit(&self, reason: &str, status: i32) -> ! {
-        let report = json!({ "reason": reason, "status": status, "boot_time_ms": *self.booted_ms.lock().unwrap() });
-        std::fs::write(&self.exit_file, report.to_string()).expect("write exit file");
+        let record = ExitRecord {
+            reason: reason.to_owned(),
+            status,
+            boot_time_ms: *self.booted_ms.lock().unwrap(),
+        };
+        record.write(&self.exit_file).expect("write exit file");
         eprintln!("fake-vmm: {reason}");
         std::process::exit(status);
     }
+}
 
-    fn status(&self) -> Value {
-        let state = if self.paused.load(Ordering::SeqCst) {
-            "paused"
-        } else {
-            "running"
-        };
-        json!({
-            "ok": true,
-            "state": state,
-            "boot_time_ms": *self.booted_ms.lock().unwrap(),
-            "pid": std::process::id(),
-            "engine": "emulator",
-        })
+/// Answers as the real control socket does (the contract's `handle_line` drives both).
+impl ControlTarget for &'static Vmm {
+    fn pause(&self) -> Result<(), String> {
+        let was_paused = self.paused.swap(true, Ordering::SeqCst);
+        // The stuck vCPU parks late: a pause repeated without a resume in between finds
+        // every vCPU parked, as the real VMM would.
+        if self.pause_incomplete && !was_paused {
+            return Err("1 of 1 vCPUs still running after 2s".into());
+        }
+        Ok(())
     }
 
-    fn handle(&'static self, request: &str) -> Value {
-        let request: Value = match serde_json::from_str(request) {
-            Ok(value) => value,
-            Err(e) => return json!({ "ok": false, "error": format!("Invalid request: {e}") }),
-        };
-        match request["request"].as_str() {
-            Some("status") => self.status(),
-            Some("pause") => {
-                if self.paused.swap(true, Ordering::SeqCst) {
-                    return json!({ "ok": false, "error": "Already paused" });
-                }
-                if self.pause_incomplete {
-                    return json!({ "ok": false, "error": "Pause incomplete: 1 of 1 vCPUs still running after 2s" });
-                }
-                self.status()
-            }
-            Some("resume") => {
-                if !self.paused.swap(false, Ordering::SeqCst) {
-                    return json!({ "ok": false, "error": "Not paused" });
-                }
-                self.status()
-            }
-            Some("shutdown") => {
-                if !self.ignore_shutdown {
-                    self.console
-                        .lock()
-                        .unwrap()
-                        .write("fake: power button pressed, powering off\n");
-                    std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_millis(100));
-                        self.exit("Guest powered off", 0);
-                    });
-                }
-                self.status()
-            }
-            Some("stop") => {
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(20));
-                    self.exit("Stopped on request", 0);
-                });
-                self.status()
-            }
-            _ => json!({ "ok": false, "error": "Unknown request" }),
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    fn press_power_button(&self) {
+        if self.ignore_shutdown {
+            return;
+        }
+        self.console
+            .lock()
+            .unwrap()
+            .write("fake: power button pressed, powering off\n");
+        let vmm: &'static Vmm = self;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            vmm.exit("Guest powered off", 0);
+        });
+    }
+
+    fn stop(&self) {
+        let vmm: &'static Vmm = self;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            vmm.exit("Stopped on request", 0);
+        });
+    }
+
+    fn status(&self) -> VmmStatus {
+        VmmStatus {
+            state: if self.paused.load(Ordering::SeqCst) {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
+            boot_time_ms: *self.booted_ms.lock().unwrap(),
+            pid: std::process::id(),
+            engine: EngineKind::Emulator,
         }
     }
 }
@@ -141,33 +139,26 @@ fn main() {
         args.len() == 4 && args[1] == "run" && args[2] == "--config",
         "usage: run --config FILE"
     );
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(&args[3]).unwrap()).unwrap();
-    let path = |key: &str| {
-        PathBuf::from(
-            config[key]
-                .as_str()
-                .unwrap_or_else(|| panic!("{key} missing")),
-        )
-    };
-    let append: Vec<String> = config["append"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let config = VmConfig::from_file(args[3].as_ref()).expect("a valid VM config");
+    let supervision = config.supervision;
+    let path = |what: &str, path: Option<PathBuf>| path.unwrap_or_else(|| panic!("{what} missing"));
+    let append = config.machine.append;
+    let console_log = path(
+        "console_log",
+        supervision.console_log.as_ref().map(|log| log.path.clone()),
+    );
+    let console_log_limit = supervision.console_log.as_ref().map_or(0, |log| log.limit);
     eprintln!("fake-vmm: pid {} config {}", std::process::id(), args[3]);
     let vmm: &'static Vmm = Box::leak(Box::new(Vmm {
         console: Mutex::new(Console {
-            log: PathBuf::from(config["console_log"]["path"].as_str().unwrap()),
-            limit: config["console_log"]["limit"].as_u64().unwrap(),
+            log: console_log,
+            limit: console_log_limit,
             clients: Vec::new(),
         }),
         paused: AtomicBool::new(false),
         start: Instant::now(),
         booted_ms: Mutex::new(None),
-        exit_file: path("exit_file"),
+        exit_file: path("exit_file", supervision.exit_file),
         ignore_shutdown: flag(&append, "fake.ignore_shutdown").is_some(),
         pause_incomplete: flag(&append, "fake.pause_incomplete").is_some(),
     }));
@@ -184,7 +175,7 @@ fn main() {
         }
     }
 
-    let console = UnixListener::bind(path("console_socket")).unwrap();
+    let console = UnixListener::bind(path("console_socket", supervision.console_socket)).unwrap();
     std::thread::spawn(move || {
         for client in console.incoming().flatten() {
             let reader = client.try_clone().unwrap();
@@ -203,16 +194,17 @@ fn main() {
         }
     });
 
-    let api = UnixListener::bind(path("api_socket")).unwrap();
+    let api = UnixListener::bind(path("api_socket", supervision.api_socket)).unwrap();
     std::thread::spawn(move || {
         for client in api.incoming().flatten() {
             std::thread::spawn(move || {
                 let mut writer = client.try_clone().unwrap();
-                for line in BufReader::new(client).lines() {
+                for line in BufReader::new(client).split(b'\n') {
                     let Ok(line) = line else { break };
-                    let mut response = vmm.handle(&line).to_string();
-                    response.push('\n');
-                    if writer.write_all(response.as_bytes()).is_err() {
+                    if writer
+                        .write_all(&handle_line(&vmm, &line).to_line())
+                        .is_err()
+                    {
                         break;
                     }
                 }

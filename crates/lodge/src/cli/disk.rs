@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use hyper::Method;
-use lodge_daemon::model::{Disk, DiskState};
-use serde_json::json;
+use lodge_contract::{ByteSize, SizeUnit};
+use lodge_daemon::model::{CreateDisk, Disk, DiskState};
 
-use super::format::{bytes, parse_bytes, table, Progress};
+use super::format::{bytes, table, Progress};
 use super::{print_json, run_client, segment, ClientArgs};
 
 #[derive(Args, Debug)]
@@ -51,7 +51,11 @@ pub fn run(args: DiskArgs) -> ExitCode {
         let json_output = args.client.json;
         match args.command {
             DiskCommand::Create { name, size } => {
-                let body = json!({"name": name, "size_bytes": parse_bytes(&size)?});
+                let body = CreateDisk {
+                    name,
+                    size_bytes: Some(ByteSize::parse(&size, SizeUnit::Byte)?.bytes()),
+                    source: None,
+                };
                 let disk: Disk = client.call(Method::POST, "/v1/disks", Some(&body)).await?;
                 show(&disk, json_output)
             }
@@ -61,7 +65,11 @@ pub fn run(args: DiskArgs) -> ExitCode {
                 no_wait,
             } => {
                 let source = std::path::absolute(&source)?;
-                let body = json!({"name": name, "source": source});
+                let body = CreateDisk {
+                    name: name.clone(),
+                    size_bytes: None,
+                    source: Some(source.display().to_string()),
+                };
                 let mut disk: Disk = client.call(Method::POST, "/v1/disks", Some(&body)).await?;
                 let path = format!("/v1/disks/{}", segment(&name));
                 let mut progress = Progress::new();

@@ -58,44 +58,6 @@ pub fn bytes(bytes: u64) -> String {
     }
 }
 
-/// Parses `10G`, `512M`, `4096K`, `1T`, or plain bytes.
-pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| anyhow::anyhow!("Invalid size '{text}' (examples: 10G, 512M)"))?;
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => anyhow::bail!("Invalid size '{text}' (examples: 10G, 512M)"),
-    };
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| anyhow::anyhow!("Size '{text}' is too large"))
-}
-
-/// Parses a memory size into MiB: `512M`, `2G`, or a plain number of MiB.
-pub fn parse_mib(text: &str) -> anyhow::Result<u64> {
-    let trimmed = text.trim();
-    if trimmed.bytes().all(|b| b.is_ascii_digit()) {
-        return trimmed
-            .parse()
-            .map_err(|_| anyhow::anyhow!("Invalid memory size '{text}'"));
-    }
-    let bytes = parse_bytes(trimmed)?;
-    if !bytes.is_multiple_of(1 << 20) {
-        anyhow::bail!("Memory size '{text}' is not a whole number of MiB");
-    }
-    Ok(bytes >> 20)
-}
-
 /// A one-line progress indicator on stderr, redrawn in place on a terminal and printed
 /// once otherwise.
 pub struct Progress {
@@ -152,19 +114,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn formats_and_parses_sizes() {
+    fn formats_sizes() {
         assert_eq!(mib(256), "256M");
         assert_eq!(mib(2048), "2G");
         assert_eq!(mib(1536), "1.5G");
         assert_eq!(bytes(512), "512B");
         assert_eq!(bytes(10 << 30), "10.0G");
-        assert_eq!(parse_bytes("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_bytes("4096").unwrap(), 4096);
-        assert!(parse_bytes("ten").is_err());
-        assert!(parse_bytes("1X").is_err());
-        assert_eq!(parse_mib("512").unwrap(), 512);
-        assert_eq!(parse_mib("2G").unwrap(), 2048);
-        assert!(parse_mib("1500K").is_err());
     }
 
     #[test]

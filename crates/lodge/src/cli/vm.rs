@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use hyper::Method;
+use lodge_contract::config::parse_memory;
+use lodge_contract::EngineChoice;
 use lodge_daemon::client::Client;
-use lodge_daemon::model::{DiskAttachment, Engine, Vm, VmState};
-use serde_json::{json, Map, Value};
+use lodge_daemon::model::{CreateVm, DiskAttachment, UpdateVm, Vm, VmState};
 
-use super::format::{mib, parse_mib, table, Progress};
+use super::format::{mib, table, Progress};
 use super::{print_json, run_client, segment, ClientArgs};
 
 #[derive(Args, Debug)]
@@ -272,68 +273,48 @@ pub fn run(args: VmArgs) -> ExitCode {
     })
 }
 
-fn create_body(args: CreateArgs) -> anyhow::Result<Value> {
-    let engine = parse_engine(&args.engine)?;
-    let mut body = json!({
-        "name": args.name,
-        "cpus": args.cpus,
-        "memory_mib": parse_mib(&args.memory)?,
-        "disks": parse_disks(&args.disk)?,
-        "append": args.append,
-        "engine": engine,
-        "rng": args.rng,
-    });
-    let object = body.as_object_mut().expect("object");
-    for (key, value) in [
-        ("kernel", args.kernel),
-        ("initrd", args.initrd),
-        ("cmdline", args.cmdline),
-    ] {
-        if let Some(value) = value {
-            object.insert(key.to_owned(), Value::String(value));
-        }
-    }
-    Ok(body)
+fn create_body(args: CreateArgs) -> anyhow::Result<CreateVm> {
+    Ok(CreateVm {
+        name: args.name,
+        cpus: args.cpus,
+        memory_mib: memory_mib(&args.memory)?,
+        disks: parse_disks(&args.disk)?,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        append: args.append,
+        engine: args.engine.parse::<EngineChoice>()?,
+        rng: args.rng,
+    })
 }
 
-fn update_body(args: UpdateArgs) -> anyhow::Result<Value> {
-    let mut body = Map::new();
-    if let Some(cpus) = args.cpus {
-        body.insert("cpus".into(), json!(cpus));
-    }
-    if let Some(memory) = &args.memory {
-        body.insert("memory_mib".into(), json!(parse_mib(memory)?));
-    }
-    if !args.disk.is_empty() || args.no_disks {
-        body.insert("disks".into(), json!(parse_disks(&args.disk)?));
-    }
-    for (key, value) in [
-        ("kernel", args.kernel),
-        ("initrd", args.initrd),
-        ("cmdline", args.cmdline),
-    ] {
-        if let Some(value) = value {
-            body.insert(key.into(), Value::String(value));
-        }
-    }
-    if !args.append.is_empty() {
-        body.insert("append".into(), json!(args.append));
-    }
-    if let Some(engine) = &args.engine {
-        body.insert("engine".into(), json!(parse_engine(engine)?));
-    }
-    if let Some(rng) = args.rng {
-        body.insert("rng".into(), json!(rng));
-    }
-    if body.is_empty() {
+fn update_body(args: UpdateArgs) -> anyhow::Result<UpdateVm> {
+    let update = UpdateVm {
+        cpus: args.cpus,
+        memory_mib: args.memory.as_deref().map(memory_mib).transpose()?,
+        disks: (!args.disk.is_empty() || args.no_disks)
+            .then(|| parse_disks(&args.disk))
+            .transpose()?,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        append: (!args.append.is_empty()).then_some(args.append),
+        engine: args.engine.as_deref().map(str::parse).transpose()?,
+        rng: args.rng,
+    };
+    if update == UpdateVm::default() {
         anyhow::bail!("Nothing to change: give at least one setting");
     }
-    Ok(Value::Object(body))
+    Ok(update)
 }
 
-fn parse_engine(engine: &str) -> anyhow::Result<Engine> {
-    Engine::parse(engine)
-        .ok_or_else(|| anyhow::anyhow!("Unknown engine '{engine}' (kvm, emulator or auto)"))
+/// `--memory` in the API's unit: `512M`, `2G`, or a plain number of MiB.
+fn memory_mib(text: &str) -> anyhow::Result<u64> {
+    let size = parse_memory(text)?;
+    if !size.bytes().is_multiple_of(1 << 20) {
+        anyhow::bail!("Memory size '{text}' is not a whole number of MiB");
+    }
+    Ok(size.mib())
 }
 
 fn parse_disks(disks: &[String]) -> anyhow::Result<Vec<DiskAttachment>> {
@@ -480,7 +461,7 @@ fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
         lines.push(("PID", runtime.pid.to_string()));
         lines.push(("Started", runtime.started_at.clone()));
         if let Some(engine) = &runtime.engine {
-            lines.push(("Running on", engine.clone()));
+            lines.push(("Running on", engine.to_string()));
         }
         if let Some(boot) = runtime.boot_time_ms {
             lines.push(("Boot time", format!("{boot} ms")));
@@ -526,8 +507,8 @@ fn vm_table(vms: &[Vm]) -> String {
                 vm.disks.len().to_string(),
                 vm.runtime
                     .as_ref()
-                    .and_then(|r| r.engine.clone())
-                    .unwrap_or_else(|| vm.engine.as_str().to_owned()),
+                    .and_then(|r| r.engine)
+                    .map_or_else(|| vm.engine.to_string(), |engine| engine.to_string()),
                 vm.runtime
                     .as_ref()
                     .map_or("-".into(), |r| r.pid.to_string()),
@@ -574,5 +555,13 @@ mod tests {
             rng: None,
         };
         assert!(update_body(args).is_err());
+    }
+
+    #[test]
+    fn memory_is_sent_in_whole_mib() {
+        assert_eq!(memory_mib("512").unwrap(), 512);
+        assert_eq!(memory_mib("2G").unwrap(), 2048);
+        assert!(memory_mib("1500K").is_err());
+        assert!(memory_mib("lots").is_err());
     }
 }
