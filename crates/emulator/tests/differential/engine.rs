@@ -142,6 +142,7 @@ impl Engine {
         Outcome::Faulted {
             vector,
             error_code,
+            address: after.sregs.cr2,
             regs,
         }
     }

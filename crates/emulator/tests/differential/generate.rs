@@ -489,6 +489,7 @@ fn fixups(inst: &Instruction, rng: &mut Rng, regs: &mut [u64; 16]) {
         Mnemonic::Shld | Mnemonic::Shrd if size == 2 && inst.op_kind(2) == OpKind::Register => {
             regs[1] = rng.below(17);
         }
+        // Counts in CL (only: RCX may address memory in the other forms).
         Mnemonic::Shl
         | Mnemonic::Shr
         | Mnemonic::Sar
@@ -496,7 +497,9 @@ fn fixups(inst: &Instruction, rng: &mut Rng, regs: &mut [u64; 16]) {
         | Mnemonic::Ror
         | Mnemonic::Rcl
         | Mnemonic::Rcr
-            if rng.chance(70) =>
+            if inst.op1_kind() == OpKind::Register
+                && inst.op1_register() == Register::CL
+                && rng.chance(70) =>
         {
             regs[1] = (regs[1] & !0xff) | rng.below(70);
         }

@@ -96,6 +96,8 @@ pub enum Outcome {
     Faulted {
         vector: u8,
         error_code: u64,
+        /// CR2 of a #PF.
+        address: u64,
         regs: [u64; 16],
     },
 }
@@ -107,8 +109,9 @@ pub struct Native {
     _guard: std::sync::MutexGuard<'static, ()>,
 }
 
-/// Set by the signal handler: [faulted, vector, error code, 16 registers].
-static FAULT: [AtomicU64; 19] = [const { AtomicU64::new(0) }; 19];
+/// Set by the signal handler: [faulted, vector, error code, 16 registers, CR2].
+static FAULT: [AtomicU64; 20] = [const { AtomicU64::new(0) }; 20];
+const FAULT_CR2: usize = 19;
 
 // ucontext gregs indices (x86-64 Linux).
 const REG_R8: usize = 0;
@@ -124,6 +127,7 @@ const REG_RIP: usize = 16;
 const REG_EFL: usize = 17;
 const REG_ERR: usize = 19;
 const REG_TRAPNO: usize = 20;
+const REG_CR2: usize = 22;
 
 extern "C" fn on_signal(
     signal: libc::c_int,
@@ -161,7 +165,8 @@ extern "C" fn on_signal(
     .map(|v| v as u64);
     FAULT[1].store(g[REG_TRAPNO] as u64, Ordering::SeqCst);
     FAULT[2].store(g[REG_ERR] as u64, Ordering::SeqCst);
-    for (slot, r) in FAULT[3..].iter().zip(regs) {
+    FAULT[FAULT_CR2].store(g[REG_CR2] as u64, Ordering::SeqCst);
+    for (slot, r) in FAULT[3..FAULT_CR2].iter().zip(regs) {
         slot.store(r, Ordering::SeqCst);
     }
     FAULT[0].store(1, Ordering::SeqCst);
@@ -319,12 +324,13 @@ impl Native {
         }
         if FAULT[0].load(Ordering::SeqCst) != 0 {
             let mut regs = [0u64; 16];
-            for (r, slot) in regs.iter_mut().zip(&FAULT[3..]) {
+            for (r, slot) in regs.iter_mut().zip(&FAULT[3..FAULT_CR2]) {
                 *r = slot.load(Ordering::SeqCst);
             }
             return Outcome::Faulted {
                 vector: FAULT[1].load(Ordering::SeqCst) as u8,
                 error_code: FAULT[2].load(Ordering::SeqCst),
+                address: FAULT[FAULT_CR2].load(Ordering::SeqCst),
                 regs,
             };
         }
