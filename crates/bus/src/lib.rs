@@ -5,6 +5,7 @@
 //! engine delivers it (an irqfd for KVM, a direct call into the software engine's PIC).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -114,13 +115,51 @@ impl Bus {
     }
 }
 
-/// The two buses every vCPU sees.
+/// The two buses every vCPU sees, and the requests devices make of the whole machine.
 #[derive(Default)]
 pub struct IoBus {
     /// x86 port I/O (`in`/`out`).
     pub pio: Bus,
     /// Memory-mapped I/O: guest-physical addresses that are not RAM.
     pub mmio: Bus,
+    /// Raised by a device during an access (the i8042's reset line, say). Every engine checks
+    /// it after each access it forwards and ends the vCPU's run there, so no instruction after
+    /// the one that asked runs.
+    pub requests: Arc<MachineRequests>,
+}
+
+/// Something a device asks of the whole machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineRequest {
+    Reset,
+    PowerOff,
+}
+
+/// The first [`MachineRequest`] raised; it stays raised (the machine ends).
+#[derive(Debug, Default)]
+pub struct MachineRequests(AtomicU8);
+
+impl MachineRequests {
+    /// Raises `request` unless another one was raised first.
+    pub fn raise(&self, request: MachineRequest) {
+        let code = match request {
+            MachineRequest::Reset => 1,
+            MachineRequest::PowerOff => 2,
+        };
+        let _ = self
+            .0
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The request raised, if any.
+    #[inline]
+    pub fn pending(&self) -> Option<MachineRequest> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(MachineRequest::Reset),
+            _ => Some(MachineRequest::PowerOff),
+        }
+    }
 }
 
 impl IoBus {
@@ -270,5 +309,15 @@ mod tests {
         line.trigger().unwrap();
         line.trigger().unwrap();
         assert_eq!(line.event().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn the_first_machine_request_wins_and_stays() {
+        let requests = MachineRequests::default();
+        assert_eq!(requests.pending(), None);
+        requests.raise(MachineRequest::Reset);
+        requests.raise(MachineRequest::PowerOff);
+        assert_eq!(requests.pending(), Some(MachineRequest::Reset));
+        assert_eq!(requests.pending(), Some(MachineRequest::Reset));
     }
 }

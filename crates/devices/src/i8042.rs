@@ -2,8 +2,10 @@
 //!
 //! It exists for one thing: Linux booted with `reboot=k` resets the machine by pulsing the
 //! controller's reset line (command 0xFE on port 0x64), which calls the [`ResetHandler`]
-//! given at construction, on the vCPU thread, before the guest runs another instruction
-//! (Linux moves on to other reset methods within a millisecond). The other controller
+//! given at construction, on the vCPU thread. The VMM's handler raises a machine reset on
+//! the bus, and the engine ends the vCPU's run right after the `out` that pulsed the line:
+//! Linux moves on to other reset methods within microseconds (the real-mode restart among
+//! them), and none of that may run. The other controller
 //! commands Linux sends while probing are answered the way a controller without a mouse port
 //! would, so the probe finishes at once instead of waiting for timeouts; guests should still
 //! be booted with `i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd`, because no keyboard

@@ -1,7 +1,8 @@
 //! Devices of a lodge VM.
 //!
 //! Legacy devices sit on the port I/O bus: the [`SerialConsole`] (COM1), the
-//! [`I8042Controller`] (reset line only) and the [`CmosRtc`]. The [`BootTimer`], the
+//! [`I8042Controller`] (reset line only), the [`ResetControl`] register (port 0xCF9) and the
+//! [`CmosRtc`]. The [`BootTimer`], the
 //! [`PowerButton`] and the
 //! virtio devices sit on the MMIO bus: [`virtio::MmioTransport`] carries any
 //! [`virtio::VirtioDevice`], such as [`virtio::VirtioBlock`] and [`virtio::VirtioRng`].
@@ -17,6 +18,7 @@
 pub mod boot_timer;
 pub mod i8042;
 pub mod power_button;
+pub mod reset_control;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;
@@ -30,5 +32,6 @@ mod logging;
 pub use boot_timer::{BootTimeHandle, BootTimer};
 pub use i8042::{I8042Controller, I8042Port, ResetHandler};
 pub use power_button::{PowerButton, PowerButtonHandle};
+pub use reset_control::ResetControl;
 pub use rtc::CmosRtc;
 pub use serial::SerialConsole;

@@ -188,6 +188,7 @@ impl Vcpu for EmulatorVcpu {
             RunExit::Stopped => Ok(VcpuExit::Stopped),
             RunExit::Halted => Ok(VcpuExit::Halted),
             RunExit::TripleFault => Ok(VcpuExit::TripleFault),
+            RunExit::Requested(request) => Ok(VcpuExit::Requested(request)),
             RunExit::Fatal(reason) => Err(EngineError::Guest {
                 reason,
                 state: Box::new(self.cpu.state()),

@@ -16,7 +16,7 @@ mod state;
 
 use std::sync::Arc;
 
-use lodge_bus::{InterruptLine, IoBus};
+use lodge_bus::{InterruptLine, IoBus, MachineRequest};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -106,6 +106,9 @@ pub enum VcpuExit {
     TripleFault,
     /// The guest asked for a reset or power-off through the engine (not through a device).
     Shutdown,
+    /// A device asked for a [`MachineRequest`] during the last access; the instruction that
+    /// made it completed and nothing after it ran.
+    Requested(MachineRequest),
 }
 
 /// A virtual CPU. Owned by one thread at a time.

@@ -6,14 +6,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::MutEventSubscriber;
-use lodge_bus::{BusError, IoBus};
+use lodge_bus::{BusError, IoBus, MachineRequest};
 use lodge_devices::i8042::I8042_PORT;
+use lodge_devices::reset_control::RESET_CONTROL_PORT;
 use lodge_devices::rtc::{RTC_PORT, RTC_PORT_COUNT};
 use lodge_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
 use lodge_devices::virtio::{self, MmioTransport, VirtioDevice, QUEUE_NOTIFY_OFFSET};
 use lodge_devices::{
     BootTimeHandle, BootTimer, CmosRtc, I8042Controller, PowerButton, PowerButtonHandle,
-    ResetHandler, SerialConsole,
+    ResetControl, ResetHandler, SerialConsole,
 };
 use lodge_engine::{EngineError, Vm};
 use vm_memory::GuestMemoryMmap;
@@ -53,14 +54,14 @@ pub struct DeviceManager {
 }
 
 impl DeviceManager {
-    /// Creates the platform devices: COM1, the i8042 (calling `reset` when the guest resets
-    /// the machine), the CMOS RTC, the boot timer and the power button.
+    /// Creates the platform devices: COM1, the i8042 and the reset control register (both
+    /// raising a machine reset on `io` when the guest resets the machine), the CMOS RTC, the
+    /// boot timer and the power button.
     pub fn new(
         vm: &dyn Vm,
         io: Arc<IoBus>,
         console_output: Box<dyn Write + Send>,
         start: Instant,
-        reset: ResetHandler,
     ) -> Result<Self, DeviceError> {
         let serial_irq = vm
             .interrupt_line(COM1_IRQ)
@@ -69,7 +70,11 @@ impl DeviceManager {
         io.pio
             .insert(serial.clone(), u64::from(COM1_PORT), SERIAL_PORT_COUNT)?;
 
-        let i8042 = I8042Controller::new(reset);
+        let reset = || -> ResetHandler {
+            let requests = io.requests.clone();
+            Box::new(move || requests.raise(MachineRequest::Reset))
+        };
+        let i8042 = I8042Controller::new(reset());
         // Ports 0x60 and 0x64 only: 0x61 (port B) belongs to the PIT.
         let (data_port, command_port) = i8042.into_ports();
         let i8042_port = u64::from(I8042_PORT);
@@ -77,6 +82,12 @@ impl DeviceManager {
             .insert(Arc::new(Mutex::new(data_port)), i8042_port, 1)?;
         io.pio
             .insert(Arc::new(Mutex::new(command_port)), i8042_port + 4, 1)?;
+
+        io.pio.insert(
+            Arc::new(Mutex::new(ResetControl::new(reset()))),
+            u64::from(RESET_CONTROL_PORT),
+            1,
+        )?;
 
         io.pio.insert(
             Arc::new(Mutex::new(CmosRtc::new())),

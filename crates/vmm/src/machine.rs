@@ -212,11 +212,7 @@ impl Machine {
         let console_taps = Arc::new(ConsoleTaps::default());
         let output = Box::new(ConsoleFanout::new(primary, console_taps.clone()));
         let exit = Arc::new(ExitSignal::new().map_err(MachineError::EventFd)?);
-        // Recorded on the vCPU thread at the reset pulse: whatever the guest runs after it
-        // (Linux tries other reset methods next) must not become the VM's exit reason.
-        let reset_exit = exit.clone();
-        let reset = Box::new(move || reset_exit.request(ExitReason::GuestReset));
-        let mut devices = DeviceManager::new(engine_vm.as_ref(), io, output, options.start, reset)?;
+        let mut devices = DeviceManager::new(engine_vm.as_ref(), io, output, options.start)?;
         for (index, disk) in config.disks.iter().enumerate() {
             let block = VirtioBlock::new(BlockConfig {
                 path: disk.path.clone(),

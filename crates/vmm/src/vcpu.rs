@@ -5,6 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use lodge_bus::MachineRequest;
 use lodge_engine::{Vcpu, VcpuExit, VcpuStopper};
 
 use crate::exit::{ExitReason, ExitSignal};
@@ -149,6 +150,10 @@ pub fn spawn(
                         break ExitReason::GuestPowerOff;
                     }
                     Ok(VcpuExit::Shutdown) => break ExitReason::GuestPowerOff,
+                    Ok(VcpuExit::Requested(MachineRequest::Reset)) => break ExitReason::GuestReset,
+                    Ok(VcpuExit::Requested(MachineRequest::PowerOff)) => {
+                        break ExitReason::GuestPowerOff
+                    }
                     Ok(VcpuExit::TripleFault) => {
                         let state = vcpu.state().unwrap_or_default();
                         break ExitReason::TripleFault(Box::new(state));

@@ -389,6 +389,57 @@ fn reset_wins_over_what_follows_it(engine: EngineChoice) {
     }
 }
 
+/// A reset ends the vCPU's run at the instruction that asked for it: the guest's next
+/// instruction (here a write to the serial port) never runs. Through the i8042's reset line
+/// (`reboot=k`) and through the reset control register at 0xCF9 (`reboot=p`).
+fn nothing_runs_after_a_reset(engine: EngineChoice) {
+    let methods: [(&str, fn(&mut CodeAssembler) -> Result<(), IcedError>); 2] = [
+        ("i8042", |asm| {
+            asm.mov(al, 0xfeu32)?;
+            asm.out(0x64, al)
+        }),
+        ("port 0xcf9", |asm| {
+            asm.mov(dx, 0xcf9u32)?;
+            asm.mov(al, 0x02u32)?;
+            asm.out(dx, al)?;
+            asm.mov(al, 0x06u32)?;
+            asm.out(dx, al)
+        }),
+    ];
+    for (name, reset) in methods {
+        let guest = TestGuest::new(engine, |asm| {
+            print(asm, "before\n")?;
+            reset(asm)?;
+            print(asm, "after\n")?;
+            let mut spin = asm.create_label();
+            asm.set_label(&mut spin)?;
+            asm.jmp(spin)
+        });
+        for _ in 0..5 {
+            let summary = guest.run();
+            assert_eq!(summary.reason, ExitReason::GuestReset, "{name}");
+            assert_eq!(summary.reason.exit_status(), 0);
+        }
+        assert_eq!(
+            guest.console_output(),
+            "before\n".repeat(5),
+            "the guest ran on after the {name} reset"
+        );
+    }
+}
+
+#[test]
+fn kvm_nothing_runs_after_a_reset() {
+    if kvm_available("kvm_nothing_runs_after_a_reset") {
+        nothing_runs_after_a_reset(EngineChoice::Kvm);
+    }
+}
+
+#[test]
+fn emulator_nothing_runs_after_a_reset() {
+    nothing_runs_after_a_reset(EngineChoice::Emulator);
+}
+
 #[test]
 fn kvm_reset_wins_over_what_follows_it() {
     if kvm_available("kvm_reset_wins_over_what_follows_it") {

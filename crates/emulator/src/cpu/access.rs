@@ -227,8 +227,18 @@ impl Cpu {
         for (addr, range) in page_chunks(linear, buf.len()) {
             let phys = self.translate(addr, AccessKind::Read, user)?;
             self.mem.read(phys, &mut buf[range]);
+            self.after_device_access();
         }
         Ok(())
+    }
+
+    /// Ends the block after the current instruction when a device it accessed asked for a
+    /// machine reset or power-off: nothing after that instruction may run.
+    #[inline]
+    pub fn after_device_access(&mut self) {
+        if self.mem.io().requests.pending().is_some() {
+            self.break_block = true;
+        }
     }
 
     /// Writes any number of bytes; every page is checked before anything is written.
@@ -276,6 +286,7 @@ impl Cpu {
             self.break_block = true;
         }
         self.mem.write(phys, data);
+        self.after_device_access();
     }
 
     /// Translates `linear` for `kind` at privilege `user`, filling the TLB.

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use lodge_bus::MachineRequest;
+
 use super::cache::{Block, CodeCache};
 use super::flags::IF;
 use super::{Cpu, Event};
@@ -17,6 +19,8 @@ pub enum RunExit {
     Stopped,
     Halted,
     TripleFault,
+    /// A device asked for a machine reset or power-off during the last instruction.
+    Requested(MachineRequest),
     Fatal(String),
 }
 
@@ -101,6 +105,10 @@ impl Cpu {
         // next block is looked up in its links first.
         let mut previous: Option<(u32, u64)> = None;
         loop {
+            // Blocks end after an access that raised a request (`after_device_access`).
+            if let Some(request) = self.mem.io().requests.pending() {
+                return RunExit::Requested(request);
+            }
             if signals.any() {
                 if signals.stop_requested() {
                     return RunExit::Stopped;

@@ -286,6 +286,7 @@ impl Cpu {
         }
         let mut data = [0u8; 4];
         self.mem.io().pio_read(port, &mut data[..size]);
+        self.after_device_access();
         u64::from(u32::from_le_bytes(data))
     }
 
@@ -308,6 +309,7 @@ impl Cpu {
         }
         let data = (value as u32).to_le_bytes();
         self.mem.io().pio_write(port, &data[..size]);
+        self.after_device_access();
     }
 }
 

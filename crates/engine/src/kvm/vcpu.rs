@@ -130,7 +130,10 @@ impl Vcpu for KvmVcpu {
                     for element in data.chunks(element_size) {
                         self.io.pio_write(port, element);
                     }
-                    continue;
+                    match self.io.requests.pending() {
+                        Some(request) => return Ok(VcpuExit::Requested(request)),
+                        None => continue,
+                    }
                 }
                 Ok(KvmExit::MmioRead(addr, data)) => {
                     self.io.mmio_read(addr, data);
@@ -138,7 +141,10 @@ impl Vcpu for KvmVcpu {
                 }
                 Ok(KvmExit::MmioWrite(addr, data)) => {
                     self.io.mmio_write(addr, data);
-                    continue;
+                    match self.io.requests.pending() {
+                        Some(request) => return Ok(VcpuExit::Requested(request)),
+                        None => continue,
+                    }
                 }
                 Ok(KvmExit::Hlt) => return Ok(VcpuExit::Halted),
                 Ok(KvmExit::Shutdown) => return Ok(VcpuExit::TripleFault),
