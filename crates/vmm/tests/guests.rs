@@ -393,7 +393,8 @@ fn reset_wins_over_what_follows_it(engine: EngineChoice) {
 /// instruction (here a write to the serial port) never runs. Through the i8042's reset line
 /// (`reboot=k`) and through the reset control register at 0xCF9 (`reboot=p`).
 fn nothing_runs_after_a_reset(engine: EngineChoice) {
-    let methods: [(&str, fn(&mut CodeAssembler) -> Result<(), IcedError>); 2] = [
+    type Emit = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let methods: [(&str, Emit); 2] = [
         ("i8042", |asm| {
             asm.mov(al, 0xfeu32)?;
             asm.out(0x64, al)
