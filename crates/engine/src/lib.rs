@@ -8,10 +8,10 @@
 //! * a [`Vcpu`] runs until something the VMM must decide on happens ([`VcpuExit`]), handling
 //!   port and MMIO accesses itself by calling the [`IoBus`].
 //!
-//! Engines: [`kvm::KvmEngine`] (hardware virtualization) here, and the software engine in the
-//! `lodge-emulator` crate.
+//! Engines: the KVM engine (`lodge-kvm`, hardware virtualization) and the software engine
+//! (`lodge-emulator`). Neither is a dependency of this crate, so each compiles only what it
+//! uses.
 
-pub mod kvm;
 mod state;
 
 use std::sync::Arc;
@@ -35,14 +35,13 @@ pub enum InterruptModel {
 }
 
 impl InterruptModel {
-    /// The interrupt lines devices may be wired to, lowest first, excluding the timer (0),
-    /// keyboard (1), cascade (2), serial ports (3, 4) and RTC (8).
-    pub fn device_irqs(&self) -> Vec<u32> {
-        let last = match self {
-            InterruptModel::Apic => 23,
-            InterruptModel::Pic => 15,
-        };
-        (5..=last).filter(|irq| *irq != 8).collect()
+    /// Interrupt lines of the controller devices are wired to (I/O APIC pins or PIC inputs);
+    /// which device gets which line is the VMM's layout.
+    pub fn lines(self) -> u32 {
+        match self {
+            InterruptModel::Apic => 24,
+            InterruptModel::Pic => 16,
+        }
     }
 }
 
@@ -143,14 +142,7 @@ pub enum EngineError {
     /// The engine cannot be used on this host.
     #[error("Engine unavailable: {0}")]
     Unavailable(String),
-    /// A KVM ioctl failed.
-    #[error("KVM {operation} failed")]
-    Kvm {
-        operation: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// A host system call failed.
+    /// A host system call (an ioctl on `/dev/kvm`, say) failed.
     #[error("{operation} failed")]
     Host {
         /// What was being done, capitalized ("Creating an eventfd").

@@ -89,9 +89,9 @@ fn engine_runs_linux(engine: &str, test: &str) -> bool {
     if engine != "kvm" {
         return true;
     }
-    match lodge_engine::kvm::probe() {
-        Ok(lodge_engine::kvm::KvmFlavor::Hardware) => true,
-        Ok(lodge_engine::kvm::KvmFlavor::Pvm) => {
+    match lodge_kvm::probe() {
+        Ok(lodge_kvm::KvmFlavor::Hardware) => true,
+        Ok(lodge_kvm::KvmFlavor::Pvm) => {
             println!("SKIP {test}: /dev/kvm is PVM, which cannot run Linux guests to userspace");
             false
         }

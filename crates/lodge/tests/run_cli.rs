@@ -136,7 +136,7 @@ fn serial_then_reset_kernel() -> tempfile::NamedTempFile {
         0xeb, 0xfe, // jmp $
     ];
     let mut file = tempfile::NamedTempFile::new().unwrap();
-    file.write_all(&lodge_vmm::testing::vmlinux_from_code(code))
+    file.write_all(&lodge_testkit::vmlinux_from_code(code))
         .unwrap();
     file
 }
@@ -170,7 +170,7 @@ fn emulator_guest_reset_ends_lodge_run_with_status_0() {
 
 #[test]
 fn kvm_guest_reset_ends_lodge_run_with_status_0() {
-    match lodge_engine::kvm::probe() {
+    match lodge_kvm::probe() {
         Ok(_) => guest_reset_ends_lodge_run_with_status_0("kvm"),
         Err(reason) => println!("SKIP kvm_guest_reset_ends_lodge_run_with_status_0: {reason}"),
     }

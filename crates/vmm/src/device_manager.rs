@@ -20,7 +20,7 @@ use lodge_engine::{EngineError, Vm};
 use vm_memory::GuestMemoryMmap;
 
 use crate::layout::{
-    BOOT_TIMER_SIZE, BOOT_TIMER_START, POWER_BUTTON_SIZE, POWER_BUTTON_START,
+    self, BOOT_TIMER_SIZE, BOOT_TIMER_START, POWER_BUTTON_SIZE, POWER_BUTTON_START,
     VIRTIO_MMIO_MAX_DEVICES, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 
@@ -129,9 +129,8 @@ impl DeviceManager {
         memory: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
     ) -> Result<(), DeviceError> {
-        let irqs = vm.interrupt_model().device_irqs();
-        let irq = *irqs
-            .get(self.virtio_count as usize)
+        let irq = layout::device_irqs(vm.interrupt_model().lines())
+            .nth(self.virtio_count as usize)
             .filter(|_| self.virtio_count < VIRTIO_MMIO_MAX_DEVICES)
             .ok_or(DeviceError::TooManyDevices)?;
         let base = VIRTIO_MMIO_START + self.virtio_count * VIRTIO_MMIO_SIZE;

@@ -1,8 +1,8 @@
 //! Picking the CPU engine for `--engine auto|kvm|emulator`.
 
 use lodge_emulator::EmulatorEngine;
-use lodge_engine::kvm::{self, KvmEngine, KvmFlavor};
 use lodge_engine::{Engine, EngineError};
+use lodge_kvm::{self as kvm, KvmEngine, KvmFlavor};
 
 use lodge_contract::EngineChoice;
 

@@ -52,3 +52,27 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// Highest address an initrd may end at (the kernel's default `initrd_addr_max`).
 pub const INITRD_ADDRESS_MAX: u64 = 0x7fff_ffff;
+
+/// Interrupt lines with a fixed legacy owner: the PIT (0), keyboard (1), the PIC cascade (2),
+/// the serial ports (3, 4) and the RTC (8). Devices lodge adds get the others.
+pub const LEGACY_IRQS: [u32; 6] = [0, 1, 2, 3, 4, 8];
+
+/// The interrupt lines virtio devices get, in order, on a controller with `lines` inputs
+/// (`InterruptModel::lines`): from 5 up, skipping the legacy ones.
+pub fn device_irqs(lines: u32) -> impl Iterator<Item = u32> {
+    (5..lines).filter(|irq| !LEGACY_IRQS.contains(irq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_get_the_lines_legacy_hardware_leaves_free() {
+        let pic: Vec<u32> = device_irqs(16).collect();
+        assert_eq!(pic, [5, 6, 7, 9, 10, 11, 12, 13, 14, 15]);
+        let ioapic: Vec<u32> = device_irqs(24).collect();
+        assert_eq!(ioapic.len(), 18);
+        assert_eq!(ioapic.last(), Some(&23));
+    }
+}

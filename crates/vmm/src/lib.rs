@@ -17,7 +17,6 @@ pub mod layout;
 mod machine;
 pub mod memory;
 pub mod supervision;
-pub mod testing;
 mod unix_socket;
 mod vcpu;
 

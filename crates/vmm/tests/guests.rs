@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
 use lodge_contract::{ByteSize, ConsoleConfig, ConsoleLogConfig, EngineChoice, VmConfig};
-use lodge_engine::kvm;
-use lodge_vmm::testing::{vmlinux_from_code, TEST_KERNEL_ENTRY};
+use lodge_kvm as kvm;
+use lodge_testkit::{vmlinux_from_code, TEST_KERNEL_ENTRY};
 use lodge_vmm::{engine_select, supervision};
 use lodge_vmm::{ExitReason, Machine, MachineOptions, RunSummary};
 

@@ -8,7 +8,7 @@ use crate::layout::{EBDA_START, ZERO_PAGE_START};
 use crate::memory::allocate;
 
 fn tiny_vmlinux(code: &[u8]) -> Vec<u8> {
-    crate::testing::vmlinux_from_code(code)
+    lodge_testkit::vmlinux_from_code(code)
 }
 
 /// What to boot.

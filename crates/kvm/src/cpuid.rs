@@ -16,7 +16,7 @@
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
-use crate::EngineError;
+use lodge_engine::EngineError;
 
 /// Rewrites the supported CPUID list for one vCPU of a VM.
 #[derive(Debug, Clone, Copy)]

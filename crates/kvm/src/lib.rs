@@ -18,7 +18,7 @@ use lodge_bus::{EventFdInterrupt, InterruptLine, IoBus};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{Engine, EngineError, EngineKind, InterruptModel, Vcpu, Vm, VmSpec};
+use lodge_engine::{Engine, EngineError, EngineKind, InterruptModel, Vcpu, Vm, VmSpec};
 
 pub use cpuid::CpuidFilter;
 pub use vcpu::KvmVcpu;
@@ -62,10 +62,7 @@ impl KvmEngine {
     /// Opens `/dev/kvm` and checks the capabilities lodge relies on.
     pub fn new() -> Result<Self, EngineError> {
         let flavor = probe().map_err(EngineError::Unavailable)?;
-        let kvm = Kvm::new().map_err(|source| EngineError::Kvm {
-            operation: "open /dev/kvm",
-            source,
-        })?;
+        let kvm = Kvm::new().map_err(kvm_error("Opening /dev/kvm"))?;
         if kvm.get_api_version() != 12 {
             return Err(EngineError::Unavailable(format!(
                 "KVM API version {} (expected 12)",
@@ -106,21 +103,22 @@ impl Engine for KvmEngine {
                 spec.vcpu_count
             )));
         }
-        let fd = self.kvm.create_vm().map_err(kvm_error("create VM"))?;
+        let fd = self.kvm.create_vm().map_err(kvm_error("KVM create VM"))?;
         fd.set_tss_address(TSS_ADDRESS)
-            .map_err(kvm_error("set TSS address"))?;
-        fd.create_irq_chip().map_err(kvm_error("create irqchip"))?;
+            .map_err(kvm_error("KVM set TSS address"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_error("KVM create irqchip"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(kvm_error("create PIT"))?;
+        fd.create_pit2(pit).map_err(kvm_error("KVM create PIT"))?;
         map_memory(&fd, &spec.memory)?;
 
         let supported = self
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_error("get supported CPUID"))?;
+            .map_err(kvm_error("KVM get supported CPUID"))?;
         Ok(Arc::new(KvmVm {
             fd,
             io: spec.io,
@@ -132,7 +130,7 @@ impl Engine for KvmEngine {
             run_size: self
                 .kvm
                 .get_vcpu_mmap_size()
-                .map_err(kvm_error("get vCPU mmap size"))?,
+                .map_err(kvm_error("KVM get vCPU mmap size"))?,
         }))
     }
 }
@@ -162,7 +160,7 @@ impl Vm for KvmVm {
         })?;
         self.fd
             .register_irqfd(&event, irq)
-            .map_err(kvm_error("register irqfd"))?;
+            .map_err(kvm_error("KVM register irqfd"))?;
         Ok(Arc::new(EventFdInterrupt::new(event)))
     }
 
@@ -174,7 +172,7 @@ impl Vm for KvmVm {
     ) -> Result<bool, EngineError> {
         self.fd
             .register_ioevent(event, &IoEventAddress::Mmio(addr), value)
-            .map_err(kvm_error("register ioeventfd"))?;
+            .map_err(kvm_error("KVM register ioeventfd"))?;
         Ok(true)
     }
 
@@ -193,7 +191,7 @@ impl Vm for KvmVm {
         let fd = self
             .fd
             .create_vcpu(u64::from(index))
-            .map_err(kvm_error("create vCPU"))?;
+            .map_err(kvm_error("KVM create vCPU"))?;
         let cpuid = self.filter.apply(&self.supported_cpuid, index)?;
         let vcpu = KvmVcpu::new(fd, index, &cpuid, self.io.clone(), self.run_size)?;
         Ok(Box::new(vcpu))
@@ -215,11 +213,15 @@ fn map_memory(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), EngineError> {
         // SAFETY: the region is a live mmap owned by `memory`, which the VMM keeps alive for
         // as long as the VM exists; the slots do not overlap because the regions don't.
         unsafe { fd.set_user_memory_region(descriptor) }
-            .map_err(kvm_error("set user memory region"))?;
+            .map_err(kvm_error("KVM set user memory region"))?;
     }
     Ok(())
 }
 
+/// A failed KVM ioctl as the engine-neutral error (KVM's errors are errno values).
 fn kvm_error(operation: &'static str) -> impl Fn(kvm_ioctls::Error) -> EngineError {
-    move |source| EngineError::Kvm { operation, source }
+    move |source| EngineError::Host {
+        operation,
+        source: std::io::Error::from_raw_os_error(source.errno()),
+    }
 }

@@ -2,7 +2,7 @@
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
-use crate::{CpuState, DescriptorTable, Registers, Segment, SpecialRegisters};
+use lodge_engine::{CpuState, DescriptorTable, Registers, Segment, SpecialRegisters};
 
 pub(super) fn to_kvm_regs(r: &Registers) -> kvm_regs {
     kvm_regs {

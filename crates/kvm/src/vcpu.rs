@@ -12,7 +12,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::kvm_error;
 use super::regs::{apply_sregs, cpu_state, to_kvm_regs};
-use crate::{CpuState, EngineError, Vcpu, VcpuExit, VcpuStopper};
+use lodge_engine::{CpuState, EngineError, Vcpu, VcpuExit, VcpuStopper};
 
 /// MSRs set before the first run, as a BIOS would leave them for Linux.
 const BOOT_MSRS: &[(u32, u64)] = &[
@@ -57,7 +57,7 @@ impl KvmVcpu {
         run_size: usize,
     ) -> Result<Self, EngineError> {
         // The CPUID must be in place before the guest enters long mode (KVM on PVM relies on it).
-        fd.set_cpuid2(cpuid).map_err(kvm_error("set CPUID"))?;
+        fd.set_cpuid2(cpuid).map_err(kvm_error("KVM set CPUID"))?;
         set_boot_msrs(&fd)?;
         set_local_interrupts(&fd)?;
         let fpu = kvm_fpu {
@@ -65,7 +65,7 @@ impl KvmVcpu {
             mxcsr: 0x1f80,
             ..Default::default()
         };
-        fd.set_fpu(&fpu).map_err(kvm_error("set FPU"))?;
+        fd.set_fpu(&fpu).map_err(kvm_error("KVM set FPU"))?;
         install_kick_handler()?;
         let run_ptr = fd.get_kvm_run() as *mut kvm_run;
         tracing::debug!(index, run_size, "KVM vCPU created");
@@ -95,17 +95,19 @@ impl KvmVcpu {
 
 impl Vcpu for KvmVcpu {
     fn set_state(&mut self, state: &CpuState) -> Result<(), EngineError> {
-        let mut sregs = self.fd.get_sregs().map_err(kvm_error("get sregs"))?;
+        let mut sregs = self.fd.get_sregs().map_err(kvm_error("KVM get sregs"))?;
         apply_sregs(&mut sregs, &state.sregs);
-        self.fd.set_sregs(&sregs).map_err(kvm_error("set sregs"))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_error("KVM set sregs"))?;
         self.fd
             .set_regs(&to_kvm_regs(&state.regs))
-            .map_err(kvm_error("set regs"))
+            .map_err(kvm_error("KVM set regs"))
     }
 
     fn state(&self) -> Result<CpuState, EngineError> {
-        let regs = self.fd.get_regs().map_err(kvm_error("get regs"))?;
-        let sregs = self.fd.get_sregs().map_err(kvm_error("get sregs"))?;
+        let regs = self.fd.get_regs().map_err(kvm_error("KVM get regs"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm_error("KVM get sregs"))?;
         Ok(cpu_state(&regs, &sregs))
     }
 
@@ -169,12 +171,7 @@ impl Vcpu for KvmVcpu {
                     continue;
                 }
                 Err(e) if e.errno() == libc::EAGAIN => continue,
-                Err(source) => {
-                    return Err(EngineError::Kvm {
-                        operation: "run vCPU",
-                        source,
-                    })
-                }
+                Err(source) => return Err(kvm_error("KVM run vCPU")(source)),
             };
             return Err(self.guest_failure(failure));
         }
@@ -278,7 +275,7 @@ fn set_boot_msrs(fd: &VcpuFd) -> Result<(), EngineError> {
         .collect();
     let msrs = Msrs::from_entries(&entries)
         .map_err(|_| EngineError::Unsupported("Too many boot MSRs".into()))?;
-    let written = fd.set_msrs(&msrs).map_err(kvm_error("set MSRs"))?;
+    let written = fd.set_msrs(&msrs).map_err(kvm_error("KVM set MSRs"))?;
     if written != entries.len() {
         let failed = entries.get(written).map_or(0, |e| e.index);
         return Err(EngineError::Unsupported(format!(
@@ -290,7 +287,7 @@ fn set_boot_msrs(fd: &VcpuFd) -> Result<(), EngineError> {
 
 /// Wires LINT0 to the PIC (ExtINT) and LINT1 to NMI, as a BIOS does for virtual-wire mode.
 fn set_local_interrupts(fd: &VcpuFd) -> Result<(), EngineError> {
-    let mut lapic = fd.get_lapic().map_err(kvm_error("get LAPIC"))?;
+    let mut lapic = fd.get_lapic().map_err(kvm_error("KVM get LAPIC"))?;
     for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let bytes: &mut [i8] = &mut lapic.regs[offset..offset + 4];
         let mut value = u32::from_le_bytes([
@@ -304,7 +301,7 @@ fn set_local_interrupts(fd: &VcpuFd) -> Result<(), EngineError> {
             *dst = src as i8;
         }
     }
-    fd.set_lapic(&lapic).map_err(kvm_error("set LAPIC"))
+    fd.set_lapic(&lapic).map_err(kvm_error("KVM set LAPIC"))
 }
 
 /// The size of one element of the port access (`rep ins`/`outs` move several) that the last
