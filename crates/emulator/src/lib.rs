@@ -15,6 +15,7 @@ mod mmu;
 mod msr;
 mod pic;
 mod pit;
+mod platform;
 mod signals;
 mod tlb;
 
@@ -179,7 +180,7 @@ impl Vcpu for EmulatorVcpu {
             s.linked_blocks,
             s.looked_up_blocks,
             s.page_walks,
-            self.cpu.tlb.flushes,
+            self.cpu.mmu.tlb.flushes,
             s.code_invalidations,
             s.exceptions,
             s.interrupts,

@@ -79,8 +79,8 @@ impl Cpu {
     /// Reads `B` bytes at `linear` with the current privilege.
     #[inline(always)]
     pub fn read<const B: usize>(&mut self, linear: u64) -> Result<u64, Event> {
-        let entry = self.tlb.entry(linear, self.user);
-        if entry.read == self.tlb.tag(linear)
+        let entry = self.mmu.tlb.entry(linear, self.mmu.user);
+        if entry.read == self.mmu.tlb.tag(linear)
             && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B
         {
             let host = linear.wrapping_add(entry.addend) as usize;
@@ -89,14 +89,14 @@ impl Cpu {
             // linear page onto that host page, and the access stays inside the page.
             return Ok(unsafe { host_load::<B>(host) });
         }
-        self.read_slow(linear, B, self.user)
+        self.read_slow(linear, B, self.mmu.user)
     }
 
     /// Writes the low `B` bytes of `value` at `linear` with the current privilege.
     #[inline(always)]
     pub fn write<const B: usize>(&mut self, linear: u64, value: u64) -> Result<(), Event> {
-        let entry = self.tlb.entry(linear, self.user);
-        if entry.write == self.tlb.tag(linear)
+        let entry = self.mmu.tlb.entry(linear, self.mmu.user);
+        if entry.write == self.mmu.tlb.tag(linear)
             && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B
         {
             let host = linear.wrapping_add(entry.addend) as usize;
@@ -105,7 +105,7 @@ impl Cpu {
             unsafe { host_store::<B>(host, value) };
             return Ok(());
         }
-        self.write_slow(linear, &value.to_le_bytes()[..B], self.user)
+        self.write_slow(linear, &value.to_le_bytes()[..B], self.mmu.user)
     }
 
     /// Reads `B` bytes of the stack: an implicit stack-segment access, so a non-canonical
@@ -125,14 +125,14 @@ impl Cpu {
     /// Finds a read-modify-write operand, checking write access first.
     #[inline(always)]
     pub fn locate<const B: usize>(&mut self, linear: u64) -> Result<Place<B>, Event> {
-        let entry = self.tlb.entry(linear, self.user);
-        if entry.write == self.tlb.tag(linear)
+        let entry = self.mmu.tlb.entry(linear, self.mmu.user);
+        if entry.write == self.mmu.tlb.tag(linear)
             && (linear & PAGE_OFFSET_MASK) as usize <= PAGE_SIZE as usize - B
         {
             let host = linear.wrapping_add(entry.addend) as usize;
             return Ok(Place(Location::Host(host)));
         }
-        self.check_writable(linear, B, self.user)?;
+        self.check_writable(linear, B, self.mmu.user)?;
         Ok(Place(Location::Slow(linear)))
     }
 
@@ -143,7 +143,7 @@ impl Cpu {
             // SAFETY: `locate` made this `Place<B>` from a fast write tag, as `write` checks:
             // the `B` bytes are RAM inside one page.
             Location::Host(host) => Ok(unsafe { host_load::<B>(host) }),
-            Location::Slow(linear) => self.read_slow(linear, B, self.user),
+            Location::Slow(linear) => self.read_slow(linear, B, self.mmu.user),
         }
     }
 
@@ -161,7 +161,9 @@ impl Cpu {
                 unsafe { host_store::<B>(host, value) };
                 Ok(())
             }
-            Location::Slow(linear) => self.write_slow(linear, &value.to_le_bytes()[..B], self.user),
+            Location::Slow(linear) => {
+                self.write_slow(linear, &value.to_le_bytes()[..B], self.mmu.user)
+            }
         }
     }
 
@@ -185,7 +187,7 @@ impl Cpu {
             return Ok(u128::from(low) | (u128::from(high) << 64));
         }
         let mut b = [0u8; 16];
-        let user = self.user;
+        let user = self.mmu.user;
         self.read_bytes(linear, &mut b, user)?;
         Ok(u128::from_le_bytes(b))
     }
@@ -198,7 +200,7 @@ impl Cpu {
             self.write::<8>(linear, value as u64)?;
             return self.write::<8>(linear.wrapping_add(8), (value >> 64) as u64);
         }
-        let user = self.user;
+        let user = self.mmu.user;
         self.write_bytes(linear, &value.to_le_bytes(), user)
     }
 
@@ -226,7 +228,7 @@ impl Cpu {
     pub fn read_bytes(&mut self, linear: u64, buf: &mut [u8], user: bool) -> Result<(), Event> {
         for (addr, range) in page_chunks(linear, buf.len()) {
             let phys = self.translate(addr, AccessKind::Read, user)?;
-            self.mem.read(phys, &mut buf[range]);
+            self.mmu.mem.read(phys, &mut buf[range]);
             self.after_device_access();
         }
         Ok(())
@@ -236,7 +238,7 @@ impl Cpu {
     /// machine reset or power-off: nothing after that instruction may run.
     #[inline]
     pub fn after_device_access(&mut self) {
-        if self.mem.io().requests.pending().is_some() {
+        if self.mmu.mem.io().requests.pending().is_some() {
             self.break_block = true;
         }
     }
@@ -253,7 +255,7 @@ impl Cpu {
 
     /// Checks that `len` bytes at `linear` may be written with the current privilege.
     pub fn check_writable_range(&mut self, linear: u64, len: usize) -> Result<(), Event> {
-        let user = self.user;
+        let user = self.mmu.user;
         self.check_writable(linear, len, user)
     }
 
@@ -281,31 +283,31 @@ impl Cpu {
     /// write (clearing a freed page, say) runs at full speed.
     pub fn write_phys(&mut self, phys: u64, data: &[u8]) {
         let page = phys & !PAGE_OFFSET_MASK;
-        if !self.code_pages.is_empty() && self.code_pages.remove(&page) {
-            self.code_writes.push(page);
+        if !self.mmu.code_pages.is_empty() && self.mmu.code_pages.remove(&page) {
+            self.mmu.code_writes.push(page);
             self.break_block = true;
         }
-        self.mem.write(phys, data);
+        self.mmu.mem.write(phys, data);
         self.after_device_access();
     }
 
     /// Translates `linear` for `kind` at privilege `user`, filling the TLB.
     pub fn translate(&mut self, linear: u64, kind: AccessKind, user: bool) -> Result<u64, Event> {
-        let entry = self.tlb.entry(linear, user);
+        let entry = self.mmu.tlb.entry(linear, user);
         let tag = match kind {
             AccessKind::Read => entry.read,
             AccessKind::Write => entry.write,
             AccessKind::Execute => entry.exec,
         };
-        if self.tlb.matches_slow(tag, linear) {
+        if self.mmu.tlb.matches_slow(tag, linear) {
             let phys_page = entry.phys;
             if kind == AccessKind::Write
                 && tag & crate::tlb::SLOW != 0
-                && !self.code_pages.contains(&phys_page)
+                && !self.mmu.code_pages.contains(&phys_page)
             {
                 // Was slow because the page held code; it no longer does.
-                if self.mem.host_page(phys_page).is_some() {
-                    self.tlb.allow_fast_write(linear, user);
+                if self.mmu.mem.host_page(phys_page).is_some() {
+                    self.mmu.tlb.allow_fast_write(linear, user);
                 }
             }
             return Ok(phys_page | (linear & PAGE_OFFSET_MASK));
@@ -320,7 +322,7 @@ impl Cpu {
         }
         self.stats.page_walks += 1;
         let translation = if self.paging_enabled() {
-            match mmu::walk(&self.mem, &self.paging, linear, kind, user) {
+            match mmu::walk(&self.mmu.mem, &self.mmu.paging, linear, kind, user) {
                 Ok(t) => t,
                 Err(code) => return Err(Event::page_fault(linear, code)),
             }
@@ -333,18 +335,19 @@ impl Cpu {
             }
         };
         let phys_page = translation.phys & !PAGE_OFFSET_MASK;
-        let host = self.mem.host_page(phys_page);
+        let host = self.mmu.mem.host_page(phys_page);
         let rights = PageRights {
             read: true,
             write: translation.writable,
             exec: translation.executable,
             fast_read: true,
-            fast_write: !self.code_pages.contains(&phys_page),
+            fast_write: !self.mmu.code_pages.contains(&phys_page),
         };
         // SAFETY: `host_page` returns the host address of a whole 4 KiB page of RAM, which
-        // `self.mem` keeps mapped for as long as this CPU (and its TLB) lives.
+        // `self.mmu.mem` keeps mapped for as long as this CPU (and its TLB) lives.
         unsafe {
-            self.tlb
+            self.mmu
+                .tlb
                 .insert(linear, user, phys_page, host, rights, translation.page_size)
         };
         Ok(translation.phys)

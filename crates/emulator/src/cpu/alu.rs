@@ -30,39 +30,43 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, b: u64) -> u64 {
     match OP {
         ADD => {
             let r = a.wrapping_add(b) & m;
-            cpu.flags.set_lazy(FlagOp::Add, bits, r, a, b);
+            cpu.arch.flags.set_lazy(FlagOp::Add, bits, r, a, b);
             r
         }
         ADC => {
-            let carry = cpu.flags.carry();
+            let carry = cpu.arch.flags.carry();
             let r = a.wrapping_add(b).wrapping_add(u64::from(carry)) & m;
-            cpu.flags.set_with_carry(FlagOp::Adc, bits, r, a, b, carry);
+            cpu.arch
+                .flags
+                .set_with_carry(FlagOp::Adc, bits, r, a, b, carry);
             r
         }
         SUB | CMP => {
             let r = a.wrapping_sub(b) & m;
-            cpu.flags.set_lazy(FlagOp::Sub, bits, r, a, b);
+            cpu.arch.flags.set_lazy(FlagOp::Sub, bits, r, a, b);
             r
         }
         SBB => {
-            let carry = cpu.flags.carry();
+            let carry = cpu.arch.flags.carry();
             let r = a.wrapping_sub(b).wrapping_sub(u64::from(carry)) & m;
-            cpu.flags.set_with_carry(FlagOp::Sbb, bits, r, a, b, carry);
+            cpu.arch
+                .flags
+                .set_with_carry(FlagOp::Sbb, bits, r, a, b, carry);
             r
         }
         AND | TEST => {
             let r = a & b;
-            cpu.flags.set_lazy(FlagOp::Logic, bits, r, 0, 0);
+            cpu.arch.flags.set_lazy(FlagOp::Logic, bits, r, 0, 0);
             r
         }
         OR => {
             let r = a | b;
-            cpu.flags.set_lazy(FlagOp::Logic, bits, r, 0, 0);
+            cpu.arch.flags.set_lazy(FlagOp::Logic, bits, r, 0, 0);
             r
         }
         _ => {
             let r = a ^ b;
-            cpu.flags.set_lazy(FlagOp::Logic, bits, r, 0, 0);
+            cpu.arch.flags.set_lazy(FlagOp::Logic, bits, r, 0, 0);
             r
         }
     }
@@ -103,17 +107,17 @@ fn compute_unary<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64) -> u64 {
     match OP {
         INC => {
             let r = a.wrapping_add(1) & m;
-            cpu.flags.set_inc_dec(FlagOp::Inc, bits, r, a);
+            cpu.arch.flags.set_inc_dec(FlagOp::Inc, bits, r, a);
             r
         }
         DEC => {
             let r = a.wrapping_sub(1) & m;
-            cpu.flags.set_inc_dec(FlagOp::Dec, bits, r, a);
+            cpu.arch.flags.set_inc_dec(FlagOp::Dec, bits, r, a);
             r
         }
         NEG => {
             let r = 0u64.wrapping_sub(a) & m;
-            cpu.flags.set_lazy(FlagOp::Sub, bits, r, 0, a);
+            cpu.arch.flags.set_lazy(FlagOp::Sub, bits, r, 0, a);
             r
         }
         _ => !a & m,

@@ -59,7 +59,7 @@ pub fn bit_test<const OP: u8, const B: usize, const DST: u8, const SRC: u8>(
             (bit, value)
         }
     };
-    cpu.flags.set_flag(CF, (value >> bit) & 1 != 0);
+    cpu.arch.flags.set_flag(CF, (value >> bit) & 1 != 0);
     Ok(())
 }
 
@@ -71,7 +71,9 @@ pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(
     let src = cpu.source::<B, SRC>(op, 1)?;
     if src == 0 {
         // A zero result sets ZF.
-        cpu.flags.set_custom((B * 8) as u32, 0, false, false, false);
+        cpu.arch
+            .flags
+            .set_custom((B * 8) as u32, 0, false, false, false);
         return Ok(());
     }
     let index = if FORWARD {
@@ -80,7 +82,9 @@ pub fn bit_scan<const FORWARD: bool, const B: usize, const SRC: u8>(
         63 - src.leading_zeros()
     };
     cpu.set_gpr::<B>(op.r[0], u64::from(index));
-    cpu.flags.set_custom((B * 8) as u32, 1, false, false, false);
+    cpu.arch
+        .flags
+        .set_custom((B * 8) as u32, 1, false, false, false);
     Ok(())
 }
 
@@ -89,7 +93,7 @@ pub fn lzcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<()
     let src = cpu.source::<B, SRC>(op, 1)?;
     let count = u64::from(src.leading_zeros()) - (64 - (B as u64) * 8);
     cpu.set_gpr::<B>(op.r[0], count);
-    cpu.flags.set_arith(
+    cpu.arch.flags.set_arith(
         CF | ZF,
         if src == 0 { CF } else { 0 } | if count == 0 { ZF } else { 0 },
     );
@@ -102,7 +106,8 @@ pub fn popcnt<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(
     let count = u64::from((src & mask::<B>()).count_ones());
     cpu.set_gpr::<B>(op.r[0], count);
     // ZF = (src == 0); every other arithmetic flag is cleared.
-    cpu.flags
+    cpu.arch
+        .flags
         .set_arith(super::flags::ARITH, if src == 0 { ZF } else { 0 });
     Ok(())
 }

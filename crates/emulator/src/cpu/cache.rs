@@ -82,7 +82,7 @@ impl Block {
     fn still_valid_slow(&mut self, cpu: &mut Cpu, epoch: u64) -> Result<bool, Event> {
         if self.phys2 != u64::MAX {
             let next_page = (self.linear | PAGE_OFFSET_MASK).wrapping_add(1);
-            if cpu.translate(next_page, AccessKind::Execute, cpu.user)? != self.phys2 {
+            if cpu.translate(next_page, AccessKind::Execute, cpu.mmu.user)? != self.phys2 {
                 return Ok(false);
             }
         }
@@ -92,9 +92,9 @@ impl Block {
         let mut current = [0u8; WINDOW as usize];
         let current = &mut current[..self.bytes.len()];
         let (head, tail) = current.split_at_mut(self.split.min(self.bytes.len()));
-        cpu.mem.read(self.phys, head);
+        cpu.mmu.mem.read(self.phys, head);
         if !tail.is_empty() {
-            cpu.mem.read(self.phys2, tail);
+            cpu.mmu.mem.read(self.phys2, tail);
         }
         if *current != *self.bytes {
             return Ok(false);
@@ -181,12 +181,12 @@ impl CodeCache {
     /// up to date with the TLB and the DMA epoch `epoch`) and the privilege.
     #[inline(always)]
     pub fn link_key(&mut self, cpu: &Cpu, epoch: u64) -> u64 {
-        if cpu.tlb.changes != self.seen_tlb_changes || epoch != self.seen_epoch {
-            self.seen_tlb_changes = cpu.tlb.changes;
+        if cpu.mmu.tlb.changes != self.seen_tlb_changes || epoch != self.seen_epoch {
+            self.seen_tlb_changes = cpu.mmu.tlb.changes;
             self.seen_epoch = epoch;
             self.link_generation += 1;
         }
-        (self.link_generation << 1) | u64::from(cpu.user)
+        (self.link_generation << 1) | u64::from(cpu.mmu.user)
     }
 
     /// The block linked from block `from` for `target` under `key`, if any. `from` must
@@ -257,7 +257,7 @@ impl CodeCache {
                 list.retain(|&i| i != index);
                 if list.is_empty() {
                     self.pages.remove(&page);
-                    cpu.code_pages.remove(&page);
+                    cpu.mmu.code_pages.remove(&page);
                 }
             }
         }
@@ -292,7 +292,7 @@ impl CodeCache {
         let in_page = PAGE_SIZE - (phys & PAGE_OFFSET_MASK);
         let window = in_page.min(WINDOW);
         let mut bytes = vec![0u8; window as usize];
-        cpu.mem.read(phys, &mut bytes);
+        cpu.mmu.mem.read(phys, &mut bytes);
         let mut decoder = Decoder::with_ip(64, &bytes, linear, DecoderOptions::NONE);
         let mut ops = Vec::new();
         let mut inst = Instruction::default();
@@ -356,8 +356,8 @@ impl CodeCache {
         self.map.insert((linear, phys), index);
         for page in pages {
             self.pages.entry(page).or_default().push(index);
-            if cpu.code_pages.insert(page) {
-                cpu.tlb.protect_code_page(page);
+            if cpu.mmu.code_pages.insert(page) {
+                cpu.mmu.tlb.protect_code_page(page);
             }
         }
         self.jump[Self::jump_slot(linear)] = (linear, index);
@@ -375,12 +375,12 @@ impl CodeCache {
         epoch: u64,
     ) -> Result<u32, Event> {
         let next_page = (linear | PAGE_OFFSET_MASK).wrapping_add(1);
-        let next_phys = cpu.translate(next_page, AccessKind::Execute, cpu.user)?;
+        let next_phys = cpu.translate(next_page, AccessKind::Execute, cpu.mmu.user)?;
         // Code is fetched from RAM only: reading a device register has side effects.
         require_ram(cpu, next_page, next_phys)?;
         let mut bytes = head.to_vec();
         let mut tail = [0u8; 15];
-        cpu.mem.read(next_phys & !PAGE_OFFSET_MASK, &mut tail);
+        cpu.mmu.mem.read(next_phys & !PAGE_OFFSET_MASK, &mut tail);
         bytes.extend_from_slice(&tail);
         let mut decoder = Decoder::with_ip(64, &bytes, linear, DecoderOptions::NONE);
         let inst = decoder.decode();
@@ -398,9 +398,9 @@ impl CodeCache {
         Ok(self.insert(cpu, block))
     }
 
-    /// Drops the blocks of the code pages the guest wrote (`cpu.code_writes`).
+    /// Drops the blocks of the code pages the guest wrote (`cpu.mmu.code_writes`).
     pub fn invalidate_writes(&mut self, cpu: &mut Cpu) {
-        let mut writes = std::mem::take(&mut cpu.code_writes);
+        let mut writes = std::mem::take(&mut cpu.mmu.code_writes);
         for &page in &writes {
             let Some(list) = self.pages.remove(&page) else {
                 continue;
@@ -413,7 +413,7 @@ impl CodeCache {
             }
         }
         writes.clear();
-        cpu.code_writes = writes;
+        cpu.mmu.code_writes = writes;
     }
 
     /// Drops everything.
@@ -425,15 +425,15 @@ impl CodeCache {
         self.jump.fill((u64::MAX, 0));
         self.instructions = 0;
         self.link_generation += 1;
-        cpu.code_pages.clear();
-        cpu.code_writes.clear();
-        cpu.tlb.flush();
+        cpu.mmu.code_pages.clear();
+        cpu.mmu.code_writes.clear();
+        cpu.mmu.tlb.flush();
     }
 }
 
 /// Fails unless the code at `linear` (physical `phys`) is in RAM.
 fn require_ram(cpu: &Cpu, linear: u64, phys: u64) -> Result<(), Event> {
-    if cpu.mem.is_ram(phys) {
+    if cpu.mmu.mem.is_ram(phys) {
         Ok(())
     } else {
         Err(Event::fatal(format!(
@@ -493,16 +493,16 @@ mod tests {
         assert_eq!(cache.linked(a, 0x1010, key), Some(b));
 
         // Another privilege, a TLB flush of one page or of all, a new DMA epoch.
-        cpu.user = true;
+        cpu.mmu.user = true;
         assert_ne!(cache.link_key(&cpu, 0), key);
-        cpu.user = false;
+        cpu.mmu.user = false;
         assert_eq!(cache.link_key(&cpu, 0), key);
-        cpu.tlb.flush_page(0x5000);
+        cpu.mmu.tlb.flush_page(0x5000);
         let after_invlpg = cache.link_key(&cpu, 0);
         assert_ne!(after_invlpg, key);
         assert_eq!(cache.linked(a, 0x1010, after_invlpg), None);
         cache.link(a, 0x1010, b, after_invlpg);
-        cpu.tlb.flush();
+        cpu.mmu.tlb.flush();
         let after_flush = cache.link_key(&cpu, 0);
         assert_ne!(after_flush, after_invlpg);
         assert_eq!(cache.linked(a, 0x1010, after_flush), None);
@@ -513,7 +513,7 @@ mod tests {
 
         // Removing blocks (a write to their page) changes the key too.
         cache.link(a, 0x1010, b, new_epoch);
-        cpu.code_writes.push(0x1000);
+        cpu.mmu.code_writes.push(0x1000);
         cache.invalidate_writes(&mut cpu);
         assert_ne!(cache.link_key(&cpu, 1), new_epoch);
         assert!(cache.block(a).is_none() && cache.block(b).is_none());

@@ -8,15 +8,15 @@ use super::{gpr, vector, Cpu, Event};
 
 /// JMP rel.
 pub fn jmp(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    cpu.rip = op.inst.near_branch_target();
+    cpu.arch.rip = op.inst.near_branch_target();
     Ok(())
 }
 
 /// Jcc rel with condition code `CC` (the opcode's low nibble): one handler per condition,
 /// so the condition's evaluation is specialised.
 pub fn jcc<const CC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    if cpu.flags.condition(CC) {
-        cpu.rip = op.inst.near_branch_target();
+    if cpu.arch.flags.condition(CC) {
+        cpu.arch.rip = op.inst.near_branch_target();
     }
     Ok(())
 }
@@ -27,15 +27,15 @@ pub fn jmp_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> 
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }
-    cpu.rip = target;
+    cpu.arch.rip = target;
     Ok(())
 }
 
 /// CALL rel.
 pub fn call(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let ret = cpu.rip;
+    let ret = cpu.arch.rip;
     cpu.push::<8>(ret)?;
-    cpu.rip = op.inst.near_branch_target();
+    cpu.arch.rip = op.inst.near_branch_target();
     Ok(())
 }
 
@@ -45,15 +45,15 @@ pub fn call_indirect<const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event>
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
     }
-    let ret = cpu.rip;
+    let ret = cpu.arch.rip;
     cpu.push::<8>(ret)?;
-    cpu.rip = target;
+    cpu.arch.rip = target;
     Ok(())
 }
 
 /// RET / RET imm16.
 pub fn ret<const IMM: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let rsp = cpu.regs[gpr::RSP];
+    let rsp = cpu.arch.regs[gpr::RSP];
     let target = cpu.stack_read::<8>(rsp)?;
     if !crate::mmu::is_canonical(target) {
         return Err(Event::gp(0));
@@ -63,22 +63,22 @@ pub fn ret<const IMM: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     } else {
         0
     };
-    cpu.regs[gpr::RSP] = rsp.wrapping_add(8 + extra);
-    cpu.rip = target;
+    cpu.arch.regs[gpr::RSP] = rsp.wrapping_add(8 + extra);
+    cpu.arch.rip = target;
     Ok(())
 }
 
 /// LOOP/LOOPE/LOOPNE/JRCXZ (`ADDR32`: ECX is the counter).
 pub fn loop_<const KIND: u8, const ADDR32: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let mask = if ADDR32 { 0xffff_ffff } else { u64::MAX };
-    let count = cpu.regs[gpr::RCX] & mask;
+    let count = cpu.arch.regs[gpr::RCX] & mask;
     let taken = if KIND == 3 {
         count == 0
     } else {
         let count = count.wrapping_sub(1) & mask;
         // The masked count: with ECX the upper half is cleared, as a 32-bit write does.
-        cpu.regs[gpr::RCX] = count;
-        let zf = cpu.flags.condition(4);
+        cpu.arch.regs[gpr::RCX] = count;
+        let zf = cpu.arch.flags.condition(4);
         count != 0
             && match KIND {
                 1 => zf,
@@ -87,7 +87,7 @@ pub fn loop_<const KIND: u8, const ADDR32: bool>(cpu: &mut Cpu, op: &Op) -> Resu
             }
     };
     if taken {
-        cpu.rip = op.inst.near_branch_target();
+        cpu.arch.rip = op.inst.near_branch_target();
     }
     Ok(())
 }
@@ -156,17 +156,17 @@ pub fn jmp_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// CALL FAR m16:64 / m16:32 / m16:16 (same privilege).
 pub fn call_far<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let (selector, offset) = far_pointer::<B>(cpu, op)?;
-    let cs = u64::from(cpu.segs[super::seg::CS].selector);
-    let ret = cpu.rip;
-    let rsp = cpu.regs[gpr::RSP];
-    let saved_cs = cpu.segs[super::seg::CS];
-    let saved_user = cpu.user;
+    let cs = u64::from(cpu.arch.segs[super::seg::CS].selector);
+    let ret = cpu.arch.rip;
+    let rsp = cpu.arch.regs[gpr::RSP];
+    let saved_cs = cpu.arch.segs[super::seg::CS];
+    let saved_user = cpu.mmu.user;
     cpu.far_jump(selector, offset)?;
     let pushed = cpu.push::<B>(cs).and_then(|_| cpu.push::<B>(ret));
     if let Err(e) = pushed {
-        cpu.regs[gpr::RSP] = rsp;
-        cpu.segs[super::seg::CS] = saved_cs;
-        cpu.user = saved_user;
+        cpu.arch.regs[gpr::RSP] = rsp;
+        cpu.arch.segs[super::seg::CS] = saved_cs;
+        cpu.mmu.user = saved_user;
         cpu.update_segment_bases();
         return Err(e);
     }
@@ -194,11 +194,11 @@ fn relative_branch_to_non_canonical(cpu: &mut Cpu, op: &Op) -> Result<(), Event>
         return Err(Event::gp(0));
     }
     // Jcc and LOOP: run the branch, then undo it if it was taken (LOOP's count included).
-    let rcx = cpu.regs[gpr::RCX];
+    let rcx = cpu.arch.regs[gpr::RCX];
     let handler = select_unchecked(&op.inst).ok_or_else(|| Event::fatal("Branch vanished"))?;
     handler(cpu, op)?;
-    if cpu.rip == op.inst.near_branch_target() {
-        cpu.regs[gpr::RCX] = rcx;
+    if cpu.arch.rip == op.inst.near_branch_target() {
+        cpu.arch.regs[gpr::RCX] = rcx;
         return Err(Event::gp(0));
     }
     Ok(())

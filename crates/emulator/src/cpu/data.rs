@@ -95,7 +95,7 @@ pub fn bswap<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 pub fn cmov<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let value = cpu.source::<B, SRC>(op, 1)?;
     let cc = op.inst.condition_code() as u8 - 1;
-    if cpu.flags.condition(cc) {
+    if cpu.arch.flags.condition(cc) {
         cpu.set_gpr::<B>(op.r[0], value);
     } else if B == 4 {
         let old = cpu.gpr::<4>(op.r[0]);
@@ -107,7 +107,7 @@ pub fn cmov<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
 /// SETcc r/m8.
 pub fn setcc<const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let cc = op.inst.condition_code() as u8 - 1;
-    let value = u64::from(cpu.flags.condition(cc));
+    let value = u64::from(cpu.arch.flags.condition(cc));
     if DST == REG {
         cpu.set_gpr::<1>(op.r[0], value);
         Ok(())
@@ -126,7 +126,7 @@ pub fn push<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
 /// POP r/m. With a memory destination addressed through RSP, the address uses the
 /// incremented RSP.
 pub fn pop<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let rsp = cpu.regs[gpr::RSP];
+    let rsp = cpu.arch.regs[gpr::RSP];
     let value = cpu.pop::<B>()?;
     if DST == REG {
         // POP RSP loads the popped value, not the incremented pointer.
@@ -135,7 +135,7 @@ pub fn pop<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), 
     } else {
         let addr = cpu.ea(op);
         if let Err(e) = cpu.write::<B>(addr, value) {
-            cpu.regs[gpr::RSP] = rsp;
+            cpu.arch.regs[gpr::RSP] = rsp;
             return Err(e);
         }
         Ok(())
@@ -144,7 +144,7 @@ pub fn pop<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), 
 
 /// PUSHF/PUSHFQ (VM and RF read as zero).
 pub fn pushf<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
-    let value = cpu.flags.get() & !(flags::VM | flags::RF);
+    let value = cpu.arch.flags.get() & !(flags::VM | flags::RF);
     cpu.push::<B>(value)
 }
 
@@ -158,7 +158,7 @@ pub fn popf<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 
 /// LAHF: AH = SF:ZF:0:AF:0:PF:1:CF.
 pub fn lahf(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
-    let f = cpu.flags.get() & 0xff;
+    let f = cpu.arch.flags.get() & 0xff;
     cpu.set_gpr::<1>(super::op::HIGH_BYTE, f);
     Ok(())
 }
@@ -167,7 +167,7 @@ pub fn lahf(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 pub fn sahf(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     let ah = cpu.gpr::<1>(super::op::HIGH_BYTE);
     let m = flags::SF | flags::ZF | flags::AF | flags::PF | flags::CF;
-    cpu.flags.set_arith(m, ah);
+    cpu.arch.flags.set_arith(m, ah);
     Ok(())
 }
 
@@ -191,9 +191,9 @@ pub fn sign_into_rdx<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Even
 
 /// LEAVE: RSP = RBP; pop RBP.
 pub fn leave<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
-    let rbp = cpu.regs[gpr::RBP];
+    let rbp = cpu.arch.regs[gpr::RBP];
     let value = cpu.stack_read::<B>(rbp)?;
-    cpu.regs[gpr::RSP] = rbp.wrapping_add(B as u64);
+    cpu.arch.regs[gpr::RSP] = rbp.wrapping_add(B as u64);
     cpu.set_gpr::<B>(gpr::RBP as u8, value);
     Ok(())
 }
@@ -202,8 +202,8 @@ pub fn leave<const B: usize>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 pub fn enter<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let size = op.inst.immediate(0) & 0xffff;
     let level = op.inst.immediate(1) & 0x1f;
-    let rbp = cpu.regs[gpr::RBP];
-    let mut rsp = cpu.regs[gpr::RSP].wrapping_sub(B as u64);
+    let rbp = cpu.arch.regs[gpr::RBP];
+    let mut rsp = cpu.arch.regs[gpr::RSP].wrapping_sub(B as u64);
     cpu.stack_write::<B>(rsp, rbp)?;
     let frame = rsp;
     let mut walk = rbp;
@@ -221,15 +221,15 @@ pub fn enter<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     // The new stack top must be writable.
     cpu.stack_read::<1>(new_rsp)?;
     cpu.set_gpr::<B>(gpr::RBP as u8, frame);
-    cpu.regs[gpr::RSP] = new_rsp;
+    cpu.arch.regs[gpr::RSP] = new_rsp;
     Ok(())
 }
 
 /// XLAT: AL = [rBX + AL].
 pub fn xlat(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let base = cpu.regs[gpr::RBX] & op.addr_mask;
+    let base = cpu.arch.regs[gpr::RBX] & op.addr_mask;
     let addr = base.wrapping_add(cpu.gpr::<1>(0)) & op.addr_mask;
-    let addr = addr.wrapping_add(cpu.seg_base[op.seg as usize & 7]);
+    let addr = addr.wrapping_add(cpu.mmu.seg_base[op.seg as usize & 7]);
     let value = cpu.read::<1>(addr)?;
     cpu.set_gpr::<1>(0, value);
     Ok(())
@@ -251,7 +251,7 @@ pub fn cmpxchg<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<
         Some(place) => cpu.place_read::<B>(place)?,
     };
     let difference = accumulator.wrapping_sub(current) & mask::<B>();
-    cpu.flags.set_lazy(
+    cpu.arch.flags.set_lazy(
         FlagOp::Sub,
         (B * 8) as u32,
         difference,
@@ -282,29 +282,29 @@ pub fn cmpxchg_double<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Ev
         let high_place = cpu.locate::<8>(addr.wrapping_add(8))?;
         let low = cpu.place_read::<8>(low_place)?;
         let high = cpu.place_read::<8>(high_place)?;
-        let equal = low == cpu.regs[gpr::RAX] && high == cpu.regs[gpr::RDX];
+        let equal = low == cpu.arch.regs[gpr::RAX] && high == cpu.arch.regs[gpr::RDX];
         if equal {
-            let (b, c) = (cpu.regs[gpr::RBX], cpu.regs[gpr::RCX]);
+            let (b, c) = (cpu.arch.regs[gpr::RBX], cpu.arch.regs[gpr::RCX]);
             cpu.place_write::<8>(low_place, b)?;
             cpu.place_write::<8>(high_place, c)?;
         } else {
-            cpu.regs[gpr::RAX] = low;
-            cpu.regs[gpr::RDX] = high;
+            cpu.arch.regs[gpr::RAX] = low;
+            cpu.arch.regs[gpr::RDX] = high;
         }
-        cpu.flags.set_flag(ZF, equal);
+        cpu.arch.flags.set_flag(ZF, equal);
     } else {
         let place = cpu.locate::<8>(addr)?;
         let current = cpu.place_read::<8>(place)?;
-        let expected = (cpu.regs[gpr::RDX] << 32) | (cpu.regs[gpr::RAX] & 0xffff_ffff);
+        let expected = (cpu.arch.regs[gpr::RDX] << 32) | (cpu.arch.regs[gpr::RAX] & 0xffff_ffff);
         let equal = current == expected;
         if equal {
-            let new = (cpu.regs[gpr::RCX] << 32) | (cpu.regs[gpr::RBX] & 0xffff_ffff);
+            let new = (cpu.arch.regs[gpr::RCX] << 32) | (cpu.arch.regs[gpr::RBX] & 0xffff_ffff);
             cpu.place_write::<8>(place, new)?;
         } else {
-            cpu.regs[gpr::RAX] = current & 0xffff_ffff;
-            cpu.regs[gpr::RDX] = current >> 32;
+            cpu.arch.regs[gpr::RAX] = current & 0xffff_ffff;
+            cpu.arch.regs[gpr::RDX] = current >> 32;
         }
-        cpu.flags.set_flag(ZF, equal);
+        cpu.arch.flags.set_flag(ZF, equal);
     }
     Ok(())
 }
@@ -316,7 +316,7 @@ pub fn xadd<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
     if DST == REG {
         let dst = cpu.gpr::<B>(op.r[0]);
         let sum = dst.wrapping_add(src) & mask::<B>();
-        cpu.flags.set_lazy(FlagOp::Add, bits, sum, dst, src);
+        cpu.arch.flags.set_lazy(FlagOp::Add, bits, sum, dst, src);
         cpu.set_gpr::<B>(op.r[1], dst);
         cpu.set_gpr::<B>(op.r[0], sum);
     } else {
@@ -325,7 +325,7 @@ pub fn xadd<const B: usize, const DST: u8>(cpu: &mut Cpu, op: &Op) -> Result<(),
         let dst = cpu.place_read::<B>(place)?;
         let sum = dst.wrapping_add(src) & mask::<B>();
         cpu.place_write::<B>(place, sum)?;
-        cpu.flags.set_lazy(FlagOp::Add, bits, sum, dst, src);
+        cpu.arch.flags.set_lazy(FlagOp::Add, bits, sum, dst, src);
         cpu.set_gpr::<B>(op.r[1], dst);
     }
     Ok(())

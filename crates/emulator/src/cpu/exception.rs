@@ -152,7 +152,7 @@ impl Cpu {
         // A benign exception followed by another is handled serially; bound the chain.
         for _ in 0..4 {
             if current.vector == vector::PF {
-                self.cr2 = current.address;
+                self.arch.cr2 = current.address;
             }
             let code = if has_error_code(current.vector) {
                 Some(u32::from(current.error_code.unwrap_or(0)))
@@ -204,7 +204,7 @@ impl Cpu {
         error_code: Option<u32>,
         source: Source,
     ) -> Result<(), Event> {
-        if self.efer & crate::msr::efer::LMA == 0 {
+        if self.arch.efer & crate::msr::efer::LMA == 0 {
             return Err(Event::fatal(format!(
                 "Interrupt {vector:#x} outside long mode is not supported"
             )));
@@ -212,11 +212,11 @@ impl Cpu {
         let ext = u32::from(source == Source::External);
         let idt_error = (u32::from(vector) << 3) | 2 | ext;
         let offset = u64::from(vector) * 16;
-        if offset + 15 > u64::from(self.idtr.limit) {
+        if offset + 15 > u64::from(self.arch.idtr.limit) {
             return Err(Event::gp(idt_error));
         }
-        let low = self.read_system::<8>(self.idtr.base.wrapping_add(offset))?;
-        let high = self.read_system::<8>(self.idtr.base.wrapping_add(offset + 8))?;
+        let low = self.read_system::<8>(self.arch.idtr.base.wrapping_add(offset))?;
+        let high = self.read_system::<8>(self.arch.idtr.base.wrapping_add(offset + 8))?;
         let gate_type = (low >> 40) & 0xf;
         let gate_dpl = ((low >> 45) & 3) as u8;
         let present = (low >> 47) & 1 == 1;
@@ -254,7 +254,7 @@ impl Cpu {
         let old_cpl = self.cpl();
         let new_cpl = if conforming { old_cpl } else { code.dpl };
 
-        let old_rsp = self.regs[gpr::RSP];
+        let old_rsp = self.arch.regs[gpr::RSP];
         let mut rsp = old_rsp;
         if ist != 0 {
             rsp = self.read_tss(0x24 + (ist - 1) * 8, ext)?;
@@ -263,13 +263,13 @@ impl Cpu {
         }
         rsp &= !0xf;
 
-        let rflags = self.flags.get();
+        let rflags = self.arch.flags.get();
         let mut frame = [0u64; 6];
-        frame[5] = u64::from(self.segs[seg::SS].selector);
+        frame[5] = u64::from(self.arch.segs[seg::SS].selector);
         frame[4] = old_rsp;
         frame[3] = rflags;
-        frame[2] = u64::from(self.segs[seg::CS].selector);
-        frame[1] = self.rip;
+        frame[2] = u64::from(self.arch.segs[seg::CS].selector);
+        frame[1] = self.arch.rip;
         let words = match error_code {
             Some(code) => {
                 frame[0] = u64::from(code);
@@ -292,7 +292,7 @@ impl Cpu {
         // Commit.
         let mut cs = code;
         cs.selector = (selector & !3) | u16::from(new_cpl);
-        self.segs[seg::CS] = cs;
+        self.arch.segs[seg::CS] = cs;
         if new_cpl != old_cpl {
             let mut ss = lodge_engine::Segment {
                 selector: u16::from(new_cpl),
@@ -304,25 +304,25 @@ impl Cpu {
             ss.s = true;
             ss.type_ = 3;
             ss.present = false;
-            self.segs[seg::SS] = ss;
+            self.arch.segs[seg::SS] = ss;
         }
-        self.regs[gpr::RSP] = new_rsp;
-        self.rip = target;
+        self.arch.regs[gpr::RSP] = new_rsp;
+        self.arch.rip = target;
         let mut new_flags = rflags & !(TF | NT | RF | VM | AC);
         if gate_type == 0xe {
             new_flags &= !IF;
         }
-        self.flags.set(new_flags);
-        self.user = new_cpl == 3;
+        self.arch.flags.set(new_flags);
+        self.mmu.user = new_cpl == 3;
         self.update_segment_bases();
         Ok(())
     }
 
     /// Reads a 64-bit field of the TSS at `offset`.
     fn read_tss(&mut self, offset: u64, ext: u32) -> Result<u64, Event> {
-        if offset + 7 > u64::from(self.tr.limit) || self.tr.unusable {
-            return Err(Event::ts(u32::from(self.tr.selector & !3) | ext));
+        if offset + 7 > u64::from(self.arch.tr.limit) || self.arch.tr.unusable {
+            return Err(Event::ts(u32::from(self.arch.tr.selector & !3) | ext));
         }
-        self.read_system::<8>(self.tr.base.wrapping_add(offset))
+        self.read_system::<8>(self.arch.tr.base.wrapping_add(offset))
     }
 }

@@ -134,10 +134,10 @@ impl Cpu {
     /// Checks that SSE instructions may run (#UD without OSFXSR or with CR0.EM, #NM with TS).
     #[inline]
     pub fn check_sse(&self) -> Result<(), Event> {
-        if self.cr0 & cr0::EM != 0 || self.cr4 & cr4::OSFXSR == 0 {
+        if self.arch.cr0 & cr0::EM != 0 || self.arch.cr4 & cr4::OSFXSR == 0 {
             return Err(Event::ud());
         }
-        if self.cr0 & cr0::TS != 0 {
+        if self.arch.cr0 & cr0::TS != 0 {
             return Err(Event::nm());
         }
         Ok(())
@@ -146,7 +146,7 @@ impl Cpu {
     /// Checks that x87 instructions may run (#NM with CR0.EM or CR0.TS).
     #[inline]
     pub fn check_x87(&self) -> Result<(), Event> {
-        if self.cr0 & (cr0::EM | cr0::TS) != 0 {
+        if self.arch.cr0 & (cr0::EM | cr0::TS) != 0 {
             return Err(Event::nm());
         }
         Ok(())
@@ -155,7 +155,7 @@ impl Cpu {
     /// Checks that WAIT may run: it ignores CR0.EM and faults on CR0.TS only with CR0.MP.
     #[inline]
     pub fn check_wait(&self) -> Result<(), Event> {
-        if self.cr0 & (cr0::MP | cr0::TS) == cr0::MP | cr0::TS {
+        if self.arch.cr0 & (cr0::MP | cr0::TS) == cr0::MP | cr0::TS {
             return Err(Event::nm());
         }
         Ok(())
@@ -165,7 +165,7 @@ impl Cpu {
 /// The address of an FXSAVE/FXRSTOR area, after the checks both make (#NM with CR0.EM or
 /// CR0.TS, #GP unless 16-byte aligned).
 fn fxsave_area(cpu: &Cpu, op: &Op) -> Result<u64, Event> {
-    if cpu.cr0 & (cr0::EM | cr0::TS) != 0 {
+    if cpu.arch.cr0 & (cr0::EM | cr0::TS) != 0 {
         return Err(Event::nm());
     }
     let addr = cpu.ea(op);
@@ -178,8 +178,8 @@ fn fxsave_area(cpu: &Cpu, op: &Op) -> Result<u64, Event> {
 /// FXSAVE / FXSAVE64 m512.
 pub fn fxsave<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let addr = fxsave_area(cpu, op)?;
-    let img = cpu.fpu.fxsave_image(WIDE);
-    let user = cpu.user;
+    let img = cpu.arch.fpu.fxsave_image(WIDE);
+    let user = cpu.mmu.user;
     cpu.write_bytes(addr, &img, user)
 }
 
@@ -187,9 +187,9 @@ pub fn fxsave<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 pub fn fxrstor<const WIDE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let addr = fxsave_area(cpu, op)?;
     let mut img = [0u8; 512];
-    let user = cpu.user;
+    let user = cpu.mmu.user;
     cpu.read_bytes(addr, &mut img, user)?;
-    cpu.fpu.fxrstor_image(&img, WIDE)
+    cpu.arch.fpu.fxrstor_image(&img, WIDE)
 }
 
 /// LDMXCSR m32.
@@ -200,7 +200,7 @@ pub fn ldmxcsr(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if value & !MXCSR_MASK != 0 {
         return Err(Event::gp(0));
     }
-    cpu.fpu.mxcsr = value;
+    cpu.arch.fpu.mxcsr = value;
     Ok(())
 }
 
@@ -208,7 +208,7 @@ pub fn ldmxcsr(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 pub fn stmxcsr(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
     let addr = cpu.ea(op);
-    let value = u64::from(cpu.fpu.mxcsr);
+    let value = u64::from(cpu.arch.fpu.mxcsr);
     cpu.write::<4>(addr, value)
 }
 

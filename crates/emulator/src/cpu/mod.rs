@@ -23,7 +23,6 @@ mod system;
 mod x87;
 
 use std::collections::HashSet;
-use std::time::Instant;
 
 use lodge_engine::{CpuState, DescriptorTable, Registers, Segment, SpecialRegisters};
 
@@ -34,8 +33,7 @@ pub use run::RunExit;
 use crate::memory::PhysicalMemory;
 use crate::mmu::PagingMode;
 use crate::msr::{efer, Msrs};
-use crate::pic::Pic;
-use crate::pit::Pit;
+use crate::platform::Platform;
 use crate::tlb::Tlb;
 use flags::Flags;
 use fpu::Fpu;
@@ -123,52 +121,29 @@ pub mod warning {
     pub const COMPATIBILITY_MODE: u16 = 0xfffe;
 }
 
-/// Host monotonic time since the VM started.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    start: Instant,
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        Clock {
-            start: Instant::now(),
-        }
-    }
-
-    /// Nanoseconds since the clock was created.
-    #[inline]
-    pub fn now(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// One vCPU's architectural and emulation state.
+/// One vCPU: its architectural state, how it reaches memory, the platform devices its run
+/// loop drives, and bookkeeping of the interpreter.
 pub struct Cpu {
+    pub arch: ArchState,
+    pub mmu: Mmu,
+    pub platform: Platform,
+    /// Set by a write to a page with decoded code (or an access that ended the machine):
+    /// stop the block after this instruction.
+    pub break_block: bool,
+    /// Instructions retired.
+    pub icount: u64,
+    /// Instruction codes already reported as unimplemented, and `warning` keys.
+    pub warned: HashSet<u16>,
+    pub stats: Stats,
+}
+
+/// What a guest can observe of one vCPU and what [`CpuState`] (and a snapshot) carries: a
+/// plain struct of registers, so a code generator can address its fields.
+pub struct ArchState {
     /// RAX..R15 in 0..16; 16..32 read as zero (an absent base or index register).
     pub regs: [u64; 32],
     pub rip: u64,
     pub flags: Flags,
-    /// Segment base applied to effective addresses, by segment index (only FS and GS are
-    /// non-zero in 64-bit mode; 6 and 7 stay zero).
-    pub seg_base: [u64; 8],
-    /// CPL is 3.
-    pub user: bool,
-    /// Set by a write to a page with decoded code: stop the block after this instruction.
-    pub break_block: bool,
-    pub tlb: Tlb,
-    pub mem: PhysicalMemory,
-    /// Physical pages holding decoded instructions (writes there take the slow path).
-    pub code_pages: PageSet,
-    /// Pages with decoded code written since the last block.
-    pub code_writes: Vec<u64>,
-
     pub segs: [Segment; 6],
     pub ldtr: Segment,
     pub tr: Segment,
@@ -180,22 +155,31 @@ pub struct Cpu {
     pub cr4: u64,
     pub cr8: u64,
     pub efer: u64,
-    pub paging: PagingMode,
     pub dr: [u64; 8],
     pub msr: Msrs,
     pub fpu: Fpu,
-    pub pic: Pic,
-    pub pit: Pit,
-    pub clock: Clock,
     /// Added to host nanoseconds to give the TSC.
     pub tsc_offset: u64,
     /// Interrupts are inhibited until the next block (after STI).
     pub interrupt_shadow: bool,
-    /// Instructions retired.
-    pub icount: u64,
-    /// Instruction codes already reported as unimplemented, and `warning` keys.
-    pub warned: HashSet<u16>,
-    pub stats: Stats,
+}
+
+/// How the vCPU reaches guest memory: RAM and the buses, the software TLB, the pages holding
+/// decoded code, and what is derived from the control and segment registers for every access.
+pub struct Mmu {
+    pub mem: PhysicalMemory,
+    pub tlb: Tlb,
+    /// Physical pages holding decoded instructions (writes there take the slow path).
+    pub code_pages: PageSet,
+    /// Pages with decoded code written since the last block.
+    pub code_writes: Vec<u64>,
+    /// Derived from CR0, CR3 and EFER.
+    pub paging: PagingMode,
+    /// Segment base applied to effective addresses, by segment index (only FS and GS are
+    /// non-zero in 64-bit mode; 6 and 7 stay zero). Derived from the segment registers.
+    pub seg_base: [u64; 8],
+    /// CPL is 3. Derived from CS.
+    pub user: bool,
 }
 
 /// Counters for performance work (logged at debug level when `run` returns).
@@ -219,39 +203,41 @@ pub struct Stats {
 impl Cpu {
     pub fn new(mem: PhysicalMemory) -> Self {
         let mut cpu = Cpu {
-            regs: [0; 32],
-            rip: 0xfff0,
-            flags: Flags::default(),
-            seg_base: [0; 8],
-            user: false,
-            break_block: false,
-            tlb: Tlb::new(),
-            mem,
-            code_pages: PageSet::default(),
-            code_writes: Vec::new(),
-            segs: [Segment::default(); 6],
-            ldtr: Segment::default(),
-            tr: Segment::default(),
-            gdtr: DescriptorTable::default(),
-            idtr: DescriptorTable {
-                base: 0,
-                limit: 0xffff,
+            arch: ArchState {
+                regs: [0; 32],
+                rip: 0xfff0,
+                flags: Flags::default(),
+                segs: [Segment::default(); 6],
+                ldtr: Segment::default(),
+                tr: Segment::default(),
+                gdtr: DescriptorTable::default(),
+                idtr: DescriptorTable {
+                    base: 0,
+                    limit: 0xffff,
+                },
+                cr0: cr0::ET | cr0::NW | cr0::CD,
+                cr2: 0,
+                cr3: 0,
+                cr4: 0,
+                cr8: 0,
+                efer: 0,
+                dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
+                msr: Msrs::default(),
+                fpu: Fpu::default(),
+                tsc_offset: 0,
+                interrupt_shadow: false,
             },
-            cr0: cr0::ET | cr0::NW | cr0::CD,
-            cr2: 0,
-            cr3: 0,
-            cr4: 0,
-            cr8: 0,
-            efer: 0,
-            paging: PagingMode::default(),
-            dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
-            msr: Msrs::default(),
-            fpu: Fpu::default(),
-            pic: Pic::new(),
-            pit: Pit::new(),
-            clock: Clock::new(),
-            tsc_offset: 0,
-            interrupt_shadow: false,
+            mmu: Mmu {
+                mem,
+                tlb: Tlb::new(),
+                code_pages: PageSet::default(),
+                code_writes: Vec::new(),
+                paging: PagingMode::default(),
+                seg_base: [0; 8],
+                user: false,
+            },
+            platform: Platform::new(),
+            break_block: false,
             icount: 0,
             warned: HashSet::new(),
             stats: Stats::default(),
@@ -263,36 +249,36 @@ impl Cpu {
     /// The current privilege level.
     #[inline]
     pub fn cpl(&self) -> u8 {
-        self.segs[seg::CS].dpl
+        self.arch.segs[seg::CS].dpl
     }
 
     /// Whether the CPU executes 64-bit code.
     pub fn long_mode_code(&self) -> bool {
-        self.efer & efer::LMA != 0 && self.segs[seg::CS].l
+        self.arch.efer & efer::LMA != 0 && self.arch.segs[seg::CS].l
     }
 
     /// Recomputes what is derived from control registers and segments: paging controls,
     /// effective-address segment bases, the privilege. Flushes the TLB.
     pub fn update_modes(&mut self) {
-        self.paging = PagingMode {
-            cr3: self.cr3,
-            write_protect: self.cr0 & cr0::WP != 0,
-            no_execute: self.efer & efer::NXE != 0,
+        self.mmu.paging = PagingMode {
+            cr3: self.arch.cr3,
+            write_protect: self.arch.cr0 & cr0::WP != 0,
+            no_execute: self.arch.efer & efer::NXE != 0,
         };
         self.update_segment_bases();
-        self.user = self.cpl() == 3;
-        self.tlb.flush();
+        self.mmu.user = self.cpl() == 3;
+        self.mmu.tlb.flush();
     }
 
     /// Refreshes the effective-address bases after a segment or base MSR change.
     pub fn update_segment_bases(&mut self) {
-        self.seg_base = [0; 8];
-        if self.efer & efer::LMA != 0 && self.segs[seg::CS].l {
-            self.seg_base[seg::FS] = self.segs[seg::FS].base;
-            self.seg_base[seg::GS] = self.segs[seg::GS].base;
+        self.mmu.seg_base = [0; 8];
+        if self.arch.efer & efer::LMA != 0 && self.arch.segs[seg::CS].l {
+            self.mmu.seg_base[seg::FS] = self.arch.segs[seg::FS].base;
+            self.mmu.seg_base[seg::GS] = self.arch.segs[seg::GS].base;
         } else {
-            for (i, s) in self.segs.iter().enumerate() {
-                self.seg_base[i] = s.base;
+            for (i, s) in self.arch.segs.iter().enumerate() {
+                self.mmu.seg_base[i] = s.base;
             }
         }
     }
@@ -300,17 +286,17 @@ impl Cpu {
     /// Whether paging translates addresses.
     #[inline]
     pub fn paging_enabled(&self) -> bool {
-        self.cr0 & cr0::PG != 0
+        self.arch.cr0 & cr0::PG != 0
     }
 
     /// The time-stamp counter.
     pub fn tsc(&self) -> u64 {
-        self.clock.now().wrapping_add(self.tsc_offset)
+        self.platform.clock.now().wrapping_add(self.arch.tsc_offset)
     }
 
     /// The engine-neutral register state.
     pub fn state(&self) -> CpuState {
-        let r = &self.regs;
+        let r = &self.arch.regs;
         CpuState {
             regs: Registers {
                 rax: r[0],
@@ -329,26 +315,26 @@ impl Cpu {
                 r13: r[13],
                 r14: r[14],
                 r15: r[15],
-                rip: self.rip,
-                rflags: self.flags.get(),
+                rip: self.arch.rip,
+                rflags: self.arch.flags.get(),
             },
             sregs: SpecialRegisters {
-                es: self.segs[seg::ES],
-                cs: self.segs[seg::CS],
-                ss: self.segs[seg::SS],
-                ds: self.segs[seg::DS],
-                fs: self.segs[seg::FS],
-                gs: self.segs[seg::GS],
-                tr: self.tr,
-                ldt: self.ldtr,
-                gdt: self.gdtr,
-                idt: self.idtr,
-                cr0: self.cr0,
-                cr2: self.cr2,
-                cr3: self.cr3,
-                cr4: self.cr4,
-                cr8: self.cr8,
-                efer: self.efer,
+                es: self.arch.segs[seg::ES],
+                cs: self.arch.segs[seg::CS],
+                ss: self.arch.segs[seg::SS],
+                ds: self.arch.segs[seg::DS],
+                fs: self.arch.segs[seg::FS],
+                gs: self.arch.segs[seg::GS],
+                tr: self.arch.tr,
+                ldt: self.arch.ldtr,
+                gdt: self.arch.gdtr,
+                idt: self.arch.idtr,
+                cr0: self.arch.cr0,
+                cr2: self.arch.cr2,
+                cr3: self.arch.cr3,
+                cr4: self.arch.cr4,
+                cr8: self.arch.cr8,
+                efer: self.arch.efer,
             },
         }
     }
@@ -356,29 +342,29 @@ impl Cpu {
     /// Replaces the register state (the TLB is flushed; decoded code is the caller's to drop).
     pub fn set_state(&mut self, state: &CpuState) {
         let r = &state.regs;
-        self.regs = [0; 32];
-        self.regs[..16].copy_from_slice(&[
+        self.arch.regs = [0; 32];
+        self.arch.regs[..16].copy_from_slice(&[
             r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
             r.r12, r.r13, r.r14, r.r15,
         ]);
-        self.rip = r.rip;
-        self.flags.set(r.rflags);
+        self.arch.rip = r.rip;
+        self.arch.flags.set(r.rflags);
         let s = &state.sregs;
-        self.segs = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs];
-        self.tr = s.tr;
-        self.ldtr = s.ldt;
-        self.gdtr = s.gdt;
-        self.idtr = s.idt;
-        self.cr0 = s.cr0 | cr0::ET;
-        self.cr2 = s.cr2;
-        self.cr3 = s.cr3;
-        self.cr4 = s.cr4;
-        self.cr8 = s.cr8;
-        self.efer = s.efer;
-        if self.efer & efer::LME != 0 && self.cr0 & cr0::PG != 0 {
-            self.efer |= efer::LMA;
+        self.arch.segs = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs];
+        self.arch.tr = s.tr;
+        self.arch.ldtr = s.ldt;
+        self.arch.gdtr = s.gdt;
+        self.arch.idtr = s.idt;
+        self.arch.cr0 = s.cr0 | cr0::ET;
+        self.arch.cr2 = s.cr2;
+        self.arch.cr3 = s.cr3;
+        self.arch.cr4 = s.cr4;
+        self.arch.cr8 = s.cr8;
+        self.arch.efer = s.efer;
+        if self.arch.efer & efer::LME != 0 && self.arch.cr0 & cr0::PG != 0 {
+            self.arch.efer |= efer::LMA;
         }
-        self.interrupt_shadow = false;
+        self.arch.interrupt_shadow = false;
         self.update_modes();
     }
 }

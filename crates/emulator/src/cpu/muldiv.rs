@@ -26,7 +26,8 @@ pub fn mul<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), 
     let high = (product >> bits) as u64 & mask::<B>();
     store_double::<B>(cpu, low, high);
     let overflow = high != 0;
-    cpu.flags
+    cpu.arch
+        .flags
         .set_custom(bits as u32, low, overflow, overflow, false);
     Ok(())
 }
@@ -41,7 +42,8 @@ pub fn imul1<const B: usize, const SRC: u8>(cpu: &mut Cpu, op: &Op) -> Result<()
     let high = (product >> bits) as u64 & mask::<B>();
     store_double::<B>(cpu, low, high);
     let overflow = i128::from(sign_extend::<B>(low) as i64) != product;
-    cpu.flags
+    cpu.arch
+        .flags
         .set_custom(bits as u32, low, overflow, overflow, false);
     Ok(())
 }
@@ -61,7 +63,8 @@ pub fn imul<const B: usize, const SRC: u8, const THREE: bool>(
     let low = product as u64 & mask::<B>();
     let overflow = i128::from(sign_extend::<B>(low) as i64) != product;
     cpu.set_gpr::<B>(op.r[0], low);
-    cpu.flags
+    cpu.arch
+        .flags
         .set_custom((B * 8) as u32, low, overflow, overflow, false);
     Ok(())
 }

@@ -211,15 +211,15 @@ impl Cpu {
         let a = op
             .inst
             .memory_displacement64()
-            .wrapping_add(self.regs[op.base as usize & 31])
-            .wrapping_add(self.regs[op.index as usize & 31] << op.scale);
-        (a & op.addr_mask).wrapping_add(self.seg_base[op.seg as usize & 7])
+            .wrapping_add(self.arch.regs[op.base as usize & 31])
+            .wrapping_add(self.arch.regs[op.index as usize & 31] << op.scale);
+        (a & op.addr_mask).wrapping_add(self.mmu.seg_base[op.seg as usize & 7])
     }
 
     /// Reads a `B`-byte general-purpose register.
     #[inline(always)]
     pub fn gpr<const B: usize>(&self, r: u8) -> u64 {
-        let value = self.regs[r as usize & 15];
+        let value = self.arch.regs[r as usize & 15];
         if B == 1 {
             (value >> (((r >> 4) & 1) * 8)) & 0xff
         } else {
@@ -230,7 +230,7 @@ impl Cpu {
     /// Writes a `B`-byte general-purpose register (32-bit writes zero the upper half).
     #[inline(always)]
     pub fn set_gpr<const B: usize>(&mut self, r: u8, value: u64) {
-        let slot = &mut self.regs[r as usize & 15];
+        let slot = &mut self.arch.regs[r as usize & 15];
         match B {
             1 => {
                 let shift = ((r >> 4) & 1) * 8;
@@ -276,18 +276,18 @@ impl Cpu {
     /// Pushes a `B`-byte value.
     #[inline(always)]
     pub fn push<const B: usize>(&mut self, value: u64) -> Result<(), Event> {
-        let rsp = self.regs[super::gpr::RSP].wrapping_sub(B as u64);
+        let rsp = self.arch.regs[super::gpr::RSP].wrapping_sub(B as u64);
         self.stack_write::<B>(rsp, value)?;
-        self.regs[super::gpr::RSP] = rsp;
+        self.arch.regs[super::gpr::RSP] = rsp;
         Ok(())
     }
 
     /// Pops a `B`-byte value.
     #[inline(always)]
     pub fn pop<const B: usize>(&mut self) -> Result<u64, Event> {
-        let rsp = self.regs[super::gpr::RSP];
+        let rsp = self.arch.regs[super::gpr::RSP];
         let value = self.stack_read::<B>(rsp)?;
-        self.regs[super::gpr::RSP] = rsp.wrapping_add(B as u64);
+        self.arch.regs[super::gpr::RSP] = rsp.wrapping_add(B as u64);
         Ok(value)
     }
 }

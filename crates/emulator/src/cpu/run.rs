@@ -1,7 +1,5 @@
 //! The execution loop: interrupts and timers between blocks, block execution, HLT.
 
-use std::time::Duration;
-
 use lodge_bus::MachineRequest;
 
 use super::cache::{Block, CodeCache};
@@ -42,12 +40,12 @@ impl Cpu {
             }
             if self.break_block {
                 self.break_block = false;
-                self.rip = op.inst.next_ip();
+                self.arch.rip = op.inst.next_ip();
                 self.icount += i as u64 + 1;
                 return Ok(());
             }
         }
-        self.rip = last.inst.next_ip();
+        self.arch.rip = last.inst.next_ip();
         if let Err(e) = (last.handler)(self, last) {
             return Err(self.stopped_at(last, body.len(), e));
         }
@@ -64,7 +62,7 @@ impl Cpu {
         let mut event = event;
         let halted = matches!(event, Event::Halt);
         // A fault restarts the instruction; HLT resumes after it.
-        self.rip = if halted {
+        self.arch.rip = if halted {
             op.inst.next_ip()
         } else {
             op.inst.ip()
@@ -77,25 +75,6 @@ impl Cpu {
         event
     }
 
-    /// Takes interrupt edges from other threads into the PIC and polls the PIT.
-    fn collect_interrupts(&mut self, signals: &Signals) {
-        let lines = signals.take_lines();
-        if lines != 0 {
-            for irq in 0..16 {
-                if lines & (1 << irq) != 0 {
-                    self.pic.raise(irq);
-                }
-            }
-        }
-    }
-
-    fn poll_timer(&mut self) {
-        let now = self.clock.now();
-        if self.pit.poll(now) {
-            self.pic.raise(0);
-        }
-    }
-
     /// Runs until a stop request, a halt with interrupts disabled, a triple fault or a fatal
     /// emulation error.
     pub fn run(&mut self, cache: &mut CodeCache, signals: &Signals) -> RunExit {
@@ -106,21 +85,24 @@ impl Cpu {
         let mut previous: Option<(u32, u64)> = None;
         loop {
             // Blocks end after an access that raised a request (`after_device_access`).
-            if let Some(request) = self.mem.io().requests.pending() {
+            if let Some(request) = self.mmu.mem.io().requests.pending() {
                 return RunExit::Requested(request);
             }
             if signals.any() {
                 if signals.stop_requested() {
                     return RunExit::Stopped;
                 }
-                self.collect_interrupts(signals);
+                self.platform.collect_interrupts(signals);
             }
             if self.icount >= next_poll {
-                self.poll_timer();
+                self.platform.poll_timer();
                 next_poll = self.icount + TIMER_POLL_INTERVAL;
             }
-            if self.pic.has_interrupt() && !self.interrupt_shadow && self.flags.system(IF) {
-                if let Some(vector) = self.pic.acknowledge() {
+            if self.platform.pic.has_interrupt()
+                && !self.arch.interrupt_shadow
+                && self.arch.flags.system(IF)
+            {
+                if let Some(vector) = self.platform.pic.acknowledge() {
                     self.stats.interrupts += 1;
                     previous = None;
                     if let Err(e) = self.raise_external(vector) {
@@ -128,15 +110,15 @@ impl Cpu {
                     }
                 }
             }
-            self.interrupt_shadow = false;
+            self.arch.interrupt_shadow = false;
 
             // Drop the blocks of code pages written since the last lookup: by the last block,
             // or by the frame of an exception or interrupt delivered since.
-            if !self.code_writes.is_empty() {
+            if !self.mmu.code_writes.is_empty() {
                 cache.invalidate_writes(self);
             }
             self.break_block = false;
-            let rip = self.rip;
+            let rip = self.arch.rip;
             let epoch = signals.dma_epoch();
             let key = cache.link_key(self, epoch);
             let linked = match previous.take() {
@@ -152,7 +134,7 @@ impl Cpu {
                 }
                 Err(from) => {
                     self.stats.looked_up_blocks += 1;
-                    self.translate(rip, AccessKind::Execute, self.user)
+                    self.translate(rip, AccessKind::Execute, self.mmu.user)
                         .and_then(|phys| cache.find(self, rip, phys, epoch))
                         .map(|index| {
                             // Finding may have removed blocks (the previous one among them),
@@ -182,7 +164,7 @@ impl Cpu {
                     }
                 }
                 Err(Event::Halt) => {
-                    if !self.flags.system(IF) {
+                    if !self.arch.flags.system(IF) {
                         return RunExit::Halted;
                     }
                     if let Some(exit) = self.halt(signals) {
@@ -201,18 +183,14 @@ impl Cpu {
             if signals.stop_requested() {
                 return Some(RunExit::Stopped);
             }
-            self.collect_interrupts(signals);
-            self.poll_timer();
-            if self.pic.has_interrupt() {
+            self.platform.collect_interrupts(signals);
+            self.platform.poll_timer();
+            if self.platform.pic.has_interrupt() {
                 return None;
             }
-            let now = self.clock.now();
-            let timeout = self
-                .pit
-                .deadline()
-                .map(|due| Duration::from_nanos(due.saturating_sub(now)));
-            signals.wait(timeout);
-            self.stats.halted_ns += self.clock.now().saturating_sub(now);
+            let now = self.platform.clock.now();
+            signals.wait(self.platform.time_to_next_timer());
+            self.stats.halted_ns += self.platform.clock.now().saturating_sub(now);
         }
     }
 }

@@ -41,12 +41,12 @@ impl Cpu {
     /// Reads the 8-byte descriptor for `selector` from the GDT or LDT.
     pub fn read_descriptor(&mut self, selector: u16) -> Result<u64, Event> {
         let (base, limit) = if selector & 4 != 0 {
-            if self.ldtr.unusable {
+            if self.arch.ldtr.unusable {
                 return Err(Event::gp(u32::from(selector & !3)));
             }
-            (self.ldtr.base, u64::from(self.ldtr.limit))
+            (self.arch.ldtr.base, u64::from(self.arch.ldtr.limit))
         } else {
-            (self.gdtr.base, u64::from(self.gdtr.limit))
+            (self.arch.gdtr.base, u64::from(self.arch.gdtr.limit))
         };
         let offset = u64::from(selector & !7);
         if offset + 7 > limit {
@@ -67,9 +67,9 @@ impl Cpu {
             return Ok(());
         }
         let base = if selector & 4 != 0 {
-            self.ldtr.base
+            self.arch.ldtr.base
         } else {
-            self.gdtr.base
+            self.arch.gdtr.base
         };
         let addr = base.wrapping_add(u64::from(selector & !7) + 5);
         let access = self.read_system::<1>(addr)?;
@@ -91,7 +91,7 @@ impl Cpu {
             if index == seg::SS {
                 null.dpl = cpl;
             }
-            self.segs[index] = null;
+            self.arch.segs[index] = null;
             self.update_segment_bases();
             return Ok(());
         }
@@ -123,7 +123,7 @@ impl Cpu {
         }
         self.mark_accessed(selector, &descriptor)?;
         descriptor.type_ |= 1;
-        self.segs[index] = descriptor;
+        self.arch.segs[index] = descriptor;
         self.update_segment_bases();
         Ok(())
     }
@@ -150,8 +150,8 @@ impl Cpu {
         }
         descriptor.selector = (selector & !3) | u16::from(new_cpl);
         descriptor.type_ |= 1;
-        self.segs[seg::CS] = descriptor;
-        self.user = new_cpl == 3;
+        self.arch.segs[seg::CS] = descriptor;
+        self.mmu.user = new_cpl == 3;
         self.update_segment_bases();
         Ok(())
     }
@@ -224,14 +224,14 @@ impl Cpu {
     /// Nulls data segment registers the new (outer) privilege may not use.
     fn drop_inaccessible_segments(&mut self, cpl: u8) {
         for index in [seg::ES, seg::DS, seg::FS, seg::GS] {
-            let s = self.segs[index];
+            let s = self.arch.segs[index];
             let conforming_code = s.type_ & 0xc == 0xc;
             if !s.unusable && !conforming_code && s.dpl < cpl {
                 // Keep FS/GS bases: in 64-bit mode they come from MSRs the kernel manages.
                 let base = s.base;
-                self.segs[index] = null_segment(0);
+                self.arch.segs[index] = null_segment(0);
                 if index == seg::FS || index == seg::GS {
-                    self.segs[index].base = base;
+                    self.arch.segs[index].base = base;
                 }
             }
         }
@@ -240,10 +240,10 @@ impl Cpu {
 
     /// IRETQ (and IRETD in 64-bit mode): pops RIP, CS, RFLAGS, RSP and SS.
     pub fn iret(&mut self, size: usize) -> Result<(), Event> {
-        if self.flags.system(NT) {
+        if self.arch.flags.system(NT) {
             return Err(Event::gp(0));
         }
-        let rsp = self.regs[gpr::RSP];
+        let rsp = self.arch.regs[gpr::RSP];
         let mut words = [0u64; 5];
         for (i, w) in words.iter_mut().enumerate() {
             *w = self
@@ -263,10 +263,10 @@ impl Cpu {
             return Err(Event::gp(0));
         }
         self.set_code_segment(cs, code, new_cpl)?;
-        self.segs[seg::SS] = stack;
+        self.arch.segs[seg::SS] = stack;
         self.set_flags_privileged(rflags, cpl, size);
-        self.regs[gpr::RSP] = new_rsp;
-        self.rip = rip;
+        self.arch.regs[gpr::RSP] = new_rsp;
+        self.arch.rip = rip;
         if new_cpl > cpl {
             self.drop_inaccessible_segments(new_cpl);
         }
@@ -275,7 +275,7 @@ impl Cpu {
 
     /// Sets RFLAGS as IRET/POPF do at privilege `cpl` (IOPL only at CPL 0, IF up to IOPL).
     pub fn set_flags_privileged(&mut self, value: u64, cpl: u8, size: usize) {
-        let old = self.flags.get();
+        let old = self.arch.flags.get();
         let mut mask = flags::ARITH | TF | DF | NT | AC | ID;
         if size == 2 {
             mask &= 0xffff;
@@ -289,12 +289,12 @@ impl Cpu {
         }
         mask &= !(VM | RF);
         let new = (old & !mask) | (value & mask);
-        self.flags.set(new);
+        self.arch.flags.set(new);
     }
 
     /// Far return (RETF): pops RIP and CS (and RSP/SS when going outward), then `pop_bytes`.
     pub fn far_return(&mut self, size: usize, pop_bytes: u64) -> Result<(), Event> {
-        let rsp = self.regs[gpr::RSP];
+        let rsp = self.arch.regs[gpr::RSP];
         let read = |cpu: &mut Cpu, offset: u64| {
             cpu.read_sized(rsp.wrapping_add(offset), size)
                 .map_err(Event::into_stack_fault)
@@ -312,8 +312,8 @@ impl Cpu {
         }
         if new_cpl == cpl {
             self.set_code_segment(cs, code, new_cpl)?;
-            self.rip = rip;
-            self.regs[gpr::RSP] = rsp.wrapping_add(2 * size as u64 + pop_bytes);
+            self.arch.rip = rip;
+            self.arch.regs[gpr::RSP] = rsp.wrapping_add(2 * size as u64 + pop_bytes);
             return Ok(());
         }
         let sp_offset = 2 * size as u64 + pop_bytes;
@@ -321,9 +321,9 @@ impl Cpu {
         let ss = read(self, sp_offset + size as u64)? as u16;
         let stack = self.check_stack_target(ss, new_cpl)?;
         self.set_code_segment(cs, code, new_cpl)?;
-        self.segs[seg::SS] = stack;
-        self.rip = rip;
-        self.regs[gpr::RSP] = new_rsp.wrapping_add(pop_bytes);
+        self.arch.segs[seg::SS] = stack;
+        self.arch.rip = rip;
+        self.arch.regs[gpr::RSP] = new_rsp.wrapping_add(pop_bytes);
         self.drop_inaccessible_segments(new_cpl);
         Ok(())
     }
@@ -337,33 +337,33 @@ impl Cpu {
         }
         let cpl = self.cpl();
         self.set_code_segment(selector, code, cpl)?;
-        self.rip = rip;
+        self.arch.rip = rip;
         Ok(())
     }
 
     /// SYSCALL.
     pub fn syscall(&mut self) -> Result<(), Event> {
-        if self.efer & efer::SCE == 0 || !self.long_mode_code() {
+        if self.arch.efer & efer::SCE == 0 || !self.long_mode_code() {
             return Err(Event::ud());
         }
-        let star = self.msr.star;
+        let star = self.arch.msr.star;
         // Selectors are 16-bit registers: STAR-derived ones wrap.
         let selector = ((star >> 32) & 0xfffc) as u16;
-        self.regs[gpr::RCX] = self.rip;
-        let rflags = self.flags.get();
-        self.regs[gpr::R11] = rflags & !RF;
-        self.segs[seg::CS] = flat_segment(selector, 0, true);
-        self.segs[seg::SS] = flat_segment(selector.wrapping_add(8), 0, false);
-        self.flags.set(rflags & !self.msr.sfmask & !RF);
-        self.rip = self.msr.lstar;
-        self.user = false;
+        self.arch.regs[gpr::RCX] = self.arch.rip;
+        let rflags = self.arch.flags.get();
+        self.arch.regs[gpr::R11] = rflags & !RF;
+        self.arch.segs[seg::CS] = flat_segment(selector, 0, true);
+        self.arch.segs[seg::SS] = flat_segment(selector.wrapping_add(8), 0, false);
+        self.arch.flags.set(rflags & !self.arch.msr.sfmask & !RF);
+        self.arch.rip = self.arch.msr.lstar;
+        self.mmu.user = false;
         self.update_segment_bases();
         Ok(())
     }
 
     /// SYSRET (to 64-bit code with REX.W, else to compatibility mode, which is unsupported).
     pub fn sysret(&mut self, to_64bit: bool) -> Result<(), Event> {
-        if self.efer & efer::SCE == 0 || !self.long_mode_code() {
+        if self.arch.efer & efer::SCE == 0 || !self.long_mode_code() {
             return Err(Event::ud());
         }
         if self.cpl() != 0 {
@@ -374,24 +374,25 @@ impl Cpu {
                 "SYSRET to compatibility mode is not supported",
             ));
         }
-        let rip = self.regs[gpr::RCX];
+        let rip = self.arch.regs[gpr::RCX];
         if !crate::mmu::is_canonical(rip) {
             return Err(Event::gp(0));
         }
-        let base = ((self.msr.star >> 48) & 0xffff) as u16;
-        self.segs[seg::CS] = flat_segment(base.wrapping_add(16) | 3, 3, true);
+        let base = ((self.arch.msr.star >> 48) & 0xffff) as u16;
+        self.arch.segs[seg::CS] = flat_segment(base.wrapping_add(16) | 3, 3, true);
         // SS is loaded flat as on Intel CPUs; AVL and L (meaningless for SS) stay.
-        let old_ss = self.segs[seg::SS];
-        self.segs[seg::SS] = Segment {
+        let old_ss = self.arch.segs[seg::SS];
+        self.arch.segs[seg::SS] = Segment {
             avl: old_ss.avl,
             l: old_ss.l,
             ..flat_segment(base.wrapping_add(8) | 3, 3, false)
         };
-        let r11 = self.regs[gpr::R11];
-        self.flags
+        let r11 = self.arch.regs[gpr::R11];
+        self.arch
+            .flags
             .set((r11 & flags::WRITABLE & !RF & !VM) | flags::FIXED);
-        self.rip = rip;
-        self.user = true;
+        self.arch.rip = rip;
+        self.mmu.user = true;
         self.update_segment_bases();
         Ok(())
     }
@@ -401,7 +402,10 @@ impl Cpu {
         if self.cpl() != 0 {
             return Err(Event::gp(0));
         }
-        std::mem::swap(&mut self.segs[seg::GS].base, &mut self.msr.kernel_gs_base);
+        std::mem::swap(
+            &mut self.arch.segs[seg::GS].base,
+            &mut self.arch.msr.kernel_gs_base,
+        );
         self.update_segment_bases();
         Ok(())
     }
@@ -413,14 +417,14 @@ impl Cpu {
             return Err(Event::gp(error));
         }
         let offset = u64::from(selector & !7);
-        if offset + 15 > u64::from(self.gdtr.limit) {
+        if offset + 15 > u64::from(self.arch.gdtr.limit) {
             return Err(Event::gp(error));
         }
-        let low = self.read_system::<8>(self.gdtr.base.wrapping_add(offset))?;
-        let high = self.read_system::<8>(self.gdtr.base.wrapping_add(offset + 8))?;
+        let low = self.read_system::<8>(self.arch.gdtr.base.wrapping_add(offset))?;
+        let high = self.read_system::<8>(self.arch.gdtr.base.wrapping_add(offset + 8))?;
         let mut d = Segment::from_descriptor(selector, low);
         d.base |= (high & 0xffff_ffff) << 32;
-        Ok((d, self.gdtr.base.wrapping_add(offset)))
+        Ok((d, self.arch.gdtr.base.wrapping_add(offset)))
     }
 
     /// LTR.
@@ -445,7 +449,7 @@ impl Cpu {
         self.write_bytes(access_byte, &[access | 0x2], false)?;
         let mut tr = d;
         tr.type_ = 0xb;
-        self.tr = tr;
+        self.arch.tr = tr;
         Ok(())
     }
 
@@ -455,7 +459,7 @@ impl Cpu {
             return Err(Event::gp(0));
         }
         if selector & !3 == 0 {
-            self.ldtr = null_segment(selector);
+            self.arch.ldtr = null_segment(selector);
             return Ok(());
         }
         let (d, _) = self.read_system_descriptor(selector)?;
@@ -465,7 +469,7 @@ impl Cpu {
         if !d.present {
             return Err(Event::np(u32::from(selector & !3)));
         }
-        self.ldtr = d;
+        self.arch.ldtr = d;
         Ok(())
     }
 }
@@ -486,7 +490,7 @@ pub fn mov_from_segment(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if index > seg::GS {
         return Err(Event::ud());
     }
-    let selector = u64::from(cpu.segs[index].selector);
+    let selector = u64::from(cpu.arch.segs[index].selector);
     if op.is_memory(0) {
         let addr = cpu.ea(op);
         cpu.write::<2>(addr, selector)
@@ -504,7 +508,7 @@ pub fn mov_from_segment(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// PUSH FS/GS.
 pub fn push_segment(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let index = op.r[0] as usize & 7;
-    let selector = u64::from(cpu.segs.get(index).map_or(0, |s| s.selector));
+    let selector = u64::from(cpu.arch.segs.get(index).map_or(0, |s| s.selector));
     match op.inst.stack_pointer_increment() {
         -2 => cpu.push::<2>(selector),
         _ => cpu.push::<8>(selector),
@@ -522,14 +526,14 @@ pub fn pop_segment(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     } else {
         8
     };
-    let rsp = cpu.regs[gpr::RSP];
+    let rsp = cpu.arch.regs[gpr::RSP];
     let selector = if size == 2 {
         cpu.stack_read::<2>(rsp)?
     } else {
         cpu.stack_read::<8>(rsp)?
     };
     cpu.load_segment(index, selector as u16)?;
-    cpu.regs[gpr::RSP] = rsp.wrapping_add(size);
+    cpu.arch.regs[gpr::RSP] = rsp.wrapping_add(size);
     Ok(())
 }
 

@@ -26,20 +26,20 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
         SHL => {
             let r = if count >= 64 { 0 } else { (a << count) & m };
             let cf = count <= bits && (a >> (bits - count)) & 1 != 0;
-            cpu.flags.set_custom(bits, r, cf, msb(r) != cf, false);
+            cpu.arch.flags.set_custom(bits, r, cf, msb(r) != cf, false);
             r
         }
         SHR => {
             let r = if count >= 64 { 0 } else { a >> count };
             let cf = count <= bits && (a >> (count - 1)) & 1 != 0;
-            cpu.flags.set_custom(bits, r, cf, msb(a), false);
+            cpu.arch.flags.set_custom(bits, r, cf, msb(a), false);
             r
         }
         SAR => {
             let s = sign_extend::<B>(a) as i64;
             let r = (s >> count.min(63)) as u64 & m;
             let cf = (s >> (count - 1).min(63)) & 1 != 0;
-            cpu.flags.set_custom(bits, r, cf, false, false);
+            cpu.arch.flags.set_custom(bits, r, cf, false, false);
             r
         }
         ROL | ROR => {
@@ -55,7 +55,8 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
             } else {
                 (msb(r), msb(r) != ((r >> (bits - 2)) & 1 != 0))
             };
-            cpu.flags
+            cpu.arch
+                .flags
                 .set_arith(CF | OF, if cf { CF } else { 0 } | if of { OF } else { 0 });
             r
         }
@@ -66,7 +67,7 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
             if c == 0 {
                 return a;
             }
-            let carry = cpu.flags.carry();
+            let carry = cpu.arch.flags.carry();
             let wide = u128::from(a) | (u128::from(carry) << bits);
             let width_mask = (1u128 << (bits + 1)) - 1;
             let rotated = if OP == RCL {
@@ -81,7 +82,8 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
             } else {
                 msb(a) != carry
             };
-            cpu.flags
+            cpu.arch
+                .flags
                 .set_arith(CF | OF, if cf { CF } else { 0 } | if of { OF } else { 0 });
             r
         }
@@ -93,7 +95,7 @@ fn compute<const OP: u8, const B: usize>(cpu: &mut Cpu, a: u64, count: u32) -> u
 #[inline(always)]
 fn shift_count<const B: usize, const CNT: u8>(cpu: &Cpu, op: &Op, n: u32) -> u32 {
     let raw = if CNT == REG {
-        cpu.regs[super::gpr::RCX] as u32
+        cpu.arch.regs[super::gpr::RCX] as u32
     } else {
         op.inst.immediate(n) as u32
     };
@@ -176,7 +178,7 @@ pub fn double<const LEFT: bool, const B: usize, const DST: u8, const CNT: u8>(
         }
     };
     let of = (r ^ dst) & sign::<B>() != 0;
-    cpu.flags.set_custom(bits, r, cf, of, false);
+    cpu.arch.flags.set_custom(bits, r, cf, of, false);
     match place {
         None => cpu.set_gpr::<B>(op.r[0], r),
         Some(p) => cpu.place_write::<B>(p, r)?,

@@ -312,7 +312,7 @@ impl Cpu {
     #[inline]
     pub fn xmm_operand(&mut self, op: &Op, n: u32, size: usize, aligned: bool) -> Result<V, Event> {
         if op.inst.op_kind(n) == OpKind::Register {
-            return Ok(self.fpu.xmm[op.r[n as usize & 3] as usize & 15]);
+            return Ok(self.arch.fpu.xmm[op.r[n as usize & 3] as usize & 15]);
         }
         let addr = self.ea(op);
         match size {
@@ -354,7 +354,7 @@ pub fn binary<const OP: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         | Binary::ShiftArithD => src & u128::from(u64::MAX),
         _ => src,
     };
-    cpu.fpu.xmm[d] = binary_op(operation, cpu.fpu.xmm[d], src);
+    cpu.arch.fpu.xmm[d] = binary_op(operation, cpu.arch.fpu.xmm[d], src);
     Ok(())
 }
 
@@ -369,8 +369,8 @@ pub fn shift_imm<const OP: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
     let d = Cpu::xmm_reg(op, 0);
     let count = op.inst.immediate(1) & 0xff;
-    let a = cpu.fpu.xmm[d];
-    cpu.fpu.xmm[d] = match OP {
+    let a = cpu.arch.fpu.xmm[d];
+    cpu.arch.fpu.xmm[d] = match OP {
         SHIFT_LEFT_BYTES => {
             if count > 15 {
                 0
@@ -418,7 +418,7 @@ pub fn pshuf<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
             ))
         }
     };
-    cpu.fpu.xmm[Cpu::xmm_reg(op, 0)] = r;
+    cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 0)] = r;
     Ok(())
 }
 
@@ -427,9 +427,9 @@ pub fn shufp<const DOUBLE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
     let src = cpu.xmm_operand(op, 1, 16, true)?;
     let d = Cpu::xmm_reg(op, 0);
-    let dst = cpu.fpu.xmm[d];
+    let dst = cpu.arch.fpu.xmm[d];
     let imm = op.inst.immediate(2) as usize;
-    cpu.fpu.xmm[d] = if DOUBLE {
+    cpu.arch.fpu.xmm[d] = if DOUBLE {
         from_q2([q2(dst)[imm & 1], q2(src)[(imm >> 1) & 1]])
     } else {
         let (a, b) = (d4(dst), d4(src));
@@ -448,14 +448,14 @@ pub fn mov128<const ALIGNED: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> 
     cpu.check_sse()?;
     if op.inst.op_kind(0) == OpKind::Register {
         let v = cpu.xmm_operand(op, 1, 16, ALIGNED)?;
-        cpu.fpu.xmm[Cpu::xmm_reg(op, 0)] = v;
+        cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 0)] = v;
         Ok(())
     } else {
         let addr = cpu.ea(op);
         if ALIGNED && addr & 15 != 0 {
             return Err(Event::gp(0));
         }
-        let v = cpu.fpu.xmm[Cpu::xmm_reg(op, 1)];
+        let v = cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)];
         cpu.write_u128(addr, v)
     }
 }
@@ -470,17 +470,17 @@ pub fn mov_scalar<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     };
     match (op.inst.op_kind(0), op.inst.op_kind(1)) {
         (OpKind::Register, OpKind::Register) => {
-            let src = cpu.fpu.xmm[Cpu::xmm_reg(op, 1)];
+            let src = cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)];
             let d = Cpu::xmm_reg(op, 0);
-            cpu.fpu.xmm[d] = (cpu.fpu.xmm[d] & !lane) | (src & lane);
+            cpu.arch.fpu.xmm[d] = (cpu.arch.fpu.xmm[d] & !lane) | (src & lane);
         }
         (OpKind::Register, _) => {
             let v = cpu.xmm_operand(op, 1, B, false)?;
-            cpu.fpu.xmm[Cpu::xmm_reg(op, 0)] = v;
+            cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 0)] = v;
         }
         _ => {
             let addr = cpu.ea(op);
-            let v = cpu.fpu.xmm[Cpu::xmm_reg(op, 1)];
+            let v = cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)];
             if B == 4 {
                 cpu.write::<4>(addr, v as u64)?;
             } else {
@@ -498,19 +498,19 @@ pub fn mov_half<const HIGH: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if op.inst.op_kind(0) == OpKind::Register {
         let d = Cpu::xmm_reg(op, 0);
         let half = match op.inst.code() {
-            Code::Movhlps_xmm_xmm => cpu.fpu.xmm[Cpu::xmm_reg(op, 1)] >> 64,
-            Code::Movlhps_xmm_xmm => cpu.fpu.xmm[Cpu::xmm_reg(op, 1)] & low_mask,
+            Code::Movhlps_xmm_xmm => cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)] >> 64,
+            Code::Movlhps_xmm_xmm => cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)] & low_mask,
             _ => cpu.xmm_operand(op, 1, 8, false)?,
         };
-        cpu.fpu.xmm[d] = if HIGH {
-            (cpu.fpu.xmm[d] & low_mask) | (half << 64)
+        cpu.arch.fpu.xmm[d] = if HIGH {
+            (cpu.arch.fpu.xmm[d] & low_mask) | (half << 64)
         } else {
-            (cpu.fpu.xmm[d] & !low_mask) | half
+            (cpu.arch.fpu.xmm[d] & !low_mask) | half
         };
         Ok(())
     } else {
         let addr = cpu.ea(op);
-        let v = cpu.fpu.xmm[Cpu::xmm_reg(op, 1)];
+        let v = cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)];
         let half = if HIGH { (v >> 64) as u64 } else { v as u64 };
         cpu.write::<8>(addr, half)
     }
@@ -528,7 +528,7 @@ pub fn movd_movq<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     if to_xmm {
         let v = match op.inst.op_kind(1) {
             OpKind::Register if op.inst.op1_register().is_xmm() => {
-                cpu.fpu.xmm[Cpu::xmm_reg(op, 1)] & lane
+                cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)] & lane
             }
             OpKind::Register => u128::from(if B == 4 {
                 cpu.gpr::<4>(op.r[1])
@@ -537,12 +537,14 @@ pub fn movd_movq<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
             }),
             _ => cpu.xmm_operand(op, 1, B, false)?,
         };
-        cpu.fpu.xmm[Cpu::xmm_reg(op, 0)] = v;
+        cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 0)] = v;
         return Ok(());
     }
-    let v = cpu.fpu.xmm[Cpu::xmm_reg(op, 1)] & lane;
+    let v = cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)] & lane;
     match op.inst.op_kind(0) {
-        OpKind::Register if op.inst.op0_register().is_xmm() => cpu.fpu.xmm[Cpu::xmm_reg(op, 0)] = v,
+        OpKind::Register if op.inst.op0_register().is_xmm() => {
+            cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 0)] = v
+        }
         OpKind::Register => {
             if B == 4 {
                 cpu.set_gpr::<4>(op.r[0], v as u64);
@@ -565,7 +567,7 @@ pub fn movd_movq<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// MOVMSKPS/MOVMSKPD/PMOVMSKB r, xmm (`KIND` 4, 8, 1 = lane size).
 pub fn movmsk<const KIND: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
-    let v = cpu.fpu.xmm[Cpu::xmm_reg(op, 1)];
+    let v = cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)];
     let lanes = 16 / KIND;
     let mask = (0..lanes).fold(0u64, |m, i| {
         m | ((((v >> (i * KIND * 8 + KIND * 8 - 1)) & 1) as u64) << i)
@@ -577,7 +579,7 @@ pub fn movmsk<const KIND: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// PEXTRW r32/r64, xmm, imm8 (and the SSE4.1 memory form is not reported).
 pub fn pextrw(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
-    let v = w8(cpu.fpu.xmm[Cpu::xmm_reg(op, 1)]);
+    let v = w8(cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)]);
     let word = u64::from(v[(op.inst.immediate(2) & 7) as usize]);
     cpu.set_gpr::<8>(op.r[0], word);
     Ok(())
@@ -593,19 +595,19 @@ pub fn pinsrw(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         cpu.read::<2>(addr)?
     };
     let d = Cpu::xmm_reg(op, 0);
-    let mut v = w8(cpu.fpu.xmm[d]);
+    let mut v = w8(cpu.arch.fpu.xmm[d]);
     v[(op.inst.immediate(2) & 7) as usize] = word as u16;
-    cpu.fpu.xmm[d] = from_w8(v);
+    cpu.arch.fpu.xmm[d] = from_w8(v);
     Ok(())
 }
 
 /// MASKMOVDQU xmm1, xmm2: stores the bytes of xmm1 selected by xmm2's sign bits at [rDI].
 pub fn maskmovdqu(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
-    let data = b16(cpu.fpu.xmm[Cpu::xmm_reg(op, 1)]);
-    let mask = b16(cpu.fpu.xmm[Cpu::xmm_reg(op, 2)]);
-    let base =
-        (cpu.regs[super::gpr::RDI] & op.addr_mask).wrapping_add(cpu.seg_base[op.seg as usize & 7]);
+    let data = b16(cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 1)]);
+    let mask = b16(cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 2)]);
+    let base = (cpu.arch.regs[super::gpr::RDI] & op.addr_mask)
+        .wrapping_add(cpu.mmu.seg_base[op.seg as usize & 7]);
     for i in 0..16 {
         if mask[i] & 0x80 != 0 {
             cpu.write::<1>(base.wrapping_add(i as u64), u64::from(data[i]))?;

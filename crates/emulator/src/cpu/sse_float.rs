@@ -11,10 +11,10 @@ use super::{cr4, flags, vector, Cpu, Event};
 /// without CR4.OSXMMEXCPT) when one of them is unmasked, in which case nothing is written.
 fn commit_flags(cpu: &mut Cpu, after: u32) -> Result<(), Event> {
     let raised = after & 0x3f;
-    cpu.fpu.mxcsr |= raised;
-    let unmasked = raised & !(cpu.fpu.mxcsr >> 7) & 0x3f;
+    cpu.arch.fpu.mxcsr |= raised;
+    let unmasked = raised & !(cpu.arch.fpu.mxcsr >> 7) & 0x3f;
     if unmasked != 0 {
-        return Err(if cpu.cr4 & cr4::OSXMMEXCPT != 0 {
+        return Err(if cpu.arch.cr4 & cr4::OSXMMEXCPT != 0 {
             Event::exception(vector::XM, None)
         } else {
             Event::ud()
@@ -39,9 +39,9 @@ fn two(cpu: &mut Cpu, op: &Op, f: fn(u128, u128, u32) -> (u128, u32)) -> Result<
     let size = source_size(op, 1);
     let src = cpu.xmm_operand(op, 1, size, true)?;
     let d = Cpu::xmm_reg(op, 0);
-    let (result, after) = f(cpu.fpu.xmm[d], src, cpu.fpu.mxcsr);
+    let (result, after) = f(cpu.arch.fpu.xmm[d], src, cpu.arch.fpu.mxcsr);
     commit_flags(cpu, after)?;
-    cpu.fpu.xmm[d] = result;
+    cpu.arch.fpu.xmm[d] = result;
     Ok(())
 }
 
@@ -58,9 +58,9 @@ pub fn compare<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         2 => host::cmpss,
         _ => host::cmpsd,
     };
-    let (result, after) = f(cpu.fpu.xmm[d], src, predicate, cpu.fpu.mxcsr);
+    let (result, after) = f(cpu.arch.fpu.xmm[d], src, predicate, cpu.arch.fpu.mxcsr);
     commit_flags(cpu, after)?;
-    cpu.fpu.xmm[d] = result;
+    cpu.arch.fpu.xmm[d] = result;
     Ok(())
 }
 
@@ -69,17 +69,18 @@ pub fn comi<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
     let size = source_size(op, 1);
     let src = cpu.xmm_operand(op, 1, size, false)?;
-    let a = cpu.fpu.xmm[Cpu::xmm_reg(op, 0)];
+    let a = cpu.arch.fpu.xmm[Cpu::xmm_reg(op, 0)];
     let f = match KIND {
         0 => host::comiss,
         1 => host::ucomiss,
         2 => host::comisd,
         _ => host::ucomisd,
     };
-    let (ah, after) = f(a, src, cpu.fpu.mxcsr);
+    let (ah, after) = f(a, src, cpu.arch.fpu.mxcsr);
     commit_flags(cpu, after)?;
     let ah = u64::from(ah);
-    cpu.flags
+    cpu.arch
+        .flags
         .set_arith(flags::ARITH, ah & (flags::ZF | flags::PF | flags::CF));
     Ok(())
 }
@@ -108,9 +109,9 @@ pub fn from_int<const DOUBLE: bool, const WIDE: bool>(cpu: &mut Cpu, op: &Op) ->
         (true, false) => host::cvtsi2sd_32,
         (true, true) => host::cvtsi2sd_64,
     };
-    let (result, after) = f(cpu.fpu.xmm[d], value, cpu.fpu.mxcsr);
+    let (result, after) = f(cpu.arch.fpu.xmm[d], value, cpu.arch.fpu.mxcsr);
     commit_flags(cpu, after)?;
-    cpu.fpu.xmm[d] = result;
+    cpu.arch.fpu.xmm[d] = result;
     Ok(())
 }
 
@@ -130,7 +131,7 @@ pub fn to_int<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         6 => host::cvttss2si_64,
         _ => host::cvttsd2si_64,
     };
-    let (value, after) = f(src, cpu.fpu.mxcsr);
+    let (value, after) = f(src, cpu.arch.fpu.mxcsr);
     commit_flags(cpu, after)?;
     if KIND & 4 != 0 {
         cpu.set_gpr::<8>(op.r[0], value);

@@ -40,7 +40,7 @@ fn address_mask<const A32: bool>() -> u64 {
 
 #[inline(always)]
 fn set_index<const A32: bool>(cpu: &mut Cpu, reg: usize, value: u64) {
-    cpu.regs[reg] = value & address_mask::<A32>();
+    cpu.arch.regs[reg] = value & address_mask::<A32>();
 }
 
 /// One string instruction.
@@ -49,12 +49,12 @@ pub fn string<const KIND: u8, const B: usize, const REP: u8, const A32: bool>(
     op: &Op,
 ) -> Result<(), Event> {
     if matches!(KIND, INS | OUTS) {
-        let iopl = ((cpu.flags.get() & super::flags::IOPL) >> 12) as u8;
+        let iopl = ((cpu.arch.flags.get() & super::flags::IOPL) >> 12) as u8;
         if cpu.cpl() > iopl {
             return Err(Event::gp(0));
         }
     }
-    let step = if cpu.flags.system(DF) {
+    let step = if cpu.arch.flags.system(DF) {
         (B as u64).wrapping_neg()
     } else {
         B as u64
@@ -67,14 +67,14 @@ pub fn string<const KIND: u8, const B: usize, const REP: u8, const A32: bool>(
         return bulk::<KIND, B, A32>(cpu, op);
     }
     let mut done = 0;
-    while cpu.regs[gpr::RCX] & amask != 0 {
+    while cpu.arch.regs[gpr::RCX] & amask != 0 {
         if done == ELEMENTS_PER_RUN {
-            cpu.rip = op.inst.ip();
+            cpu.arch.rip = op.inst.ip();
             cpu.break_block = true;
             return Ok(());
         }
         let equal = element::<KIND, B, A32>(cpu, op, step)?;
-        let count = (cpu.regs[gpr::RCX] & amask).wrapping_sub(1);
+        let count = (cpu.arch.regs[gpr::RCX] & amask).wrapping_sub(1);
         set_index::<A32>(cpu, gpr::RCX, count);
         done += 1;
         if matches!(KIND, CMPS | SCAS) && (REP == REPE) != equal {
@@ -92,9 +92,9 @@ fn element<const KIND: u8, const B: usize, const A32: bool>(
     step: u64,
 ) -> Result<bool, Event> {
     let amask = address_mask::<A32>();
-    let rsi = cpu.regs[gpr::RSI] & amask;
-    let rdi = cpu.regs[gpr::RDI] & amask;
-    let src = rsi.wrapping_add(cpu.seg_base[op.seg as usize & 7]);
+    let rsi = cpu.arch.regs[gpr::RSI] & amask;
+    let rdi = cpu.arch.regs[gpr::RDI] & amask;
+    let src = rsi.wrapping_add(cpu.mmu.seg_base[op.seg as usize & 7]);
     let mut equal = false;
     match KIND {
         MOVS => {
@@ -117,7 +117,9 @@ fn element<const KIND: u8, const B: usize, const A32: bool>(
             let a = cpu.read::<B>(src)?;
             let b = cpu.read::<B>(rdi)?;
             let r = a.wrapping_sub(b) & mask::<B>();
-            cpu.flags.set_lazy(FlagOp::Sub, (B * 8) as u32, r, a, b);
+            cpu.arch
+                .flags
+                .set_lazy(FlagOp::Sub, (B * 8) as u32, r, a, b);
             equal = r == 0;
             set_index::<A32>(cpu, gpr::RSI, rsi.wrapping_add(step));
             set_index::<A32>(cpu, gpr::RDI, rdi.wrapping_add(step));
@@ -126,21 +128,23 @@ fn element<const KIND: u8, const B: usize, const A32: bool>(
             let a = cpu.gpr::<B>(0);
             let b = cpu.read::<B>(rdi)?;
             let r = a.wrapping_sub(b) & mask::<B>();
-            cpu.flags.set_lazy(FlagOp::Sub, (B * 8) as u32, r, a, b);
+            cpu.arch
+                .flags
+                .set_lazy(FlagOp::Sub, (B * 8) as u32, r, a, b);
             equal = r == 0;
             set_index::<A32>(cpu, gpr::RDI, rdi.wrapping_add(step));
         }
         INS => {
             // Check the destination before the port read has side effects.
             let place = cpu.locate::<B>(rdi)?;
-            let port = cpu.regs[gpr::RDX] as u16;
+            let port = cpu.arch.regs[gpr::RDX] as u16;
             let v = cpu.port_read(port, B);
             cpu.place_write::<B>(place, v)?;
             set_index::<A32>(cpu, gpr::RDI, rdi.wrapping_add(step));
         }
         _ => {
             let v = cpu.read::<B>(src)?;
-            let port = cpu.regs[gpr::RDX] as u16;
+            let port = cpu.arch.regs[gpr::RDX] as u16;
             cpu.port_write(port, B, v);
             set_index::<A32>(cpu, gpr::RSI, rsi.wrapping_add(step));
         }
@@ -151,9 +155,9 @@ fn element<const KIND: u8, const B: usize, const A32: bool>(
 /// Host address for `len` bytes at `linear` if the TLB allows a fast access of that kind.
 #[inline]
 fn fast_host(cpu: &Cpu, linear: u64, len: u64, write: bool) -> Option<usize> {
-    let entry = cpu.tlb.entry(linear, cpu.user);
+    let entry = cpu.mmu.tlb.entry(linear, cpu.mmu.user);
     let tag = if write { entry.write } else { entry.read };
-    (tag == cpu.tlb.tag(linear) && (linear & PAGE_OFFSET_MASK) + len <= PAGE_SIZE)
+    (tag == cpu.mmu.tlb.tag(linear) && (linear & PAGE_OFFSET_MASK) + len <= PAGE_SIZE)
         .then(|| linear.wrapping_add(entry.addend) as usize)
 }
 
@@ -165,18 +169,18 @@ fn bulk<const KIND: u8, const B: usize, const A32: bool>(
     let amask = address_mask::<A32>();
     let mut budget = BYTES_PER_RUN;
     loop {
-        let count = cpu.regs[gpr::RCX] & amask;
+        let count = cpu.arch.regs[gpr::RCX] & amask;
         if count == 0 {
             return Ok(());
         }
         if budget == 0 {
-            cpu.rip = op.inst.ip();
+            cpu.arch.rip = op.inst.ip();
             cpu.break_block = true;
             return Ok(());
         }
-        let rsi = cpu.regs[gpr::RSI] & amask;
-        let rdi = cpu.regs[gpr::RDI] & amask;
-        let src = rsi.wrapping_add(cpu.seg_base[op.seg as usize & 7]);
+        let rsi = cpu.arch.regs[gpr::RSI] & amask;
+        let rdi = cpu.arch.regs[gpr::RDI] & amask;
+        let src = rsi.wrapping_add(cpu.mmu.seg_base[op.seg as usize & 7]);
         // Elements that fit in the current destination (and source) page.
         let mut room = PAGE_SIZE - (rdi & PAGE_OFFSET_MASK);
         if KIND == MOVS {
@@ -243,7 +247,7 @@ fn bulk<const KIND: u8, const B: usize, const A32: bool>(
         } else {
             // One element through the normal path (page crossing, MMIO, code pages, faults).
             element::<KIND, B, A32>(cpu, op, B as u64)?;
-            let count = (cpu.regs[gpr::RCX] & amask).wrapping_sub(1);
+            let count = (cpu.arch.regs[gpr::RCX] & amask).wrapping_sub(1);
             set_index::<A32>(cpu, gpr::RCX, count);
             budget = budget.saturating_sub(B as u64);
         }

@@ -23,7 +23,7 @@ pub fn require_cpl0(cpu: &Cpu) -> Result<(), Event> {
 
 /// Raises #GP(0) unless the CPL may use I/O and interrupt-flag instructions (CPL <= IOPL).
 fn require_iopl(cpu: &mut Cpu) -> Result<(), Event> {
-    let iopl = ((cpu.flags.get() & IOPL) >> 12) as u8;
+    let iopl = ((cpu.arch.flags.get() & IOPL) >> 12) as u8;
     if cpu.cpl() > iopl {
         Err(Event::gp(0))
     } else {
@@ -38,7 +38,7 @@ pub fn unimplemented(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         let mut bytes = vec![0u8; op.inst.len()];
         let ip = op.inst.ip();
         let shown = cpu
-            .read_bytes(ip, &mut bytes, cpu.user)
+            .read_bytes(ip, &mut bytes, cpu.mmu.user)
             .map(|_| format!("{bytes:02x?}"))
             .unwrap_or_default();
         warn!(
@@ -60,56 +60,59 @@ pub fn nop(_cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 }
 
 pub fn cpuid(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
-    let [a, b, c, d] = crate::cpuid::cpuid(cpu.regs[gpr::RAX] as u32, cpu.regs[gpr::RCX] as u32);
-    cpu.regs[gpr::RAX] = u64::from(a);
-    cpu.regs[gpr::RBX] = u64::from(b);
-    cpu.regs[gpr::RCX] = u64::from(c);
-    cpu.regs[gpr::RDX] = u64::from(d);
+    let [a, b, c, d] = crate::cpuid::cpuid(
+        cpu.arch.regs[gpr::RAX] as u32,
+        cpu.arch.regs[gpr::RCX] as u32,
+    );
+    cpu.arch.regs[gpr::RAX] = u64::from(a);
+    cpu.arch.regs[gpr::RBX] = u64::from(b);
+    cpu.arch.regs[gpr::RCX] = u64::from(c);
+    cpu.arch.regs[gpr::RDX] = u64::from(d);
     Ok(())
 }
 
 pub fn rdtsc<const AUX: bool>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
-    if cpu.cr4 & cr4::TSD != 0 && cpu.cpl() != 0 {
+    if cpu.arch.cr4 & cr4::TSD != 0 && cpu.cpl() != 0 {
         return Err(Event::gp(0));
     }
     let tsc = cpu.tsc();
-    cpu.regs[gpr::RAX] = tsc & 0xffff_ffff;
-    cpu.regs[gpr::RDX] = tsc >> 32;
+    cpu.arch.regs[gpr::RAX] = tsc & 0xffff_ffff;
+    cpu.arch.regs[gpr::RDX] = tsc >> 32;
     if AUX {
-        cpu.regs[gpr::RCX] = cpu.msr.tsc_aux & 0xffff_ffff;
+        cpu.arch.regs[gpr::RCX] = cpu.arch.msr.tsc_aux & 0xffff_ffff;
     }
     Ok(())
 }
 
 pub fn rdmsr(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     require_cpl0(cpu)?;
-    let number = cpu.regs[gpr::RCX] as u32;
+    let number = cpu.arch.regs[gpr::RCX] as u32;
     let value = cpu.read_msr(number)?;
-    cpu.regs[gpr::RAX] = value & 0xffff_ffff;
-    cpu.regs[gpr::RDX] = value >> 32;
+    cpu.arch.regs[gpr::RAX] = value & 0xffff_ffff;
+    cpu.arch.regs[gpr::RDX] = value >> 32;
     Ok(())
 }
 
 pub fn wrmsr(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     require_cpl0(cpu)?;
-    let number = cpu.regs[gpr::RCX] as u32;
-    let value = (cpu.regs[gpr::RDX] << 32) | (cpu.regs[gpr::RAX] & 0xffff_ffff);
+    let number = cpu.arch.regs[gpr::RCX] as u32;
+    let value = (cpu.arch.regs[gpr::RDX] << 32) | (cpu.arch.regs[gpr::RAX] & 0xffff_ffff);
     cpu.write_msr(number, value)
 }
 
 impl Cpu {
     /// RDMSR: unknown MSRs raise #GP(0) (the kernel probes with rdmsr_safe).
     pub fn read_msr(&mut self, number: u32) -> Result<u64, Event> {
-        let m = &self.msr;
+        let m = &self.arch.msr;
         Ok(match number {
             index::TSC => self.tsc(),
-            index::EFER => self.efer,
+            index::EFER => self.arch.efer,
             index::STAR => m.star,
             index::LSTAR => m.lstar,
             index::CSTAR => m.cstar,
             index::SFMASK => m.sfmask,
-            index::FS_BASE => self.segs[seg::FS].base,
-            index::GS_BASE => self.segs[seg::GS].base,
+            index::FS_BASE => self.arch.segs[seg::FS].base,
+            index::GS_BASE => self.arch.segs[seg::GS].base,
             index::KERNEL_GS_BASE => m.kernel_gs_base,
             index::TSC_AUX => m.tsc_aux,
             index::PAT => m.pat,
@@ -137,58 +140,58 @@ impl Cpu {
             }
         };
         match number {
-            index::TSC => self.tsc_offset = value.wrapping_sub(self.clock.now()),
+            index::TSC => self.arch.tsc_offset = value.wrapping_sub(self.platform.clock.now()),
             index::EFER => {
                 if value & !efer::WRITABLE & !efer::LMA != 0 {
                     return Err(Event::gp(0));
                 }
-                let lma = self.efer & efer::LMA;
-                if (value ^ self.efer) & efer::LME != 0 && self.paging_enabled() {
+                let lma = self.arch.efer & efer::LMA;
+                if (value ^ self.arch.efer) & efer::LME != 0 && self.paging_enabled() {
                     return Err(Event::gp(0));
                 }
-                self.efer = (value & efer::WRITABLE) | lma;
+                self.arch.efer = (value & efer::WRITABLE) | lma;
                 self.update_modes();
             }
-            index::STAR => self.msr.star = value,
+            index::STAR => self.arch.msr.star = value,
             index::LSTAR => {
                 canonical()?;
-                self.msr.lstar = value;
+                self.arch.msr.lstar = value;
             }
             index::CSTAR => {
                 canonical()?;
-                self.msr.cstar = value;
+                self.arch.msr.cstar = value;
             }
-            index::SFMASK => self.msr.sfmask = value & 0xffff_ffff,
+            index::SFMASK => self.arch.msr.sfmask = value & 0xffff_ffff,
             index::FS_BASE => {
                 canonical()?;
-                self.segs[seg::FS].base = value;
+                self.arch.segs[seg::FS].base = value;
                 self.update_segment_bases();
             }
             index::GS_BASE => {
                 canonical()?;
-                self.segs[seg::GS].base = value;
+                self.arch.segs[seg::GS].base = value;
                 self.update_segment_bases();
             }
             index::KERNEL_GS_BASE => {
                 canonical()?;
-                self.msr.kernel_gs_base = value;
+                self.arch.msr.kernel_gs_base = value;
             }
             index::TSC_AUX => {
                 if value >> 32 != 0 {
                     return Err(Event::gp(0));
                 }
-                self.msr.tsc_aux = value;
+                self.arch.msr.tsc_aux = value;
             }
             index::PAT => {
                 if !msr::valid_pat(value) {
                     return Err(Event::gp(0));
                 }
-                self.msr.pat = value;
+                self.arch.msr.pat = value;
             }
-            index::MISC_ENABLE => self.msr.misc_enable = value,
-            index::SYSENTER_CS => self.msr.sysenter_cs = value,
-            index::SYSENTER_ESP => self.msr.sysenter_esp = value,
-            index::SYSENTER_EIP => self.msr.sysenter_eip = value,
+            index::MISC_ENABLE => self.arch.msr.misc_enable = value,
+            index::SYSENTER_CS => self.arch.msr.sysenter_cs = value,
+            index::SYSENTER_ESP => self.arch.msr.sysenter_esp = value,
+            index::SYSENTER_EIP => self.arch.msr.sysenter_eip = value,
             index::BIOS_SIGN_ID => {}
             _ => {
                 debug!("WRMSR {number:#x} = {value:#x}: unknown MSR, #GP");
@@ -208,44 +211,44 @@ impl Cpu {
                 {
                     return Err(Event::gp(0));
                 }
-                let long = self.efer & efer::LME != 0;
-                if value & cr0::PG != 0 && long && self.cr4 & cr4::PAE == 0 {
+                let long = self.arch.efer & efer::LME != 0;
+                if value & cr0::PG != 0 && long && self.arch.cr4 & cr4::PAE == 0 {
                     return Err(Event::gp(0));
                 }
-                if self.efer & efer::LMA != 0 && value & cr0::PG == 0 {
+                if self.arch.efer & efer::LMA != 0 && value & cr0::PG == 0 {
                     return Err(Event::fatal(
                         "Leaving long mode (clearing CR0.PG) is not supported",
                     ));
                 }
-                self.cr0 = value | cr0::ET;
+                self.arch.cr0 = value | cr0::ET;
                 if value & cr0::PG != 0 && long {
-                    self.efer |= efer::LMA;
+                    self.arch.efer |= efer::LMA;
                 }
                 self.update_modes();
             }
-            2 => self.cr2 = value,
+            2 => self.arch.cr2 = value,
             3 => {
                 if value >> crate::mmu::PHYS_ADDR_BITS != 0 {
                     return Err(Event::gp(0));
                 }
-                self.cr3 = value;
-                self.paging.cr3 = value;
-                self.tlb.flush();
+                self.arch.cr3 = value;
+                self.mmu.paging.cr3 = value;
+                self.mmu.tlb.flush();
             }
             4 => {
                 if value & !cr4::WRITABLE != 0
-                    || (self.efer & efer::LMA != 0 && value & cr4::PAE == 0)
+                    || (self.arch.efer & efer::LMA != 0 && value & cr4::PAE == 0)
                 {
                     return Err(Event::gp(0));
                 }
-                self.cr4 = value;
+                self.arch.cr4 = value;
                 self.update_modes();
             }
             8 => {
                 if value >> 4 != 0 {
                     return Err(Event::gp(0));
                 }
-                self.cr8 = value;
+                self.arch.cr8 = value;
             }
             _ => return Err(Event::ud()),
         }
@@ -255,11 +258,11 @@ impl Cpu {
     /// Reads a control register.
     pub fn read_control(&self, n: u8) -> Result<u64, Event> {
         Ok(match n {
-            0 => self.cr0,
-            2 => self.cr2,
-            3 => self.cr3,
-            4 => self.cr4,
-            8 => self.cr8,
+            0 => self.arch.cr0,
+            2 => self.arch.cr2,
+            3 => self.arch.cr3,
+            4 => self.arch.cr4,
+            8 => self.arch.cr8,
             _ => return Err(Event::ud()),
         })
     }
@@ -271,13 +274,13 @@ impl Cpu {
             for i in 0..size {
                 let p = port.wrapping_add(i as u16);
                 let byte = if Pic::owns_port(p) {
-                    self.pic.read_port(p)
+                    self.platform.pic.read_port(p)
                 } else if Pit::owns_port(p) {
-                    let now = self.clock.now();
-                    self.pit.read_port(p, now)
+                    let now = self.platform.clock.now();
+                    self.platform.pit.read_port(p, now)
                 } else {
                     let mut b = [0u8];
-                    self.mem.io().pio_read(p, &mut b);
+                    self.mmu.mem.io().pio_read(p, &mut b);
                     b[0]
                 };
                 value |= u64::from(byte) << (8 * i);
@@ -285,7 +288,7 @@ impl Cpu {
             return value;
         }
         let mut data = [0u8; 4];
-        self.mem.io().pio_read(port, &mut data[..size]);
+        self.mmu.mem.io().pio_read(port, &mut data[..size]);
         self.after_device_access();
         u64::from(u32::from_le_bytes(data))
     }
@@ -297,18 +300,18 @@ impl Cpu {
                 let p = port.wrapping_add(i as u16);
                 let byte = (value >> (8 * i)) as u8;
                 if Pic::owns_port(p) {
-                    self.pic.write_port(p, byte);
+                    self.platform.pic.write_port(p, byte);
                 } else if Pit::owns_port(p) {
-                    let now = self.clock.now();
-                    self.pit.write_port(p, byte, now);
+                    let now = self.platform.clock.now();
+                    self.platform.pit.write_port(p, byte, now);
                 } else {
-                    self.mem.io().pio_write(p, &[byte]);
+                    self.mmu.mem.io().pio_write(p, &[byte]);
                 }
             }
             return;
         }
         let data = (value as u32).to_le_bytes();
-        self.mem.io().pio_write(port, &data[..size]);
+        self.mmu.mem.io().pio_write(port, &data[..size]);
         self.after_device_access();
     }
 }
@@ -323,13 +326,13 @@ pub fn mov_to_control(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     } else {
         let n = op.r[0] as usize;
         match n {
-            0..=3 => cpu.dr[n] = value,
-            4 | 5 if cpu.cr4 & cr4::DE != 0 => return Err(Event::ud()),
+            0..=3 => cpu.arch.dr[n] = value,
+            4 | 5 if cpu.arch.cr4 & cr4::DE != 0 => return Err(Event::ud()),
             4 | 6 => {
                 if value >> 32 != 0 {
                     return Err(Event::gp(0));
                 }
-                cpu.dr[6] = value | 0xffff_0ff0;
+                cpu.arch.dr[6] = value | 0xffff_0ff0;
             }
             5 | 7 => {
                 if value >> 32 != 0 {
@@ -338,7 +341,7 @@ pub fn mov_to_control(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
                 if value & 0xff != 0 && cpu.warned.insert(super::warning::DR7_BREAKPOINTS) {
                     warn!("Hardware breakpoints enabled in DR7 ({value:#x}) are not emulated");
                 }
-                cpu.dr[7] = value | 0x400;
+                cpu.arch.dr[7] = value | 0x400;
             }
             _ => return Err(Event::ud()),
         }
@@ -354,10 +357,10 @@ pub fn mov_from_control(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         cpu.read_control(op.r[1])?
     } else {
         match op.r[1] as usize {
-            n @ 0..=3 => cpu.dr[n],
-            4 | 5 if cpu.cr4 & cr4::DE != 0 => return Err(Event::ud()),
-            4 | 6 => cpu.dr[6],
-            5 | 7 => cpu.dr[7],
+            n @ 0..=3 => cpu.arch.dr[n],
+            4 | 5 if cpu.arch.cr4 & cr4::DE != 0 => return Err(Event::ud()),
+            4 | 6 => cpu.arch.dr[6],
+            5 | 7 => cpu.arch.dr[7],
             _ => return Err(Event::ud()),
         }
     };
@@ -376,21 +379,21 @@ pub fn load_table<const IDT: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> 
     }
     let table = lodge_engine::DescriptorTable { base, limit };
     if IDT {
-        cpu.idtr = table;
+        cpu.arch.idtr = table;
     } else {
-        cpu.gdtr = table;
+        cpu.arch.gdtr = table;
     }
     Ok(())
 }
 
 /// SGDT/SIDT m16&64.
 pub fn store_table<const IDT: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let table = if IDT { cpu.idtr } else { cpu.gdtr };
+    let table = if IDT { cpu.arch.idtr } else { cpu.arch.gdtr };
     let addr = cpu.ea(op);
     let mut bytes = [0u8; 10];
     bytes[..2].copy_from_slice(&table.limit.to_le_bytes());
     bytes[2..].copy_from_slice(&table.base.to_le_bytes());
-    let user = cpu.user;
+    let user = cpu.mmu.user;
     cpu.write_bytes(addr, &bytes, user)
 }
 
@@ -409,9 +412,9 @@ pub fn lldt(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 /// STR/SLDT r/m: a register gets the zero-extended selector, memory 16 bits.
 pub fn store_selector<const LDT: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     let selector = u64::from(if LDT {
-        cpu.ldtr.selector
+        cpu.arch.ldtr.selector
     } else {
-        cpu.tr.selector
+        cpu.arch.tr.selector
     });
     store_word_or_register(cpu, op, selector)
 }
@@ -432,7 +435,7 @@ fn store_word_or_register(cpu: &mut Cpu, op: &Op, value: u64) -> Result<(), Even
 
 /// SMSW r/m.
 pub fn smsw(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
-    let value = cpu.cr0 & if op.is_memory(0) { 0xffff } else { u64::MAX };
+    let value = cpu.arch.cr0 & if op.is_memory(0) { 0xffff } else { u64::MAX };
     store_word_or_register(cpu, op, value)
 }
 
@@ -440,14 +443,14 @@ pub fn smsw(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 pub fn lmsw(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     require_cpl0(cpu)?;
     let value = cpu.read_operand::<2>(op, 0)?;
-    let low = (cpu.cr0 & !0xe) | (value & 0xf) | (cpu.cr0 & cr0::PE);
+    let low = (cpu.arch.cr0 & !0xe) | (value & 0xf) | (cpu.arch.cr0 & cr0::PE);
     cpu.write_control(0, low)
 }
 
 /// CLTS.
 pub fn clts(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     require_cpl0(cpu)?;
-    cpu.cr0 &= !cr0::TS;
+    cpu.arch.cr0 &= !cr0::TS;
     Ok(())
 }
 
@@ -455,7 +458,7 @@ pub fn clts(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 pub fn invlpg(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     require_cpl0(cpu)?;
     let addr = cpu.ea(op);
-    cpu.tlb.flush_page(addr);
+    cpu.mmu.tlb.flush_page(addr);
     Ok(())
 }
 
@@ -480,7 +483,7 @@ pub fn hlt(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
 pub fn port_in<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     require_iopl(cpu)?;
     let port = if op.inst.op_kind(1) == OpKind::Register {
-        cpu.regs[gpr::RDX] as u16
+        cpu.arch.regs[gpr::RDX] as u16
     } else {
         op.inst.immediate(1) as u16
     };
@@ -493,7 +496,7 @@ pub fn port_in<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 pub fn port_out<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     require_iopl(cpu)?;
     let port = if op.inst.op_kind(0) == OpKind::Register {
-        cpu.regs[gpr::RDX] as u16
+        cpu.arch.regs[gpr::RDX] as u16
     } else {
         op.inst.immediate(0) as u16
     };
@@ -504,30 +507,30 @@ pub fn port_out<const B: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 pub fn cli(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     require_iopl(cpu)?;
-    cpu.flags.set_flag(IF, false);
+    cpu.arch.flags.set_flag(IF, false);
     Ok(())
 }
 
 pub fn sti(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     require_iopl(cpu)?;
-    if !cpu.flags.system(IF) {
-        cpu.interrupt_shadow = true;
+    if !cpu.arch.flags.system(IF) {
+        cpu.arch.interrupt_shadow = true;
     }
-    cpu.flags.set_flag(IF, true);
+    cpu.arch.flags.set_flag(IF, true);
     Ok(())
 }
 
 /// CLC/STC/CMC/CLD/STD.
 pub fn flag_op<const OP: u8>(cpu: &mut Cpu, _op: &Op) -> Result<(), Event> {
     match OP {
-        0 => cpu.flags.set_flag(CF, false),
-        1 => cpu.flags.set_flag(CF, true),
+        0 => cpu.arch.flags.set_flag(CF, false),
+        1 => cpu.arch.flags.set_flag(CF, true),
         2 => {
-            let carry = cpu.flags.carry();
-            cpu.flags.set_flag(CF, !carry);
+            let carry = cpu.arch.flags.carry();
+            cpu.arch.flags.set_flag(CF, !carry);
         }
-        3 => cpu.flags.set_flag(DF, false),
-        _ => cpu.flags.set_flag(DF, true),
+        3 => cpu.arch.flags.set_flag(DF, false),
+        _ => cpu.arch.flags.set_flag(DF, true),
     }
     Ok(())
 }
@@ -562,9 +565,9 @@ pub fn lar_lsl<const LIMIT: bool, const B: usize>(cpu: &mut Cpu, op: &Op) -> Res
                 (raw >> 32) & 0x00f0_ff00
             };
             cpu.set_gpr::<B>(op.r[0], value);
-            cpu.flags.set_flag(flags::ZF, true);
+            cpu.arch.flags.set_flag(flags::ZF, true);
         }
-        None => cpu.flags.set_flag(flags::ZF, false),
+        None => cpu.arch.flags.set_flag(flags::ZF, false),
     }
     Ok(())
 }
@@ -581,7 +584,7 @@ pub fn verify<const WRITE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
         }
     })?
     .is_some();
-    cpu.flags.set_flag(flags::ZF, ok);
+    cpu.arch.flags.set_flag(flags::ZF, ok);
     Ok(())
 }
 
