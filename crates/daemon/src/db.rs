@@ -7,9 +7,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use rusqlite::types::Value;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
 
-use crate::model::{DiskAttachment, DiskState, EngineChoice, EngineKind, VmState};
+use crate::model::{DiskAttachment, DiskState, EngineChoice, EngineKind, VmSettings, VmState};
 
 /// Schema migrations, applied in order; the schema version is the number applied.
 const MIGRATIONS: &[&str] = &[r#"
@@ -77,20 +78,6 @@ pub enum DbError {
     Sqlite(#[from] rusqlite::Error),
     #[error("Corrupt value in column {0}")]
     Corrupt(&'static str),
-}
-
-/// The settings of a VM that its owner chooses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VmSettings {
-    pub cpus: u32,
-    pub memory_mib: u64,
-    pub disks: Vec<DiskAttachment>,
-    pub kernel: Option<String>,
-    pub initrd: Option<String>,
-    pub cmdline: Option<String>,
-    pub append: Vec<String>,
-    pub engine: EngineChoice,
-    pub rng: bool,
 }
 
 /// A VM row with its disks.
@@ -212,19 +199,11 @@ impl Db {
             "INSERT INTO vms (name, cpus, memory_mib, kernel, initrd, cmdline, append, engine, \
              rng, state, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
-            params![
-                name,
-                settings.cpus,
-                settings.memory_mib as i64,
-                settings.kernel,
-                settings.initrd,
-                settings.cmdline,
-                append_json(&settings.append),
-                settings.engine.as_str(),
-                settings.rng,
-                VmState::Stopped.as_str(),
-                now,
-            ],
+            rusqlite::params_from_iter(settings_row(
+                name.to_owned().into(),
+                settings,
+                [VmState::Stopped.as_str().to_owned().into(), now.into()],
+            )),
         );
         match inserted {
             Err(e) if is_unique_violation(&e) => return Err(DbError::NameTaken(name.to_owned())),
@@ -242,18 +221,7 @@ impl Db {
         tx.execute(
             "UPDATE vms SET cpus = ?2, memory_mib = ?3, kernel = ?4, initrd = ?5, cmdline = ?6, \
              append = ?7, engine = ?8, rng = ?9, updated_at = ?10 WHERE id = ?1",
-            params![
-                id,
-                settings.cpus,
-                settings.memory_mib as i64,
-                settings.kernel,
-                settings.initrd,
-                settings.cmdline,
-                append_json(&settings.append),
-                settings.engine.as_str(),
-                settings.rng,
-                now_ms(),
-            ],
+            rusqlite::params_from_iter(settings_row(id.into(), settings, [now_ms().into()])),
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;
         attach_disks(&tx, id, &settings.disks)?;
@@ -563,6 +531,28 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<RowResult> {
         runtime: runtime.transpose()?,
         last_exit: last_exit.transpose()?,
     }))
+}
+
+/// Statement parameters: `first` (?1), the settings columns in the order both the insert and
+/// the update bind them (?2 to ?9), then `rest`.
+fn settings_row(
+    first: Value,
+    settings: &VmSettings,
+    rest: impl IntoIterator<Item = Value>,
+) -> Vec<Value> {
+    let mut row = vec![
+        first,
+        settings.cpus.into(),
+        (settings.memory_mib as i64).into(),
+        settings.kernel.clone().into(),
+        settings.initrd.clone().into(),
+        settings.cmdline.clone().into(),
+        append_json(&settings.append).into(),
+        settings.engine.as_str().to_owned().into(),
+        settings.rng.into(),
+    ];
+    row.extend(rest);
+    row
 }
 
 fn append_json(append: &[String]) -> String {

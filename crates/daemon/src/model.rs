@@ -139,11 +139,9 @@ pub struct UpdateVm {
     pub rng: Option<bool>,
 }
 
-/// A VM as the inventory knows it.
+/// The settings of a VM that its owner chooses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Vm {
-    pub name: String,
-    pub state: VmState,
+pub struct VmSettings {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disks: Vec<DiskAttachment>,
@@ -154,6 +152,15 @@ pub struct Vm {
     pub append: Vec<String>,
     pub engine: EngineChoice,
     pub rng: bool,
+}
+
+/// A VM as the inventory knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub name: String,
+    pub state: VmState,
+    #[serde(flatten)]
+    pub settings: VmSettings,
     /// RFC 3339.
     pub created_at: String,
     pub updated_at: String,

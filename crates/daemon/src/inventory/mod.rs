@@ -18,8 +18,8 @@ use lodge_contract::{limits, ByteSize};
 
 use crate::capacity::{CapacityError, HostCapacity};
 use crate::config::{DaemonConfig, Paths, VmPaths};
-use crate::db::{rfc3339, Db, DbError, VmRecord, VmSettings};
-use crate::model::{CreateVm, HostInfo, UpdateVm, Vm, VmExit, VmRuntime, VmState};
+use crate::db::{rfc3339, Db, DbError, VmRecord};
+use crate::model::{CreateVm, HostInfo, UpdateVm, Vm, VmExit, VmRuntime, VmSettings, VmState};
 use crate::storage::StorageError;
 use crate::vmm::VmmError;
 
@@ -338,19 +338,10 @@ fn validate_settings(settings: &VmSettings) -> Result<()> {
 }
 
 fn to_vm(record: &VmRecord) -> Vm {
-    let settings = &record.settings;
     Vm {
         name: record.name.clone(),
         state: record.state,
-        cpus: settings.cpus,
-        memory_mib: settings.memory_mib,
-        disks: settings.disks.clone(),
-        kernel: settings.kernel.clone(),
-        initrd: settings.initrd.clone(),
-        cmdline: settings.cmdline.clone(),
-        append: settings.append.clone(),
-        engine: settings.engine,
-        rng: settings.rng,
+        settings: record.settings.clone(),
         created_at: rfc3339(record.created_at),
         updated_at: rfc3339(record.updated_at),
         runtime: record

@@ -8,9 +8,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use hyper::Method;
 use lodge_contract::config::parse_memory;
-use lodge_contract::EngineChoice;
 use lodge_daemon::client::Client;
-use lodge_daemon::model::{CreateVm, DiskAttachment, UpdateVm, Vm, VmState};
+use lodge_daemon::model::{self, CreateVm, DiskAttachment, UpdateVm, Vm, VmState};
 
 use super::format::{mib, table, Progress};
 use super::{print_json, run_client, segment, ClientArgs};
@@ -88,29 +87,8 @@ enum VmCommand {
 #[derive(Args, Debug)]
 struct CreateArgs {
     name: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
-    /// Memory, e.g. 256M or 1G (plain numbers are MiB).
-    #[arg(long, default_value = "256M")]
-    memory: String,
-    /// A disk from `lodge disk list`, NAME or NAME,ro (repeatable; the first is /dev/vda).
-    #[arg(long, value_name = "NAME[,ro]")]
-    disk: Vec<String>,
-    /// Kernel (vmlinux or bzImage) on the daemon's host; default: the default guest image.
-    #[arg(long, value_name = "PATH")]
-    kernel: Option<String>,
-    #[arg(long, value_name = "PATH")]
-    initrd: Option<String>,
-    /// Kernel command line, replacing the default.
-    #[arg(long)]
-    cmdline: Option<String>,
-    /// Added to the kernel command line (repeatable).
-    #[arg(long)]
-    append: Vec<String>,
-    /// kvm, emulator or auto.
-    #[arg(long, default_value = "auto")]
-    engine: String,
+    #[command(flatten)]
+    settings: SettingsArgs,
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
@@ -122,29 +100,45 @@ struct CreateArgs {
 #[derive(Args, Debug)]
 struct UpdateArgs {
     name: String,
-    #[arg(long)]
-    cpus: Option<u32>,
-    #[arg(long)]
-    memory: Option<String>,
-    /// Replaces the disk list (repeatable); `--no-disks` removes all.
-    #[arg(long, value_name = "NAME[,ro]")]
-    disk: Vec<String>,
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Remove every disk (instead of `--disk`).
     #[arg(long, conflicts_with = "disk")]
     no_disks: bool,
-    /// An empty value returns to the default guest image.
+    /// Add (true) or remove (false) the virtio-rng device.
+    #[arg(long)]
+    rng: Option<bool>,
+}
+
+/// The settings `create` and `update` share. At create, absent ones take the API's defaults;
+/// at update, they stay as they are.
+#[derive(Args, Debug, Default)]
+struct SettingsArgs {
+    /// Number of vCPUs (default 1).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory, e.g. 256M or 1G; plain numbers are MiB (default 256M).
+    #[arg(long)]
+    memory: Option<String>,
+    /// A disk from `lodge disk list`, NAME or NAME,ro (repeatable; the first is /dev/vda). At
+    /// update, the list replaces the VM's.
+    #[arg(long, value_name = "NAME[,ro]")]
+    disk: Vec<String>,
+    /// Kernel (vmlinux or bzImage) on the daemon's host; default: the default guest image (at
+    /// update, an empty value returns to it).
     #[arg(long, value_name = "PATH")]
     kernel: Option<String>,
     #[arg(long, value_name = "PATH")]
     initrd: Option<String>,
+    /// Kernel command line, replacing the default.
     #[arg(long)]
     cmdline: Option<String>,
-    /// Replaces the appended arguments (repeatable).
+    /// Added to the kernel command line (repeatable; at update, replaces the list).
     #[arg(long)]
     append: Vec<String>,
+    /// kvm, emulator or auto (default auto).
     #[arg(long)]
     engine: Option<String>,
-    #[arg(long)]
-    rng: Option<bool>,
 }
 
 pub fn run(args: VmArgs) -> ExitCode {
@@ -274,32 +268,42 @@ pub fn run(args: VmArgs) -> ExitCode {
 }
 
 fn create_body(args: CreateArgs) -> anyhow::Result<CreateVm> {
+    let settings = args.settings;
     Ok(CreateVm {
         name: args.name,
-        cpus: args.cpus,
-        memory_mib: memory_mib(&args.memory)?,
-        disks: parse_disks(&args.disk)?,
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        append: args.append,
-        engine: args.engine.parse::<EngineChoice>()?,
+        cpus: settings.cpus.unwrap_or_else(model::default_cpus),
+        memory_mib: match &settings.memory {
+            Some(memory) => memory_mib(memory)?,
+            None => model::default_memory_mib(),
+        },
+        disks: parse_disks(&settings.disk)?,
+        kernel: settings.kernel,
+        initrd: settings.initrd,
+        cmdline: settings.cmdline,
+        append: settings.append,
+        engine: settings
+            .engine
+            .as_deref()
+            .map(str::parse)
+            .transpose()?
+            .unwrap_or_default(),
         rng: args.rng,
     })
 }
 
 fn update_body(args: UpdateArgs) -> anyhow::Result<UpdateVm> {
+    let settings = args.settings;
     let update = UpdateVm {
-        cpus: args.cpus,
-        memory_mib: args.memory.as_deref().map(memory_mib).transpose()?,
-        disks: (!args.disk.is_empty() || args.no_disks)
-            .then(|| parse_disks(&args.disk))
+        cpus: settings.cpus,
+        memory_mib: settings.memory.as_deref().map(memory_mib).transpose()?,
+        disks: (!settings.disk.is_empty() || args.no_disks)
+            .then(|| parse_disks(&settings.disk))
             .transpose()?,
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        append: (!args.append.is_empty()).then_some(args.append),
-        engine: args.engine.as_deref().map(str::parse).transpose()?,
+        kernel: settings.kernel,
+        initrd: settings.initrd,
+        cmdline: settings.cmdline,
+        append: (!settings.append.is_empty()).then_some(settings.append),
+        engine: settings.engine.as_deref().map(str::parse).transpose()?,
         rng: args.rng,
     };
     if update == UpdateVm::default() {
@@ -382,7 +386,7 @@ async fn wait_for(
             return Ok(vm);
         }
         let hint = if vm.state == VmState::Starting
-            && vm.kernel.is_none()
+            && vm.settings.kernel.is_none()
             && progress.elapsed() > Duration::from_secs(5)
         {
             " — the first start builds the default guest image, which takes minutes"
@@ -412,7 +416,8 @@ fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
     if json_output {
         return print_json(vm);
     }
-    let disks: Vec<String> = vm
+    let settings = &vm.settings;
+    let disks: Vec<String> = settings
         .disks
         .iter()
         .map(|d| {
@@ -426,9 +431,9 @@ fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
     let mut lines = vec![
         ("Name", vm.name.clone()),
         ("State", vm.state.to_string()),
-        ("vCPUs", vm.cpus.to_string()),
-        ("Memory", mib(vm.memory_mib)),
-        ("Engine", vm.engine.as_str().to_owned()),
+        ("vCPUs", settings.cpus.to_string()),
+        ("Memory", mib(settings.memory_mib)),
+        ("Engine", settings.engine.to_string()),
         (
             "Disks",
             if disks.is_empty() {
@@ -439,21 +444,22 @@ fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
         ),
         (
             "Kernel",
-            vm.kernel
+            settings
+                .kernel
                 .clone()
                 .unwrap_or_else(|| "default guest image".into()),
         ),
     ];
-    if let Some(initrd) = &vm.initrd {
+    if let Some(initrd) = &settings.initrd {
         lines.push(("Initrd", initrd.clone()));
     }
-    if let Some(cmdline) = &vm.cmdline {
+    if let Some(cmdline) = &settings.cmdline {
         lines.push(("Cmdline", cmdline.clone()));
     }
-    if !vm.append.is_empty() {
-        lines.push(("Append", vm.append.join(" ")));
+    if !settings.append.is_empty() {
+        lines.push(("Append", settings.append.join(" ")));
     }
-    if vm.rng {
+    if settings.rng {
         lines.push(("RNG", "yes".into()));
     }
     lines.push(("Created", vm.created_at.clone()));
@@ -502,13 +508,13 @@ fn vm_table(vms: &[Vm]) -> String {
             vec![
                 vm.name.clone(),
                 vm.state.to_string(),
-                vm.cpus.to_string(),
-                mib(vm.memory_mib),
-                vm.disks.len().to_string(),
-                vm.runtime
-                    .as_ref()
-                    .and_then(|r| r.engine)
-                    .map_or_else(|| vm.engine.to_string(), |engine| engine.to_string()),
+                vm.settings.cpus.to_string(),
+                mib(vm.settings.memory_mib),
+                vm.settings.disks.len().to_string(),
+                vm.runtime.as_ref().and_then(|r| r.engine).map_or_else(
+                    || vm.settings.engine.to_string(),
+                    |engine| engine.to_string(),
+                ),
                 vm.runtime
                     .as_ref()
                     .map_or("-".into(), |r| r.pid.to_string()),
@@ -543,15 +549,8 @@ mod tests {
     fn update_needs_a_setting() {
         let args = UpdateArgs {
             name: "a".into(),
-            cpus: None,
-            memory: None,
-            disk: vec![],
+            settings: SettingsArgs::default(),
             no_disks: false,
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-            append: vec![],
-            engine: None,
             rng: None,
         };
         assert!(update_body(args).is_err());
