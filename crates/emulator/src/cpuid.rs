@@ -1,8 +1,13 @@
 //! What CPUID reports: exactly the features the engine implements.
 //!
-//! The guest sees a GenuineIntel family-6 CPU with SSE2 as its newest vector extension, no
-//! local APIC (the PIC is the interrupt controller), no XSAVE, and a TSC whose frequency is
-//! given in leaf 0x15 so Linux trusts it instead of calibrating.
+//! The guest sees a GenuineIntel family-6 CPU at the x86-64-v2 level (MMX, SSE to SSE4.2,
+//! POPCNT, CMPXCHG16B, LAHF/SAHF), no local APIC (the PIC is the interrupt controller), no
+//! XSAVE or AVX, and a TSC whose frequency is given in leaf 0x15 so Linux trusts it instead of
+//! calibrating.
+//!
+//! SSE3 and SSE4.1 floating-point instructions (HADDPS, ROUNDPS, ...) run on the host's FPU
+//! like the SSE2 ones do, so the SSE3-SSE4.2 group is reported only when the host has SSE4.1
+//! (every x86-64 CPU since 2008); without it the guest sees an SSE2 CPU.
 
 use iced_x86::CpuidFeature;
 
@@ -26,12 +31,17 @@ mod edx1 {
     pub const PAT: u32 = 1 << 16;
     pub const CLFSH: u32 = 1 << 19;
     pub const FXSR: u32 = 1 << 24;
+    pub const MMX: u32 = 1 << 23;
     pub const SSE: u32 = 1 << 25;
     pub const SSE2: u32 = 1 << 26;
 }
 
 /// Leaf 1 ECX.
 mod ecx1 {
+    pub const SSE3: u32 = 1 << 0;
+    pub const SSSE3: u32 = 1 << 9;
+    pub const SSE4_1: u32 = 1 << 19;
+    pub const SSE4_2: u32 = 1 << 20;
     pub const CX16: u32 = 1 << 13;
     pub const POPCNT: u32 = 1 << 23;
 }
@@ -64,7 +74,10 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
             let eax = (STEPPING) | ((MODEL & 0xf) << 4) | (FAMILY << 8) | ((MODEL >> 4) << 16);
             // CLFLUSH line size 8 * 8 = 64 bytes, one logical processor, APIC ID 0.
             let ebx = (8 << 8) | (1 << 16);
-            let ecx = ecx1::CX16 | ecx1::POPCNT;
+            let mut ecx = ecx1::CX16 | ecx1::POPCNT;
+            if host_runs_sse4() {
+                ecx |= ecx1::SSE3 | ecx1::SSSE3 | ecx1::SSE4_1 | ecx1::SSE4_2;
+            }
             let edx = edx1::FPU
                 | edx1::PSE
                 | edx1::TSC
@@ -73,6 +86,7 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
                 | edx1::CX8
                 | edx1::PGE
                 | edx1::CMOV
+                | edx1::MMX
                 | edx1::PAT
                 | edx1::CLFSH
                 | edx1::FXSR
@@ -124,6 +138,9 @@ fn brand(part: u32) -> [u32; 4] {
 /// #UD, as on a CPU without the feature.
 pub fn supports(feature: CpuidFeature) -> bool {
     use CpuidFeature::*;
+    if matches!(feature, SSE3 | SSSE3 | SSE4_1 | SSE4_2) {
+        return host_runs_sse4();
+    }
     matches!(
         feature,
         INTEL8086
@@ -132,6 +149,7 @@ pub fn supports(feature: CpuidFeature) -> bool {
             | INTEL386
             | INTEL486
             | LZCNT
+            | MMX
             | X64
             | CPUID
             | CMOV
@@ -152,6 +170,12 @@ pub fn supports(feature: CpuidFeature) -> bool {
             | SYSCALL
             | TSC
     )
+}
+
+/// Whether the host can run the SSE3 and SSE4.1 floating-point instructions the engine
+/// executes on its behalf.
+fn host_runs_sse4() -> bool {
+    std::arch::is_x86_feature_detected!("sse3") && std::arch::is_x86_feature_detected!("sse4.1")
 }
 
 #[cfg(test)]
@@ -180,5 +204,31 @@ mod tests {
         assert_ne!(cpuid(0x8000_0001, 0)[3] & ext1::LM, 0);
         assert!(supports(CpuidFeature::SSE2));
         assert!(!supports(CpuidFeature::AVX));
+    }
+
+    #[test]
+    fn reports_the_x86_64_v2_level() {
+        let [_, _, ecx, edx] = cpuid(1, 0);
+        assert_ne!(edx & edx1::MMX, 0, "MMX");
+        assert_ne!(ecx & ecx1::POPCNT, 0);
+        assert_ne!(ecx & ecx1::CX16, 0);
+        assert_ne!(cpuid(0x8000_0001, 0)[2] & ext1::LAHF_LM, 0);
+        if host_runs_sse4() {
+            for bit in [ecx1::SSE3, ecx1::SSSE3, ecx1::SSE4_1, ecx1::SSE4_2] {
+                assert_ne!(ecx & bit, 0, "bit {bit:#x}");
+            }
+            assert!(supports(CpuidFeature::SSE4_2));
+        } else {
+            println!("host has no SSE4.1: the engine reports an SSE2 CPU");
+        }
+        // Nothing beyond v2.
+        assert_eq!(ecx & (1 << 28), 0, "AVX");
+        assert_eq!(ecx & (1 << 12), 0, "FMA");
+        assert_eq!(ecx & (1 << 22), 0, "MOVBE");
+        assert_eq!(
+            cpuid(7, 0)[1] & ((1 << 3) | (1 << 5) | (1 << 8)),
+            0,
+            "BMI1/AVX2/BMI2"
+        );
     }
 }

@@ -3,7 +3,10 @@
 use iced_x86::{FlowControl, Instruction, Mnemonic, OpKind};
 
 use super::op::{Handler, Op};
-use super::{alu, bits, control, data, fpu, muldiv, shift, sse, sse_float, string, system, x87};
+use super::{
+    alu, bits, control, data, fpu, mmx, muldiv, shift, sse, sse_ext, sse_float, sse_string, string,
+    system, x87,
+};
 use crate::cpuid;
 
 /// Builds the executable form of `inst`.
@@ -47,8 +50,11 @@ pub fn handler_for(inst: &Instruction) -> Handler {
         .or_else(|| string::select(inst))
         .or_else(|| system::select(inst))
         .or_else(|| fpu::select(inst))
+        .or_else(|| mmx::select(inst))
         .or_else(|| sse::select(inst))
+        .or_else(|| sse_ext::select(inst))
         .or_else(|| sse_float::select(inst))
+        .or_else(|| sse_string::select(inst))
         .or_else(|| x87::select(inst))
         .unwrap_or(system::unimplemented)
 }

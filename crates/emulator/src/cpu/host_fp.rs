@@ -299,6 +299,9 @@ x87_store!(store_i16, "fistp word ptr", 2);
 x87_store!(store_i32, "fistp dword ptr", 4);
 x87_store!(store_i64, "fistp qword ptr", 8);
 x87_store!(store_bcd, "fbstp tbyte ptr", 10);
+x87_store!(store_i16_truncated, "fisttp word ptr", 2);
+x87_store!(store_i32_truncated, "fisttp dword ptr", 4);
+x87_store!(store_i64_truncated, "fisttp qword ptr", 8);
 
 /// Runs the SSE instructions `$body` under the guest MXCSR `$mxcsr` with every exception
 /// masked, on the operands `$operands`, and returns the MXCSR afterwards (the exception flags
@@ -384,6 +387,59 @@ sse_two!(cvttps2dq, "cvttps2dq");
 sse_two!(cvtdq2pd, "cvtdq2pd");
 sse_two!(cvtpd2dq, "cvtpd2dq");
 sse_two!(cvttpd2dq, "cvttpd2dq");
+sse_two!(addsubps, "addsubps");
+sse_two!(addsubpd, "addsubpd");
+sse_two!(haddps, "haddps");
+sse_two!(haddpd, "haddpd");
+sse_two!(hsubps, "hsubps");
+sse_two!(hsubpd, "hsubpd");
+
+/// Runs `$insn x, y, $imm` (ROUNDPS and friends) under the guest MXCSR.
+macro_rules! sse_round_with {
+    ($insn:literal, $imm:literal, $mxcsr:ident, $x:ident, $y:ident) => {
+        sse_asm!(
+            $mxcsr,
+            [concat!($insn, " {x}, {y}, ", $imm),],
+            x = inout(xmm_reg) $x,
+            y = in(xmm_reg) $y,
+        )
+    };
+}
+
+/// Defines `fn name(a, b, control, mxcsr)` for ROUNDPS/ROUNDPD/ROUNDSS/ROUNDSD: the control
+/// immediate's four meaningful bits each get their own instance.
+macro_rules! sse_round {
+    ($name:ident, $insn:literal) => {
+        pub fn $name(a: u128, b: u128, control: u8, mxcsr: u32) -> (u128, u32) {
+            let mut x = to_m128(a);
+            let y = to_m128(b);
+            let after = match control & 15 {
+                0 => sse_round_with!($insn, "0", mxcsr, x, y),
+                1 => sse_round_with!($insn, "1", mxcsr, x, y),
+                2 => sse_round_with!($insn, "2", mxcsr, x, y),
+                3 => sse_round_with!($insn, "3", mxcsr, x, y),
+                4 => sse_round_with!($insn, "4", mxcsr, x, y),
+                5 => sse_round_with!($insn, "5", mxcsr, x, y),
+                6 => sse_round_with!($insn, "6", mxcsr, x, y),
+                7 => sse_round_with!($insn, "7", mxcsr, x, y),
+                8 => sse_round_with!($insn, "8", mxcsr, x, y),
+                9 => sse_round_with!($insn, "9", mxcsr, x, y),
+                10 => sse_round_with!($insn, "10", mxcsr, x, y),
+                11 => sse_round_with!($insn, "11", mxcsr, x, y),
+                12 => sse_round_with!($insn, "12", mxcsr, x, y),
+                13 => sse_round_with!($insn, "13", mxcsr, x, y),
+                14 => sse_round_with!($insn, "14", mxcsr, x, y),
+                _ => sse_round_with!($insn, "15", mxcsr, x, y),
+            };
+            (from_m128(x), after)
+        }
+    };
+}
+
+sse_round!(roundps, "roundps");
+sse_round!(roundpd, "roundpd");
+sse_round!(roundss, "roundss");
+sse_round!(roundsd, "roundsd");
 
 /// Runs `$insn x, y, $imm` under the guest MXCSR (used by `sse_compare`).
 macro_rules! sse_compare_with {

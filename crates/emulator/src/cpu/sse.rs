@@ -11,20 +11,20 @@ use super::{Cpu, Event};
 type V = u128;
 
 #[inline(always)]
-fn b16(x: V) -> [u8; 16] {
+pub(super) fn b16(x: V) -> [u8; 16] {
     x.to_le_bytes()
 }
 #[inline(always)]
-fn from_b16(b: [u8; 16]) -> V {
+pub(super) fn from_b16(b: [u8; 16]) -> V {
     V::from_le_bytes(b)
 }
 #[inline(always)]
-fn w8(x: V) -> [u16; 8] {
+pub(super) fn w8(x: V) -> [u16; 8] {
     let b = b16(x);
     std::array::from_fn(|i| u16::from_le_bytes([b[2 * i], b[2 * i + 1]]))
 }
 #[inline(always)]
-fn from_w8(w: [u16; 8]) -> V {
+pub(super) fn from_w8(w: [u16; 8]) -> V {
     let mut b = [0u8; 16];
     for (i, v) in w.iter().enumerate() {
         b[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
@@ -32,21 +32,21 @@ fn from_w8(w: [u16; 8]) -> V {
     from_b16(b)
 }
 #[inline(always)]
-fn d4(x: V) -> [u32; 4] {
+pub(super) fn d4(x: V) -> [u32; 4] {
     std::array::from_fn(|i| (x >> (32 * i)) as u32)
 }
 #[inline(always)]
-fn from_d4(d: [u32; 4]) -> V {
+pub(super) fn from_d4(d: [u32; 4]) -> V {
     d.iter()
         .enumerate()
         .fold(0, |acc, (i, v)| acc | (V::from(*v) << (32 * i)))
 }
 #[inline(always)]
-fn q2(x: V) -> [u64; 2] {
+pub(super) fn q2(x: V) -> [u64; 2] {
     [x as u64, (x >> 64) as u64]
 }
 #[inline(always)]
-fn from_q2(q: [u64; 2]) -> V {
+pub(super) fn from_q2(q: [u64; 2]) -> V {
     V::from(q[0]) | (V::from(q[1]) << 64)
 }
 
@@ -67,21 +67,22 @@ fn map_q(a: V, b: V, f: impl Fn(u64, u64) -> u64) -> V {
     from_q2(std::array::from_fn(|i| f(a[i], b[i])))
 }
 
-fn sat_i8(v: i32) -> u8 {
+pub(super) fn sat_i8(v: i32) -> u8 {
     v.clamp(-128, 127) as i8 as u8
 }
-fn sat_u8(v: i32) -> u8 {
+pub(super) fn sat_u8(v: i32) -> u8 {
     v.clamp(0, 255) as u8
 }
-fn sat_i16(v: i32) -> u16 {
+pub(super) fn sat_i16(v: i32) -> u16 {
     v.clamp(-32768, 32767) as i16 as u16
 }
-fn sat_u16(v: i32) -> u16 {
+pub(super) fn sat_u16(v: i32) -> u16 {
     v.clamp(0, 65535) as u16
 }
 
-/// Declares the two-operand lane operations and `BINARY_OPS`, which maps a handler's const
-/// parameter (`Binary as u8`) back to its operation.
+/// Declares the two-operand lane operations, `BINARY_OPS` (which maps a handler's const
+/// parameter, `Binary as u8`, back to its operation), and the handler tables of the XMM and
+/// MMX forms, indexed by `Binary as usize`.
 macro_rules! binary_ops {
     ($($name:ident),* $(,)?) => {
         /// Two-operand lane operations (`dst = dst OP src`).
@@ -91,7 +92,13 @@ macro_rules! binary_ops {
             $($name),*
         }
 
-        const BINARY_OPS: &[Binary] = &[$(Binary::$name),*];
+        pub(super) const BINARY_OPS: &[Binary] = &[$(Binary::$name),*];
+        const XMM_BINARY: &[Handler] = &[$(binary::<{ Binary::$name as u8 }>),*];
+        const XMM_SHIFT_IMM: &[Handler] = &[$(shift_imm::<{ Binary::$name as u8 }>),*];
+        pub(super) const MMX_BINARY: &[Handler] =
+            &[$(super::mmx::binary::<{ Binary::$name as u8 }>),*];
+        pub(super) const MMX_SHIFT_IMM: &[Handler] =
+            &[$(super::mmx::shift_imm::<{ Binary::$name as u8 }>),*];
     };
 }
 
@@ -153,9 +160,40 @@ binary_ops!(
     ShiftRightQ,
     ShiftArithW,
     ShiftArithD,
+    // SSSE3.
+    ShuffleB,
+    HAddW,
+    HAddD,
+    HAddSW,
+    HSubW,
+    HSubD,
+    HSubSW,
+    MAddUBSW,
+    MulHRSW,
+    SignB,
+    SignW,
+    SignD,
+    AbsB,
+    AbsW,
+    AbsD,
+    // SSE4.1.
+    PackUSDW,
+    CmpEqQ,
+    MaxSB,
+    MaxSD,
+    MaxUW,
+    MaxUD,
+    MinSB,
+    MinSD,
+    MinUW,
+    MinUD,
+    MulDQ,
+    MulLD,
+    // SSE4.2.
+    CmpGtQ,
 );
 
-fn binary_op(op: Binary, a: V, b: V) -> V {
+pub(super) fn binary_op(op: Binary, a: V, b: V) -> V {
     use Binary::*;
     match op {
         AddB => map_b(a, b, u8::wrapping_add),
@@ -287,12 +325,134 @@ fn binary_op(op: Binary, a: V, b: V) -> V {
         }
         ShiftLeftW | ShiftLeftD | ShiftLeftQ | ShiftRightW | ShiftRightD | ShiftRightQ
         | ShiftArithW | ShiftArithD => shift_lanes(op, a, b as u64),
+        ShuffleB => {
+            let (x, y) = (b16(a), b16(b));
+            from_b16(std::array::from_fn(|i| {
+                if y[i] & 0x80 != 0 {
+                    0
+                } else {
+                    x[usize::from(y[i] & 15)]
+                }
+            }))
+        }
+        HAddW | HAddSW | HSubW | HSubSW => {
+            let (x, y) = (w8(a), w8(b));
+            from_w8(std::array::from_fn(|i| {
+                let s = if i < 4 { &x } else { &y };
+                let (p, q) = (s[2 * (i % 4)] as i16, s[2 * (i % 4) + 1] as i16);
+                match op {
+                    HAddW => p.wrapping_add(q) as u16,
+                    HAddSW => p.saturating_add(q) as u16,
+                    HSubW => p.wrapping_sub(q) as u16,
+                    _ => p.saturating_sub(q) as u16,
+                }
+            }))
+        }
+        HAddD | HSubD => {
+            let (x, y) = (d4(a), d4(b));
+            from_d4(std::array::from_fn(|i| {
+                let s = if i < 2 { &x } else { &y };
+                let (p, q) = (s[2 * (i % 2)], s[2 * (i % 2) + 1]);
+                if op == HAddD {
+                    p.wrapping_add(q)
+                } else {
+                    p.wrapping_sub(q)
+                }
+            }))
+        }
+        MAddUBSW => {
+            let (x, y) = (b16(a), b16(b));
+            from_w8(std::array::from_fn(|i| {
+                let p = |j: usize| i32::from(x[j]) * i32::from(y[j] as i8);
+                sat_i16(p(2 * i) + p(2 * i + 1))
+            }))
+        }
+        MulHRSW => map_w(a, b, |x, y| {
+            let product = i32::from(x as i16) * i32::from(y as i16);
+            (((product >> 14) + 1) >> 1) as u16
+        }),
+        SignB => map_b(a, b, |x, y| {
+            sign(i64::from(x as i8), i64::from(y as i8)) as u8
+        }),
+        SignW => map_w(a, b, |x, y| {
+            sign(i64::from(x as i16), i64::from(y as i16)) as u16
+        }),
+        SignD => map_d(a, b, |x, y| {
+            sign(i64::from(x as i32), i64::from(y as i32)) as u32
+        }),
+        AbsB => map_b(a, b, |_, y| (y as i8).unsigned_abs()),
+        AbsW => map_w(a, b, |_, y| (y as i16).unsigned_abs()),
+        AbsD => map_d(a, b, |_, y| (y as i32).unsigned_abs()),
+        PackUSDW => {
+            let (x, y) = (d4(a), d4(b));
+            from_w8(std::array::from_fn(|i| {
+                let v = if i < 4 { x[i] } else { y[i - 4] } as i32;
+                v.clamp(0, 65535) as u16
+            }))
+        }
+        CmpEqQ => map_q(a, b, |x, y| if x == y { u64::MAX } else { 0 }),
+        CmpGtQ => map_q(
+            a,
+            b,
+            |x, y| if (x as i64) > (y as i64) { u64::MAX } else { 0 },
+        ),
+        MaxSB => map_b(a, b, |x, y| (x as i8).max(y as i8) as u8),
+        MaxSD => map_d(a, b, |x, y| (x as i32).max(y as i32) as u32),
+        MaxUW => map_w(a, b, u16::max),
+        MaxUD => map_d(a, b, u32::max),
+        MinSB => map_b(a, b, |x, y| (x as i8).min(y as i8) as u8),
+        MinSD => map_d(a, b, |x, y| (x as i32).min(y as i32) as u32),
+        MinUW => map_w(a, b, u16::min),
+        MinUD => map_d(a, b, u32::min),
+        MulDQ => {
+            let (x, y) = (d4(a), d4(b));
+            let product = |i: usize| (i64::from(x[i] as i32) * i64::from(y[i] as i32)) as u64;
+            from_q2([product(0), product(2)])
+        }
+        MulLD => map_d(a, b, u32::wrapping_mul),
     }
+}
+
+/// PSIGN: `value` negated, zeroed or kept as `selector` is negative, zero or positive.
+fn sign(value: i64, selector: i64) -> i64 {
+    match selector.signum() {
+        -1 => value.wrapping_neg(),
+        0 => 0,
+        _ => value,
+    }
+}
+
+/// `binary_op` on 64-bit MMX operands. Operations that combine lanes across the register
+/// (unpacks of the high halves, packs, horizontal sums, byte shuffles) see the 64-bit layout;
+/// the rest work lane by lane and simply ignore the upper half.
+pub fn binary_op_64(op: Binary, a: u64, b: u64) -> u64 {
+    use Binary::*;
+    let (wide_a, wide_b) = (V::from(a), V::from(b));
+    let result = match op {
+        UnpackHighB => binary_op(UnpackLowB, wide_a >> 32, wide_b >> 32),
+        UnpackHighW => binary_op(UnpackLowW, wide_a >> 32, wide_b >> 32),
+        UnpackHighD => binary_op(UnpackLowD, wide_a >> 32, wide_b >> 32),
+        PackSSWB | PackSSDW | PackUSWB | HAddW | HAddD | HAddSW | HSubW | HSubD | HSubSW => {
+            binary_op(op, wide_a | (wide_b << 64), 0)
+        }
+        ShuffleB => {
+            let (x, y) = (a.to_le_bytes(), b.to_le_bytes());
+            return u64::from_le_bytes(std::array::from_fn(|i| {
+                if y[i] & 0x80 != 0 {
+                    0
+                } else {
+                    x[usize::from(y[i] & 7)]
+                }
+            }));
+        }
+        _ => binary_op(op, wide_a, wide_b),
+    };
+    result as u64
 }
 
 /// Shifts every lane of `a` by `count` (counts beyond the lane width zero it, or fill it
 /// with the sign for arithmetic shifts).
-fn shift_lanes(op: Binary, a: V, count: u64) -> V {
+pub(super) fn shift_lanes(op: Binary, a: V, count: u64) -> V {
     use Binary::*;
     match op {
         ShiftLeftW => from_w8(w8(a).map(|x| if count > 15 { 0 } else { x << count })),
@@ -360,8 +520,8 @@ pub fn binary<const OP: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 
 /// `shift_imm` operations besides the `Binary` lane shifts: PSLLDQ and PSRLDQ shift the whole
 /// register by bytes.
-const SHIFT_LEFT_BYTES: u8 = 100;
-const SHIFT_RIGHT_BYTES: u8 = 101;
+const SHIFT_LEFT_BYTES: u8 = 200;
+const SHIFT_RIGHT_BYTES: u8 = 201;
 const _: () = assert!(BINARY_OPS.len() < SHIFT_LEFT_BYTES as usize);
 
 /// Lane shift by an immediate: PSLLW/D/Q, PSRLW/D/Q, PSRAW/D, PSLLDQ, PSRLDQ.
@@ -444,7 +604,7 @@ pub fn shufp<const DOUBLE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 }
 
 /// Full-register moves: MOVAPS/MOVAPD/MOVDQA (aligned), MOVUPS/MOVUPD/MOVDQU, MOVNT*.
-pub fn mov128<const ALIGNED: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+pub(super) fn mov128<const ALIGNED: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     cpu.check_sse()?;
     if op.inst.op_kind(0) == OpKind::Register {
         let v = cpu.xmm_operand(op, 1, 16, ALIGNED)?;
@@ -616,92 +776,123 @@ pub fn maskmovdqu(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     Ok(())
 }
 
-/// Whether any operand is an MMX register (the MMX forms are not implemented).
-pub fn uses_mmx(inst: &Instruction) -> bool {
-    (0..inst.op_count()).any(|i| inst.op_kind(i) == OpKind::Register && inst.op_register(i).is_mm())
+/// The lane operation of a two-operand integer or bitwise instruction, for its XMM and MMX
+/// forms alike.
+pub fn lane_operation(mnemonic: Mnemonic) -> Option<Binary> {
+    use Binary::*;
+    use Mnemonic::*;
+    Some(match mnemonic {
+        Paddb => AddB,
+        Paddw => AddW,
+        Paddd => AddD,
+        Paddq => AddQ,
+        Psubb => SubB,
+        Psubw => SubW,
+        Psubd => SubD,
+        Psubq => SubQ,
+        Paddsb => AddSB,
+        Paddsw => AddSW,
+        Paddusb => AddUSB,
+        Paddusw => AddUSW,
+        Psubsb => SubSB,
+        Psubsw => SubSW,
+        Psubusb => SubUSB,
+        Psubusw => SubUSW,
+        Pmullw => MulLW,
+        Pmulhw => MulHW,
+        Pmulhuw => MulHUW,
+        Pmuludq => MulUDQ,
+        Pmaddwd => MAddWD,
+        Pavgb => AvgB,
+        Pavgw => AvgW,
+        Pminub => MinUB,
+        Pmaxub => MaxUB,
+        Pminsw => MinSW,
+        Pmaxsw => MaxSW,
+        Psadbw => SadBW,
+        Pcmpeqb => CmpEqB,
+        Pcmpeqw => CmpEqW,
+        Pcmpeqd => CmpEqD,
+        Pcmpgtb => CmpGtB,
+        Pcmpgtw => CmpGtW,
+        Pcmpgtd => CmpGtD,
+        Pand | Andps | Andpd => Binary::And,
+        Pandn | Andnps | Andnpd => AndN,
+        Por | Orps | Orpd => Binary::Or,
+        Pxor | Xorps | Xorpd => Binary::Xor,
+        Punpcklbw => UnpackLowB,
+        Punpcklwd => UnpackLowW,
+        Punpckldq | Unpcklps => UnpackLowD,
+        Punpcklqdq | Unpcklpd => UnpackLowQ,
+        Punpckhbw => UnpackHighB,
+        Punpckhwd => UnpackHighW,
+        Punpckhdq | Unpckhps => UnpackHighD,
+        Punpckhqdq | Unpckhpd => UnpackHighQ,
+        Packsswb => PackSSWB,
+        Packssdw => PackSSDW,
+        Packuswb => PackUSWB,
+        Psllw => ShiftLeftW,
+        Pslld => ShiftLeftD,
+        Psllq => ShiftLeftQ,
+        Psrlw => ShiftRightW,
+        Psrld => ShiftRightD,
+        Psrlq => ShiftRightQ,
+        Psraw => ShiftArithW,
+        Psrad => ShiftArithD,
+        Pshufb => ShuffleB,
+        Phaddw => HAddW,
+        Phaddd => HAddD,
+        Phaddsw => HAddSW,
+        Phsubw => HSubW,
+        Phsubd => HSubD,
+        Phsubsw => HSubSW,
+        Pmaddubsw => MAddUBSW,
+        Pmulhrsw => MulHRSW,
+        Psignb => SignB,
+        Psignw => SignW,
+        Psignd => SignD,
+        Pabsb => AbsB,
+        Pabsw => AbsW,
+        Pabsd => AbsD,
+        Packusdw => PackUSDW,
+        Pcmpeqq => CmpEqQ,
+        Pcmpgtq => CmpGtQ,
+        Pmaxsb => MaxSB,
+        Pmaxsd => MaxSD,
+        Pmaxuw => MaxUW,
+        Pmaxud => MaxUD,
+        Pminsb => MinSB,
+        Pminsd => MinSD,
+        Pminuw => MinUW,
+        Pminud => MinUD,
+        Pmuldq => MulDQ,
+        Pmulld => MulLD,
+        _ => return None,
+    })
+}
+
+/// Whether `inst` is a lane shift by an immediate (PSLLW xmm, imm8 and friends).
+pub fn is_immediate_shift(inst: &Instruction) -> bool {
+    inst.op_count() == 2 && inst.op_kind(1) == OpKind::Immediate8
 }
 
 /// The handler for an SSE data-movement or integer instruction, if `inst` is one.
 pub fn select(inst: &Instruction) -> Option<Handler> {
     use Mnemonic::*;
-    if uses_mmx(inst) {
+    if super::mmx::uses_mmx(inst) {
         return None;
     }
-    macro_rules! bin {
-        ($op:ident) => {
-            binary::<{ Binary::$op as u8 }> as Handler
+    if let Some(operation) = lane_operation(inst.mnemonic()) {
+        let table = if is_immediate_shift(inst) {
+            XMM_SHIFT_IMM
+        } else {
+            XMM_BINARY
         };
-    }
-    let imm_shift = inst.op_count() == 2 && inst.op_kind(1) == OpKind::Immediate8;
-    macro_rules! shift {
-        ($op:ident) => {
-            if imm_shift {
-                shift_imm::<{ Binary::$op as u8 }> as Handler
-            } else {
-                bin!($op)
-            }
-        };
+        return Some(table[operation as usize]);
     }
     let xmm0 =
         inst.op_count() > 0 && inst.op_kind(0) == OpKind::Register && inst.op0_register().is_xmm();
-    let h = match inst.mnemonic() {
-        Paddb => bin!(AddB),
-        Paddw => bin!(AddW),
-        Paddd => bin!(AddD),
-        Paddq => bin!(AddQ),
-        Psubb => bin!(SubB),
-        Psubw => bin!(SubW),
-        Psubd => bin!(SubD),
-        Psubq => bin!(SubQ),
-        Paddsb => bin!(AddSB),
-        Paddsw => bin!(AddSW),
-        Paddusb => bin!(AddUSB),
-        Paddusw => bin!(AddUSW),
-        Psubsb => bin!(SubSB),
-        Psubsw => bin!(SubSW),
-        Psubusb => bin!(SubUSB),
-        Psubusw => bin!(SubUSW),
-        Pmullw => bin!(MulLW),
-        Pmulhw => bin!(MulHW),
-        Pmulhuw => bin!(MulHUW),
-        Pmuludq => bin!(MulUDQ),
-        Pmaddwd => bin!(MAddWD),
-        Pavgb => bin!(AvgB),
-        Pavgw => bin!(AvgW),
-        Pminub => bin!(MinUB),
-        Pmaxub => bin!(MaxUB),
-        Pminsw => bin!(MinSW),
-        Pmaxsw => bin!(MaxSW),
-        Psadbw => bin!(SadBW),
-        Pcmpeqb => bin!(CmpEqB),
-        Pcmpeqw => bin!(CmpEqW),
-        Pcmpeqd => bin!(CmpEqD),
-        Pcmpgtb => bin!(CmpGtB),
-        Pcmpgtw => bin!(CmpGtW),
-        Pcmpgtd => bin!(CmpGtD),
-        Pand | Andps | Andpd => bin!(And),
-        Pandn | Andnps | Andnpd => bin!(AndN),
-        Por | Orps | Orpd => bin!(Or),
-        Pxor | Xorps | Xorpd => bin!(Xor),
-        Punpcklbw => bin!(UnpackLowB),
-        Punpcklwd => bin!(UnpackLowW),
-        Punpckldq | Unpcklps => bin!(UnpackLowD),
-        Punpcklqdq | Unpcklpd => bin!(UnpackLowQ),
-        Punpckhbw => bin!(UnpackHighB),
-        Punpckhwd => bin!(UnpackHighW),
-        Punpckhdq | Unpckhps => bin!(UnpackHighD),
-        Punpckhqdq | Unpckhpd => bin!(UnpackHighQ),
-        Packsswb => bin!(PackSSWB),
-        Packssdw => bin!(PackSSDW),
-        Packuswb => bin!(PackUSWB),
-        Psllw => shift!(ShiftLeftW),
-        Pslld => shift!(ShiftLeftD),
-        Psllq => shift!(ShiftLeftQ),
-        Psrlw => shift!(ShiftRightW),
-        Psrld => shift!(ShiftRightD),
-        Psrlq => shift!(ShiftRightQ),
-        Psraw => shift!(ShiftArithW),
-        Psrad => shift!(ShiftArithD),
+    let h: Handler = match inst.mnemonic() {
         Pslldq => shift_imm::<SHIFT_LEFT_BYTES>,
         Psrldq => shift_imm::<SHIFT_RIGHT_BYTES>,
         Pshufd => pshuf::<0>,
@@ -710,7 +901,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Shufps => shufp::<false>,
         Shufpd => shufp::<true>,
         Movaps | Movapd | Movdqa | Movntps | Movntpd | Movntdq => mov128::<true>,
-        Movups | Movupd | Movdqu => mov128::<false>,
+        Movups | Movupd | Movdqu | Lddqu => mov128::<false>,
         Movss => mov_scalar::<4>,
         Movsd if inst.code() != Code::Movsd_m32_m32 => mov_scalar::<8>,
         Movlps | Movlpd | Movhlps => mov_half::<false>,

@@ -9,7 +9,7 @@ use super::{cr4, flags, vector, Cpu, Event};
 
 /// Accumulates the exception flags of a host operation into MXCSR; fails with #XM (or #UD
 /// without CR4.OSXMMEXCPT) when one of them is unmasked, in which case nothing is written.
-fn commit_flags(cpu: &mut Cpu, after: u32) -> Result<(), Event> {
+pub(super) fn commit_flags(cpu: &mut Cpu, after: u32) -> Result<(), Event> {
     let raised = after & 0x3f;
     cpu.arch.fpu.mxcsr |= raised;
     let unmasked = raised & !(cpu.arch.fpu.mxcsr >> 7) & 0x3f;
@@ -141,10 +141,65 @@ pub fn to_int<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
     Ok(())
 }
 
+/// ROUNDPS/ROUNDPD/ROUNDSS/ROUNDSD xmm, xmm/m, imm8 (`KIND` 0-3).
+pub fn round<const KIND: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    cpu.check_sse()?;
+    let size = source_size(op, 1);
+    let src = cpu.xmm_operand(op, 1, size, true)?;
+    let d = Cpu::xmm_reg(op, 0);
+    let control = op.inst.immediate(2) as u8;
+    let f = match KIND {
+        0 => host::roundps,
+        1 => host::roundpd,
+        2 => host::roundss,
+        _ => host::roundsd,
+    };
+    let (result, after) = f(cpu.arch.fpu.xmm[d], src, control, cpu.arch.fpu.mxcsr);
+    commit_flags(cpu, after)?;
+    cpu.arch.fpu.xmm[d] = result;
+    Ok(())
+}
+
+/// DPPS/DPPD xmm, xmm/m128, imm8: the products of the lanes selected by imm8[7:4], summed
+/// pairwise as the hardware does ((p0 + p1) + (p2 + p3)), into the lanes selected by
+/// imm8[3:0] (the others zeroed). Unselected lanes take part as +0.0 and raise nothing.
+pub fn dot_product<const DOUBLE: bool>(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
+    cpu.check_sse()?;
+    let src = cpu.xmm_operand(op, 1, 16, true)?;
+    let d = Cpu::xmm_reg(op, 0);
+    let imm = op.inst.immediate(2) as u32;
+    let (lanes, width) = if DOUBLE { (2, 64) } else { (4, 32) };
+    let lane = |i: u32| -> u128 { (u128::MAX >> (128 - width)) << (i * width) };
+    let mask = |bits: u32| {
+        (0..lanes)
+            .filter(|i| bits & (1 << i) != 0)
+            .fold(0, |m, i| m | lane(i))
+    };
+    let selected = mask(imm >> 4);
+    let mxcsr = cpu.arch.fpu.mxcsr;
+    let a = cpu.arch.fpu.xmm[d] & selected;
+    let b = src & selected;
+    let (sum, after) = if DOUBLE {
+        let (products, f1) = host::mulpd(a, b, mxcsr);
+        let (sum, f2) = host::haddpd(products, products, mxcsr);
+        (sum, f1 | f2)
+    } else {
+        let (products, f1) = host::mulps(a, b, mxcsr);
+        let (pairs, f2) = host::haddps(products, products, mxcsr);
+        let (sum, f3) = host::haddps(pairs, pairs, mxcsr);
+        (sum, f1 | f2 | f3)
+    };
+    commit_flags(cpu, after)?;
+    let total = sum & lane(0);
+    let broadcast = (0..lanes).fold(0u128, |r, i| r | (total << (i * width)));
+    cpu.arch.fpu.xmm[d] = broadcast & mask(imm);
+    Ok(())
+}
+
 /// The handler for an SSE floating-point instruction, if `inst` is one.
 pub fn select(inst: &Instruction) -> Option<Handler> {
     use Mnemonic::*;
-    if super::sse::uses_mmx(inst) {
+    if super::mmx::uses_mmx(inst) {
         return None;
     }
     if let Some(handler) = two_operand_handler(inst.mnemonic()) {
@@ -173,6 +228,12 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
                 (true, true) => from_int::<true, true>,
             }
         }
+        Roundps => round::<0>,
+        Roundpd => round::<1>,
+        Roundss => round::<2>,
+        Roundsd => round::<3>,
+        Dpps => dot_product::<false>,
+        Dppd => dot_product::<true>,
         Cvtss2si | Cvtsd2si | Cvttss2si | Cvttsd2si => {
             let mut kind = 0u8;
             if matches!(inst.mnemonic(), Cvtsd2si | Cvttsd2si) {
@@ -246,6 +307,12 @@ fn two_operand_handler(mnemonic: Mnemonic) -> Option<Handler> {
         Cvtdq2pd => |cpu, op| two(cpu, op, host::cvtdq2pd),
         Cvtpd2dq => |cpu, op| two(cpu, op, host::cvtpd2dq),
         Cvttpd2dq => |cpu, op| two(cpu, op, host::cvttpd2dq),
+        Addsubps => |cpu, op| two(cpu, op, host::addsubps),
+        Addsubpd => |cpu, op| two(cpu, op, host::addsubpd),
+        Haddps => |cpu, op| two(cpu, op, host::haddps),
+        Haddpd => |cpu, op| two(cpu, op, host::haddpd),
+        Hsubps => |cpu, op| two(cpu, op, host::hsubps),
+        Hsubpd => |cpu, op| two(cpu, op, host::hsubpd),
         _ => return None,
     };
     Some(handler)

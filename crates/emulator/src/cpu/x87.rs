@@ -145,7 +145,7 @@ impl Cpu {
 pub fn select(inst: &Instruction) -> Option<Handler> {
     use iced_x86::CpuidFeature::{FPU, FPU287, FPU287XL_ONLY, FPU387};
     use Mnemonic::*;
-    let x87 = inst.mnemonic() == Wait
+    let x87 = matches!(inst.mnemonic(), Wait | Fisttp)
         || inst
             .cpuid_features()
             .iter()
@@ -234,7 +234,7 @@ pub fn select(inst: &Instruction) -> Option<Handler> {
         Fld if inst.op_kind(0) == OpKind::Register => load_register,
         Fld | Fild | Fbld => load_memory,
         Fldz | Fld1 | Fldpi | Fldl2e | Fldl2t | Fldlg2 | Fldln2 => load_constant,
-        Fst | Fstp | Fist | Fistp | Fbstp => |cpu, op| {
+        Fst | Fstp | Fist | Fistp | Fisttp | Fbstp => |cpu, op| {
             enter(cpu, op)?;
             store(cpu, op, op.inst.mnemonic())
         },
@@ -659,7 +659,7 @@ fn conditional_move(cpu: &mut Cpu, op: &Op) -> Result<(), Event> {
 fn store(cpu: &mut Cpu, op: &Op, mnemonic: Mnemonic) -> Result<(), Event> {
     use Mnemonic::*;
     let inst = &op.inst;
-    let pop = matches!(mnemonic, Fstp | Fistp | Fbstp);
+    let pop = matches!(mnemonic, Fstp | Fistp | Fisttp | Fbstp);
     let cw = &host::env(cpu.arch.fpu.fcw, cpu.arch.fpu.fsw);
     if inst.op_kind(0) == OpKind::Register {
         let i = op.r[0] as usize & 7;
@@ -716,6 +716,21 @@ fn store(cpu: &mut Cpu, op: &Op, mnemonic: Mnemonic) -> Result<(), Event> {
         }
         (Fist | Fistp, _) => {
             let (b, sw) = host::store_i64(&value, cw);
+            bytes[..8].copy_from_slice(&b);
+            sw
+        }
+        (Fisttp, 2) => {
+            let (b, sw) = host::store_i16_truncated(&value, cw);
+            bytes[..2].copy_from_slice(&b);
+            sw
+        }
+        (Fisttp, 4) => {
+            let (b, sw) = host::store_i32_truncated(&value, cw);
+            bytes[..4].copy_from_slice(&b);
+            sw
+        }
+        (Fisttp, _) => {
+            let (b, sw) = host::store_i64_truncated(&value, cw);
             bytes[..8].copy_from_slice(&b);
             sw
         }

@@ -173,7 +173,7 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
     if (0..info.op_count()).any(|n| info.op_kind(n) == K::cl) {
         reserved.regs.push(1);
     }
-    if matches!(mnemonic, Mnemonic::Div | Mnemonic::Idiv) {
+    if matches!(mnemonic, Mnemonic::Div | Mnemonic::Idiv) || is_string_compare(mnemonic) {
         reserved.regs.extend([0, 2]);
     }
     let mut inst = Instruction::default();
@@ -192,7 +192,12 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
         };
         let or_mem = matches!(
             kind,
-            K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::xmm_or_mem
+            K::r8_or_mem
+                | K::r16_or_mem
+                | K::r32_or_mem
+                | K::r64_or_mem
+                | K::xmm_or_mem
+                | K::mm_or_mem
         );
         if (or_mem && rng.chance(50)) || kind == K::mem {
             // Memory operand.
@@ -242,6 +247,13 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
                 inst.set_op_register(
                     n,
                     reg_at(Register::XMM0 as u32 as usize + rng.below(16) as usize),
+                );
+            }
+            K::mm_reg | K::mm_rm | K::mm_or_mem => {
+                inst.set_op_kind(n, OpKind::Register);
+                inst.set_op_register(
+                    n,
+                    reg_at(Register::MM0 as u32 as usize + rng.below(8) as usize),
                 );
             }
             K::al | K::cl | K::ax | K::dx | K::eax | K::rax => {
@@ -430,6 +442,21 @@ fn try_generate(code: Code, rng: &mut Rng) -> Option<Case> {
             mxcsr |= 1 << 6;
         }
     }
+    if is_string_compare(mnemonic) && rng.chance(70) {
+        // Short strings over a small alphabet, so elements match, terminate and order.
+        for x in xmm.iter_mut() {
+            *x = string_bytes(rng);
+        }
+        for chunk in data.chunks_mut(16) {
+            let v = string_bytes(rng).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        for r in [0, 2] {
+            if !reserved.regs.contains(&r) {
+                regs[r] = (rng.below(40) as i64 - 20) as u64;
+            }
+        }
+    }
     let x87 = x87_state(rng);
     let mut stack = vec![0u8; STACK_SIZE as usize];
     for chunk in stack.chunks_mut(8) {
@@ -506,6 +533,30 @@ fn fixups(inst: &Instruction, rng: &mut Rng, regs: &mut [u64; 16]) {
         _ => {}
     }
     let _ = MemorySize::Unknown;
+}
+
+/// PCMPESTRI/PCMPESTRM/PCMPISTRI/PCMPISTRM.
+fn is_string_compare(mnemonic: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        mnemonic,
+        Pcmpestri | Pcmpestri64 | Pcmpestrm | Pcmpestrm64 | Pcmpistri | Pcmpistrm
+    )
+}
+
+/// 16 bytes drawn from a few letters, zero, and the sign-boundary bytes.
+fn string_bytes(rng: &mut Rng) -> u128 {
+    const ALPHABET: [u8; 8] = [0, b'a', b'b', b'c', b'd', 0x7f, 0x80, 0xff];
+    let zero_chance = rng.below(20);
+    let mut bytes = [0u8; 16];
+    for b in bytes.iter_mut() {
+        *b = if rng.below(100) < zero_chance {
+            0
+        } else {
+            ALPHABET[1 + rng.below(7) as usize]
+        };
+    }
+    u128::from_le_bytes(bytes)
 }
 
 /// Whether the instruction works on floating-point values.
