@@ -6,6 +6,8 @@ set -euo pipefail
 packages=(
 	# Guest image recipe (it would install these itself; listed so one apt run does all).
 	linux-source-6.1 busybox-static flex bison libelf-dev cpio bc xz-utils e2fsprogs
+	# Debian guest images (guest/debian.sh) and their tests.
+	debootstrap
 	# QEMU: the guest image's boot check and the boot benchmark's peer.
 	qemu-system-x86 qemu-utils
 )

@@ -31,6 +31,10 @@ pub enum ConfigError {
     DiskNotFound(PathBuf),
     #[error("Disk {0} is listed twice")]
     DuplicateDisk(PathBuf),
+    #[error("The root file system is on the first disk, but there is no disk")]
+    NoRootDisk,
+    #[error("The root disk {0} is read-only")]
+    ReadOnlyRootDisk(PathBuf),
     #[error(transparent)]
     Limit(#[from] LimitError),
     #[error("Invalid vCPU count '{0}' (1 to {max})", max = limits::MAX_VCPUS)]
@@ -87,6 +91,10 @@ pub struct MachineConfig {
     /// virtio-blk devices, `/dev/vda` first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// The first disk holds the root file system: the kernel mounts `/dev/vda` read-write as
+    /// `/` (`root=/dev/vda rw` is added to the command line) and runs its init.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub root_disk: bool,
     /// Adds a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
@@ -197,6 +205,15 @@ impl MachineConfig {
                 return Err(ConfigError::DuplicateDisk(disk.path.clone()));
             }
         }
+        if self.root_disk {
+            match self.disks.first() {
+                None => return Err(ConfigError::NoRootDisk),
+                Some(disk) if disk.read_only => {
+                    return Err(ConfigError::ReadOnlyRootDisk(disk.path.clone()))
+                }
+                Some(_) => {}
+            }
+        }
         Ok(())
     }
 
@@ -207,6 +224,9 @@ impl MachineConfig {
             .as_deref()
             .unwrap_or(DEFAULT_CMDLINE)
             .to_owned();
+        if self.root_disk {
+            cmdline.push_str(" root=/dev/vda rw");
+        }
         for extra in self.append.iter().filter(|extra| !extra.is_empty()) {
             cmdline.push(' ');
             cmdline.push_str(extra);
@@ -225,6 +245,7 @@ impl Default for MachineConfig {
             cpus: default_vcpus(),
             memory: default_memory(),
             disks: Vec::new(),
+            root_disk: false,
             rng: false,
             engine: EngineChoice::default(),
             console: ConsoleConfig::default(),
@@ -545,5 +566,43 @@ mod tests {
         );
         config.cmdline = Some("console=ttyS0".into());
         assert_eq!(config.base_cmdline(), "console=ttyS0 quiet guest.cmd=true");
+    }
+
+    #[test]
+    fn a_root_disk_mounts_the_first_disk_read_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        let disk = dir.path().join("root.ext4");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&disk, b"d").unwrap();
+        let mut config = MachineConfig::new(&kernel);
+        config.root_disk = true;
+        assert!(matches!(
+            config.validate(None),
+            Err(ConfigError::NoRootDisk)
+        ));
+        config.disks.push(DiskConfig {
+            path: disk.clone(),
+            read_only: true,
+        });
+        assert!(matches!(
+            config.validate(None),
+            Err(ConfigError::ReadOnlyRootDisk(_))
+        ));
+        config.disks[0].read_only = false;
+        config.validate(None).unwrap();
+        config.append = vec!["quiet".into()];
+        assert_eq!(
+            config.base_cmdline(),
+            format!("{DEFAULT_CMDLINE} root=/dev/vda rw quiet")
+        );
+        // Only set in the file when true.
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["root_disk"], true);
+        config.root_disk = false;
+        assert!(serde_json::to_value(&config)
+            .unwrap()
+            .get("root_disk")
+            .is_none());
     }
 }

@@ -13,7 +13,8 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 use crate::model::{DiskAttachment, DiskState, EngineChoice, EngineKind, VmSettings, VmState};
 
 /// Schema migrations, applied in order; the schema version is the number applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE vms (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE,
@@ -55,7 +56,10 @@ CREATE TABLE vm_disks (
     PRIMARY KEY (vm_id, position),
     UNIQUE (vm_id, disk_id)
 );
-"#];
+"#,
+    // 2: VMs created from a distribution image.
+    "ALTER TABLE vms ADD COLUMN image TEXT;",
+];
 
 /// Errors from the database.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +141,7 @@ pub struct Db {
 
 const VM_COLUMNS: &str = "id, name, cpus, memory_mib, kernel, initrd, cmdline, append, engine, \
     rng, state, created_at, updated_at, pid, pid_start_ticks, started_at, run_engine, \
-    boot_time_ms, exit_at, exit_status, exit_reason, exit_console_tail";
+    boot_time_ms, exit_at, exit_status, exit_reason, exit_console_tail, image";
 
 impl Db {
     /// Opens (creating if needed) and migrates the database.
@@ -197,8 +201,8 @@ impl Db {
         let tx = self.conn.transaction()?;
         let inserted = tx.execute(
             "INSERT INTO vms (name, cpus, memory_mib, kernel, initrd, cmdline, append, engine, \
-             rng, state, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+             rng, image, state, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
             rusqlite::params_from_iter(settings_row(
                 name.to_owned().into(),
                 settings,
@@ -220,7 +224,7 @@ impl Db {
         let tx = self.conn.transaction()?;
         tx.execute(
             "UPDATE vms SET cpus = ?2, memory_mib = ?3, kernel = ?4, initrd = ?5, cmdline = ?6, \
-             append = ?7, engine = ?8, rng = ?9, updated_at = ?10 WHERE id = ?1",
+             append = ?7, engine = ?8, rng = ?9, image = ?10, updated_at = ?11 WHERE id = ?1",
             rusqlite::params_from_iter(settings_row(id.into(), settings, [now_ms().into()])),
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;
@@ -523,6 +527,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<RowResult> {
             append,
             engine,
             rng: row.get(9)?,
+            image: row.get(22)?,
         },
         disk_paths: Vec::new(),
         state,
@@ -534,7 +539,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<RowResult> {
 }
 
 /// Statement parameters: `first` (?1), the settings columns in the order both the insert and
-/// the update bind them (?2 to ?9), then `rest`.
+/// the update bind them (?2 to ?10), then `rest`.
 fn settings_row(
     first: Value,
     settings: &VmSettings,
@@ -550,6 +555,7 @@ fn settings_row(
         append_json(&settings.append).into(),
         settings.engine.as_str().to_owned().into(),
         settings.rng.into(),
+        settings.image.clone().into(),
     ];
     row.extend(rest);
     row
@@ -597,6 +603,7 @@ mod tests {
             append: vec!["quiet".into()],
             engine: EngineChoice::Emulator,
             rng: true,
+            image: Some("debian".into()),
         }
     }
 

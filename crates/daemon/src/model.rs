@@ -104,7 +104,15 @@ pub struct CreateVm {
     /// Adds a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Boot a distribution lodge builds (`debian`): the daemon creates the disk `NAME-root`
+    /// from the cached image (state `importing` until it is ready), attaches it first as the
+    /// root file system, and the guest takes its hostname from the VM's name at first boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
+
+/// The distributions `CreateVm.image` accepts.
+pub const IMAGES: &[&str] = &["debian"];
 
 pub fn default_cpus() -> u32 {
     1
@@ -152,6 +160,8 @@ pub struct VmSettings {
     pub append: Vec<String>,
     pub engine: EngineChoice,
     pub rng: bool,
+    /// The distribution the VM was created from; its first disk is then the root file system.
+    pub image: Option<String>,
 }
 
 /// A VM as the inventory knows it.

@@ -1244,3 +1244,73 @@ async fn random_bodies_never_get_a_server_error() {
         assert!(status < 500, "{method} {path} {body} → {status} {answer}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_from_an_image_get_a_root_disk_built_by_the_vmm_binary() {
+    let daemon = TestDaemon::start();
+    let api = &daemon.api;
+    assert_error(
+        &api.post("/v1/vms", json!({"name": "x", "image": "fedora"}))
+            .await,
+        400,
+        "invalid_request",
+    );
+    // Nothing was left behind by the refused request.
+    assert_eq!(api.get("/v1/disks").await.1, json!([]));
+
+    let vm = api
+        .create_vm(json!({"name": "web", "image": "debian", "memory_mib": 512}))
+        .await;
+    assert_eq!(vm["image"], "debian");
+    assert_eq!(
+        vm["disks"][0],
+        json!({"disk": "web-root", "read_only": false})
+    );
+    let (_, disk) = api.get("/v1/disks/web-root").await;
+    assert_eq!(disk["state"], "importing", "{disk}");
+    // Not startable before its root disk is ready.
+    assert_error(
+        &api.action("/v1/vms/web/start").await,
+        409,
+        "disk_not_ready",
+    );
+    // A second VM of that name is refused without touching the disk being built.
+    assert_error(
+        &api.post("/v1/vms", json!({"name": "web", "image": "debian"}))
+            .await,
+        409,
+        "name_taken",
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let disk = loop {
+        let (_, disk) = api.get("/v1/disks/web-root").await;
+        if disk["state"] != "importing" || Instant::now() > deadline {
+            break disk;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(disk["state"], "ready", "{disk}");
+    assert_eq!(disk["size_bytes"], 1 << 20);
+    assert_eq!(disk["attached_to"], json!(["web"]));
+
+    let (status, vm) = api.action("/v1/vms/web/start").await;
+    assert_eq!(status, 202, "{vm}");
+    api.wait_booted("web").await;
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(daemon.paths().vm(1).vmm_config()).unwrap()).unwrap();
+    assert_eq!(config["root_disk"], true, "{config}");
+    assert!(config["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .contains("web-root"));
+    assert_eq!(config["disks"][0]["read_only"], false);
+    assert!(
+        config["append"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("lodge.hostname=web")),
+        "{config}"
+    );
+    api.action("/v1/vms/web/kill").await;
+}

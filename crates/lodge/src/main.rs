@@ -2,6 +2,7 @@
 
 mod cli;
 mod guest_image;
+mod image;
 mod run;
 
 use std::io::IsTerminal;
@@ -24,6 +25,8 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Build (or find in the cache) the default guest image and print its directory.
     GuestImage,
+    /// Root file system images of distributions (`lodge image create debian`).
+    Image(image::ImageArgs),
     /// Run the host daemon: VM inventory, supervisor and REST API.
     Daemon(Box<cli::DaemonArgs>),
     /// Manage VMs through the daemon.
@@ -51,6 +54,13 @@ fn main() -> ExitCode {
                 println!("{}", image.dir.display());
                 ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("lodge: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Image(args) => match image::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("lodge: error: {e:#}");
                 ExitCode::FAILURE

@@ -11,7 +11,7 @@ use lodge_vmm::console::{write_host_text, RawTerminal};
 use lodge_vmm::{engine_select, supervision};
 use lodge_vmm::{ExitReason, Machine, MachineOptions};
 
-use crate::guest_image;
+use crate::{guest_image, image};
 
 /// Exit status for invalid flags or configuration.
 const USAGE_ERROR: u8 = 2;
@@ -53,12 +53,18 @@ pub struct RunArgs {
     /// Serial console: stdio, file:PATH or none.
     #[arg(long, value_name = "WHERE")]
     console: Option<String>,
+    /// Boot a distribution: `debian` (a private copy of the cached image, built on first use,
+    /// removed when the VM ends) or an image file (used in place, read-write). It becomes the
+    /// first disk and the root file system; the default kernel boots it without an initramfs.
+    #[arg(long, value_name = "debian|PATH")]
+    image: Option<String>,
 }
 
 /// Runs the VM and turns the outcome into the process exit status (and the exit file, when
 /// the configuration names one).
 pub fn run(args: RunArgs, start: Instant) -> ExitCode {
-    let config = match build_config(args) {
+    // The VM's private image copy, if any, lives until the VM ends.
+    let (config, _image_copy) = match build_config(args) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("lodge: error: {e:#}");
@@ -144,8 +150,9 @@ fn run_config(config: &VmConfig, start: Instant) -> (String, u8, Option<u64>) {
     }
 }
 
-/// Merges the config file (if any), the default guest image and the flags.
-fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
+/// Merges the config file (if any), the default guest image and the flags; returns the
+/// private image copy `--image NAME` made, which must outlive the VM.
+fn build_config(args: RunArgs) -> anyhow::Result<(VmConfig, Option<image::PrivateCopy>)> {
     let mut config = match &args.config {
         Some(path) => VmConfig::from_file(path)?,
         None => VmConfig::default(),
@@ -154,12 +161,34 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(kernel) = args.kernel {
         machine.kernel = kernel;
     }
+    let root_image = args.image.as_deref().map(image::RootImage::parse);
     if machine.uses_default_kernel() {
         let image = guest_image::default_image()?;
         machine.kernel = image.kernel;
-        if args.initrd.is_none() && machine.initrd.is_none() {
+        // A root image brings its own init: no initramfs.
+        if args.initrd.is_none() && machine.initrd.is_none() && root_image.is_none() {
             machine.initrd = Some(image.initrd);
         }
+    }
+    let mut image_copy = None;
+    if let Some(root_image) = root_image {
+        let path = match root_image {
+            image::RootImage::File(path) => path,
+            image::RootImage::Distribution(name) => {
+                let copy = image::private_copy(&name)?;
+                let path = copy.path.clone();
+                image_copy = Some(copy);
+                path
+            }
+        };
+        machine.disks.insert(
+            0,
+            DiskConfig {
+                path,
+                read_only: false,
+            },
+        );
+        machine.root_disk = true;
     }
     if let Some(initrd) = args.initrd {
         machine.initrd = Some(initrd);
@@ -186,7 +215,7 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(console) = args.console {
         machine.console = console.parse::<ConsoleConfig>()?;
     }
-    Ok(config)
+    Ok((config, image_copy))
 }
 
 fn message(text: &str) {

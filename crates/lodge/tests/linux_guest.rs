@@ -6,24 +6,12 @@
 //! virtualization is available; on PVM hosts (whose KVM interprets guest ring 0 and cannot
 //! run Linux to userspace) they skip with a printed reason.
 
-use std::path::{Path, PathBuf};
+mod support;
+
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The default guest image directory (built by the recipe on first use, cached after).
-fn image_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let output = Command::new(env!("CARGO_BIN_EXE_lodge"))
-            .arg("guest-image")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("lodge guest-image runs");
-        assert!(output.status.success(), "the default guest image builds");
-        PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-    })
-}
+use support::{engine_runs_linux, image_dir, run_with_timeout};
 
 /// Boots the default guest with `guest.cmd=COMMAND` and extra flags; returns the output.
 fn boot(engine: &str, command: &str, flags: &[&str]) -> Output {
@@ -63,43 +51,8 @@ fn boot_logging(engine: &str, command: &str, flags: &[&str], log: &str) -> Outpu
     output
 }
 
-fn run_with_timeout(mut command: Command, timeout: Duration) -> Output {
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("lodge starts");
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(timeout);
-        // SAFETY: kill(2) on the child we started; harmless if it already exited.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
-    let output = child.wait_with_output().expect("lodge finishes");
-    drop(watchdog);
-    output
-}
-
 fn console(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).replace('\r', "")
-}
-
-/// Whether `engine` can run Linux guests here; prints why not.
-fn engine_runs_linux(engine: &str, test: &str) -> bool {
-    if engine != "kvm" {
-        return true;
-    }
-    match lodge_kvm::probe() {
-        Ok(lodge_kvm::KvmFlavor::Hardware) => true,
-        Ok(lodge_kvm::KvmFlavor::Pvm) => {
-            println!("SKIP {test}: /dev/kvm is PVM, which cannot run Linux guests to userspace");
-            false
-        }
-        Err(reason) => {
-            println!("SKIP {test}: {reason}");
-            false
-        }
-    }
 }
 
 fn shell_command_and_reboot(engine: &str) {
@@ -260,61 +213,28 @@ fn computes_what_the_host_computes(engine: &str) {
 /// `lodge run` on a terminal: keys typed reach the guest shell, Ctrl-C reaches the guest
 /// rather than killing lodge, and `reboot -f` ends lodge with status 0.
 fn interactive_console(engine: &str) {
-    use std::io::{Read, Write};
-    use std::os::fd::{AsRawFd, FromRawFd};
-
-    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
-    let slave =
-        |pty: &nix::pty::OpenptyResult| -> Stdio { Stdio::from(pty.slave.try_clone().unwrap()) };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lodge"))
+    let mut command = support::lodge();
+    command
         .args(["run", "--engine", engine, "--memory", "256M"])
         .arg("--kernel")
         .arg(image_dir().join("vmlinux"))
         .arg("--initrd")
         .arg(image_dir().join("initramfs.cpio.gz"))
-        .env("LODGE_LOG", "warn")
-        .stdin(slave(&pty))
-        .stdout(slave(&pty))
-        .stderr(slave(&pty))
-        .spawn()
-        .expect("lodge starts");
-    drop(pty.slave);
-    // SAFETY: the master fd is ours; File takes ownership of a duplicate.
-    let mut terminal = unsafe { std::fs::File::from_raw_fd(libc::dup(pty.master.as_raw_fd())) };
-    let (sender, receiver) = std::sync::mpsc::channel::<Vec<u8>>();
-    let mut reader = terminal.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let mut buffer = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buffer) {
-            if n == 0 || sender.send(buffer[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let expect = |needle: &str, seen: &mut String| {
-        let deadline = Instant::now() + Duration::from_secs(240);
-        while !seen.contains(needle) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match receiver.recv_timeout(left) {
-                Ok(bytes) => seen.push_str(&String::from_utf8_lossy(&bytes)),
-                Err(_) => panic!("{needle:?} never appeared; console:\n{seen}"),
-            }
-        }
-    };
-    expect("userspace started", &mut seen);
-    expect("# ", &mut seen);
-    terminal.write_all(b"echo typed-$((6*7))\r").unwrap();
-    expect("typed-42", &mut seen);
-    terminal.write_all(b"sleep 100\r").unwrap();
+        .env("LODGE_LOG", "warn");
+    let mut console = support::ConsoleSession::start(command);
+    let timeout = Duration::from_secs(240);
+    let at = console.expect("userspace started", timeout);
+    console.expect_from(at, "# ", timeout);
+    console.send_line("echo typed-$((6*7))");
+    console.expect("typed-42", timeout);
+    console.send_line("sleep 100");
     std::thread::sleep(Duration::from_millis(500));
-    terminal.write_all(b"\x03").unwrap();
-    terminal.write_all(b"echo after-ctrl-c\r").unwrap();
-    expect("after-ctrl-c\r\n", &mut seen);
-    terminal.write_all(b"reboot -f\r").unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "console:\n{seen}");
-    drop(pty.master);
+    console.send(b"\x03");
+    console.send_line("echo after-ctrl-c");
+    console.expect("after-ctrl-c\n", timeout);
+    console.send_line("reboot -f");
+    let status = console.wait(timeout);
+    assert_eq!(status.code(), Some(0), "console:\n{}", console.seen);
 }
 
 #[test]

@@ -84,6 +84,41 @@ impl Inventory {
         self.disk(name)
     }
 
+    /// Creates the disk `name` from the distribution image `image`: the VMM binary builds the
+    /// image (or takes it from its cache) and writes a private copy as the disk's file
+    /// (`<vmm_binary> image create IMAGE --output PATH`). The disk is `importing` until then,
+    /// `failed` with the builder's last words if it fails.
+    pub(super) fn build_image_disk(self: &Arc<Self>, name: &str, image: &str) -> Result<Disk> {
+        crate::model::validate_name(name).map_err(InventoryError::Invalid)?;
+        let target = self.paths.image(name);
+        let record = self.insert_disk(name, &target, 0, DiskState::Importing)?;
+        let inventory = self.clone();
+        let program = self.config().vmm_binary.clone();
+        let image = image.to_owned();
+        tracing::info!(disk = name, image, "Building the disk from an image");
+        tokio::task::spawn_blocking(move || {
+            let db_result = match build_image(&program, &image, &target) {
+                Ok(size) => {
+                    tracing::info!(disk = record.name, size, "Image disk ready");
+                    inventory
+                        .db()
+                        .set_disk_state(record.id, DiskState::Ready, size, None)
+                }
+                Err(message) => {
+                    let _ = std::fs::remove_file(&target);
+                    tracing::warn!(disk = record.name, "Image build failed: {message}");
+                    inventory
+                        .db()
+                        .set_disk_state(record.id, DiskState::Failed, 0, Some(&message))
+                }
+            };
+            if let Err(e) = db_result {
+                tracing::error!(disk = record.name, "Cannot record the image build: {e}");
+            }
+        });
+        self.disk(name)
+    }
+
     /// Deletes a disk and its image; refused while a VM has it attached or it is being
     /// imported.
     pub fn delete_disk(&self, name: &str) -> Result<()> {
@@ -171,6 +206,29 @@ impl Inventory {
             error: record.error.clone(),
         }
     }
+}
+
+/// Runs `<program> image create IMAGE --output TARGET`; returns the image's size, or the end
+/// of the builder's messages.
+fn build_image(program: &Path, image: &str, target: &Path) -> std::result::Result<u64, String> {
+    let output = std::process::Command::new(program)
+        .args(["image", "create", image, "--output"])
+        .arg(target)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("Cannot run {}: {e}", program.display()))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+        return Err(format!(
+            "The image build failed ({}): {tail}",
+            output.status
+        ));
+    }
+    std::fs::metadata(target)
+        .map(|m| m.len())
+        .map_err(|e| format!("The image build left no file at {}: {e}", target.display()))
 }
 
 fn in_use(disk: &str, vms: &[String]) -> InventoryError {

@@ -369,6 +369,15 @@ impl Inventory {
         Ok(())
     }
 
+    /// The VM's command line additions; a distribution guest also learns its name.
+    fn append_for(&self, record: &VmRecord) -> Vec<String> {
+        let mut append = record.settings.append.clone();
+        if record.settings.image.is_some() {
+            append.push(format!("lodge.hostname={}", record.name));
+        }
+        append
+    }
+
     fn vmm_config(&self, record: &VmRecord, paths: &VmPaths) -> VmConfig {
         let settings = &record.settings;
         let machine = MachineConfig {
@@ -376,7 +385,7 @@ impl Inventory {
             kernel: settings.kernel.clone().unwrap_or_default().into(),
             initrd: settings.initrd.clone().map(Into::into),
             cmdline: settings.cmdline.clone(),
-            append: settings.append.clone(),
+            append: self.append_for(record),
             cpus: settings.cpus,
             // Checked against the limits when the settings were saved.
             memory: ByteSize::from_mib(settings.memory_mib).unwrap_or_default(),
@@ -389,6 +398,7 @@ impl Inventory {
                     read_only: attachment.read_only,
                 })
                 .collect(),
+            root_disk: settings.image.is_some(),
             rng: settings.rng,
             engine: settings.engine,
             console: ConsoleConfig::None,

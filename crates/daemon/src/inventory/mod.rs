@@ -19,7 +19,9 @@ use lodge_contract::{limits, ByteSize};
 use crate::capacity::{CapacityError, HostCapacity};
 use crate::config::{DaemonConfig, Paths, VmPaths};
 use crate::db::{rfc3339, Db, DbError, VmRecord};
-use crate::model::{CreateVm, HostInfo, UpdateVm, Vm, VmExit, VmRuntime, VmSettings, VmState};
+use crate::model::{
+    CreateVm, DiskAttachment, HostInfo, UpdateVm, Vm, VmExit, VmRuntime, VmSettings, VmState,
+};
 use crate::storage::StorageError;
 use crate::vmm::VmmError;
 
@@ -199,10 +201,11 @@ impl Inventory {
         self.record(name).map(|record| to_vm(&record))
     }
 
-    /// Defines a VM (state `stopped`).
-    pub fn create_vm(&self, request: CreateVm) -> Result<Vm> {
+    /// Defines a VM (state `stopped`). With an image, also creates its root disk, which is
+    /// `importing` until the image is copied in.
+    pub fn create_vm(self: &Arc<Self>, request: CreateVm) -> Result<Vm> {
         crate::model::validate_name(&request.name).map_err(InventoryError::Invalid)?;
-        let settings = VmSettings {
+        let mut settings = VmSettings {
             cpus: request.cpus,
             memory_mib: request.memory_mib,
             disks: request.disks,
@@ -212,10 +215,41 @@ impl Inventory {
             append: request.append,
             engine: request.engine,
             rng: request.rng,
+            image: request.image,
+        };
+        let root_disk = match &settings.image {
+            Some(image) => {
+                if !crate::model::IMAGES.contains(&image.as_str()) {
+                    return Err(InventoryError::Invalid(format!(
+                        "Unknown image '{image}' (lodge builds: {})",
+                        crate::model::IMAGES.join(", ")
+                    )));
+                }
+                let disk = format!("{}-root", request.name);
+                settings.disks.insert(
+                    0,
+                    DiskAttachment {
+                        disk: disk.clone(),
+                        read_only: false,
+                    },
+                );
+                Some(disk)
+            }
+            None => None,
         };
         validate_settings(&settings)?;
         self.host
             .check_vm(&request.name, settings.cpus, settings.memory_mib)?;
+        if let (Some(disk), Some(image)) = (&root_disk, &settings.image) {
+            // Refused before the disk exists, so a taken name leaves nothing behind.
+            if self.db().vm(&request.name)?.is_some() {
+                return Err(InventoryError::NameTaken {
+                    kind: "VM",
+                    name: request.name,
+                });
+            }
+            self.build_image_disk(disk, image)?;
+        }
         let record = self
             .db()
             .insert_vm(&request.name, &settings)

@@ -9,6 +9,9 @@
 //! - `fake.console_spam=N`: write N console lines at start (log rotation);
 //! - `fake.pause_incomplete`: a pause parks the vCPUs but reports that one did not park (a
 //!   second pause without a resume in between succeeds: by then it has parked).
+//!
+//! `image create NAME --output PATH` stands in for the image builder: for `debian` it writes a
+//! 1 MiB file after 300 ms; any other name fails with a message.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -133,8 +136,27 @@ fn flag(append: &[String], name: &str) -> Option<u64> {
     })
 }
 
+/// `image create NAME --output PATH`.
+fn image_create(args: &[String]) -> ! {
+    assert!(
+        args.len() == 5 && args[0] == "image" && args[1] == "create" && args[3] == "--output",
+        "usage: image create NAME --output PATH"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    if args[2] != "debian" {
+        eprintln!("lodge image: error: fake builder knows only debian");
+        std::process::exit(1);
+    }
+    let file = std::fs::File::create(&args[4]).expect("the output file");
+    file.set_len(1 << 20).unwrap();
+    std::process::exit(0);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("image") {
+        image_create(&args[1..]);
+    }
     assert!(
         args.len() == 4 && args[1] == "run" && args[2] == "--config",
         "usage: run --config FILE"

@@ -92,6 +92,10 @@ struct CreateArgs {
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// Boot a distribution (debian): its root disk NAME-root is built from the image and
+    /// attached first; the command waits until the disk is ready.
+    #[arg(long, value_name = "debian")]
+    image: Option<String>,
     /// Start it right away.
     #[arg(long)]
     start: bool,
@@ -151,7 +155,11 @@ pub fn run(args: VmArgs) -> ExitCode {
                 let start = create.start;
                 let name = create.name.clone();
                 let body = create_body(create)?;
-                let vm: Vm = client.call(Method::POST, "/v1/vms", Some(&body)).await?;
+                let mut vm: Vm = client.call(Method::POST, "/v1/vms", Some(&body)).await?;
+                if body.image.is_some() {
+                    wait_for_root_disk(&client, &name).await?;
+                    vm = client.get(&vm_path(&name)).await?;
+                }
                 if start {
                     let vm = start_and_wait(&client, &name, false).await?;
                     return show(&vm, json_output);
@@ -288,7 +296,40 @@ fn create_body(args: CreateArgs) -> anyhow::Result<CreateVm> {
             .transpose()?
             .unwrap_or_default(),
         rng: args.rng,
+        image: args.image,
     })
+}
+
+/// Waits for the root disk of a VM created from an image, showing the build's progress.
+async fn wait_for_root_disk(client: &lodge_daemon::client::Client, vm: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/disks/{}", segment(&format!("{vm}-root")));
+    let started = std::time::Instant::now();
+    let mut last_report = 0;
+    loop {
+        let disk: model::Disk = client.get(&path).await?;
+        match disk.state {
+            model::DiskState::Ready => {
+                eprintln!(
+                    "lodge: root disk {} ready after {} s",
+                    disk.name,
+                    started.elapsed().as_secs()
+                );
+                return Ok(());
+            }
+            model::DiskState::Failed => anyhow::bail!(
+                "The root disk {} could not be built: {}",
+                disk.name,
+                disk.error.unwrap_or_default()
+            ),
+            _ => {}
+        }
+        let elapsed = started.elapsed().as_secs();
+        if elapsed >= last_report + 15 {
+            last_report = elapsed;
+            eprintln!("lodge: building root disk {} ({elapsed} s)", disk.name);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 fn update_body(args: UpdateArgs) -> anyhow::Result<UpdateVm> {
