@@ -8,6 +8,8 @@ packages=(
 	linux-source-6.1 busybox-static flex bison libelf-dev cpio bc xz-utils e2fsprogs
 	# Debian guest images (guest/debian.sh) and their tests.
 	debootstrap
+	# User-mode networking for `lodge run --net user`.
+	passt
 	# QEMU: the guest image's boot check and the boot benchmark's peer.
 	qemu-system-x86 qemu-utils
 )

@@ -47,6 +47,10 @@ pub enum ConfigError {
     InvalidConsole(String),
     #[error("Invalid disk '{0}' (expected PATH or PATH,readonly)")]
     InvalidDisk(String),
+    #[error(transparent)]
+    Net(#[from] crate::NetError),
+    #[error("MAC address {0} is given to two NICs")]
+    DuplicateMac(crate::MacAddress),
     #[error("Cannot read config file {path}")]
     ReadFile {
         path: PathBuf,
@@ -98,6 +102,9 @@ pub struct MachineConfig {
     /// Adds a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Network adapters (virtio-net), `eth0` first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::NicConfig>,
     #[serde(default)]
     pub engine: EngineChoice,
     #[serde(default)]
@@ -205,6 +212,16 @@ impl MachineConfig {
                 return Err(ConfigError::DuplicateDisk(disk.path.clone()));
             }
         }
+        for (index, nic) in self.nics.iter().enumerate() {
+            if let Some(mac) = nic.mac {
+                if self.nics[..index]
+                    .iter()
+                    .any(|other| other.mac == Some(mac))
+                {
+                    return Err(ConfigError::DuplicateMac(mac));
+                }
+            }
+        }
         if self.root_disk {
             match self.disks.first() {
                 None => return Err(ConfigError::NoRootDisk),
@@ -247,6 +264,7 @@ impl Default for MachineConfig {
             disks: Vec::new(),
             root_disk: false,
             rng: false,
+            nics: Vec::new(),
             engine: EngineChoice::default(),
             console: ConsoleConfig::default(),
         }

@@ -16,6 +16,7 @@ pub mod control;
 mod engine;
 mod exit;
 pub mod limits;
+pub mod net;
 mod size;
 
 pub use config::{
@@ -24,4 +25,5 @@ pub use config::{
 pub use control::{ControlReply, ControlRequest, RunState, VmmStatus};
 pub use engine::{EngineChoice, EngineKind, UnknownEngine};
 pub use exit::ExitRecord;
+pub use net::{MacAddress, NetError, NicBackend, NicConfig, PortForward};
 pub use size::{ByteSize, SizeError, SizeUnit};

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use clap::Args;
 use lodge_contract::config::{parse_memory, parse_vcpus};
-use lodge_contract::{limits, ConsoleConfig, DiskConfig, EngineChoice, ExitRecord, VmConfig};
+use lodge_contract::{
+    limits, ConsoleConfig, DiskConfig, EngineChoice, ExitRecord, NicConfig, VmConfig,
+};
 use lodge_vmm::console::{write_host_text, RawTerminal};
 use lodge_vmm::{engine_select, supervision};
 use lodge_vmm::{ExitReason, Machine, MachineOptions};
@@ -47,6 +49,10 @@ pub struct RunArgs {
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// A network adapter (repeatable; the first is eth0): tap=NAME, fd=N, or
+    /// user[,hostfwd=tcp:HOST:GUEST]... (passt, no root needed); then [,mac=M][,mtu=N].
+    #[arg(long, value_name = "BACKEND[,OPTIONS]")]
+    net: Vec<String>,
     /// CPU engine: kvm, emulator or auto.
     #[arg(long, value_name = "ENGINE")]
     engine: Option<String>,
@@ -208,6 +214,9 @@ fn build_config(args: RunArgs) -> anyhow::Result<(VmConfig, Option<image::Privat
     }
     if args.rng {
         machine.rng = true;
+    }
+    for nic in args.net {
+        machine.nics.push(nic.parse::<NicConfig>()?);
     }
     if let Some(engine) = args.engine {
         machine.engine = engine.parse::<EngineChoice>()?;

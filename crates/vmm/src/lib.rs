@@ -16,6 +16,7 @@ pub mod exit;
 pub mod layout;
 mod machine;
 pub mod memory;
+pub mod net;
 pub mod supervision;
 mod unix_socket;
 mod vcpu;

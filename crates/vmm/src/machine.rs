@@ -51,6 +51,8 @@ pub enum MachineError {
         #[source]
         source: lodge_devices::virtio::BlockError,
     },
+    #[error(transparent)]
+    Nic(#[from] crate::net::NicError),
     #[error("Cannot open the console output")]
     ConsoleOutput(#[source] std::io::Error),
     #[error("Cannot read the console input")]
@@ -185,6 +187,8 @@ pub struct Machine {
     handle: MachineHandle,
     /// Served by the event loop besides the devices (a supervisor's sockets).
     extra_subscribers: Vec<Subscriber>,
+    /// Processes the devices need (passt), ended with the machine.
+    _helpers: Vec<crate::net::Helper>,
 }
 
 impl Machine {
@@ -227,6 +231,13 @@ impl Machine {
         }
         if config.rng {
             devices.add_virtio(engine_vm.as_ref(), &memory, Box::new(VirtioRng::new()))?;
+        }
+        let mut helpers = Vec::new();
+        for (index, nic_config) in config.nics.iter().enumerate() {
+            let nic = crate::net::build(index, nic_config)?;
+            tracing::info!("NIC {index}: {nic_config}, MAC {}", nic.mac);
+            helpers.extend(nic.helper);
+            devices.add_virtio(engine_vm.as_ref(), &memory, Box::new(nic.device))?;
         }
 
         let mut cmdline = config.base_cmdline();
@@ -276,6 +287,7 @@ impl Machine {
             options,
             handle,
             extra_subscribers: Vec::new(),
+            _helpers: helpers,
         })
     }
 

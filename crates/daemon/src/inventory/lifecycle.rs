@@ -400,6 +400,7 @@ impl Inventory {
                 .collect(),
             root_disk: settings.image.is_some(),
             rng: settings.rng,
+            nics: Vec::new(),
             engine: settings.engine,
             console: ConsoleConfig::None,
         };

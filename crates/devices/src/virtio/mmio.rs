@@ -222,6 +222,16 @@ impl MmioTransport {
         }
     }
 
+    /// Has the device handle its event source `source` if it is running.
+    pub fn handle_device_event(&mut self, source: usize) {
+        if !self.activated || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(error) = self.device.process_event(source) {
+            self.needs_reset(MmioError::Device(error));
+        }
+    }
+
     fn selected_queue(&self) -> Option<&QueueRegisters> {
         self.queues.get(usize::try_from(self.queue_select).ok()?)
     }
@@ -480,14 +490,26 @@ impl BusDevice for MmioTransport {
 }
 
 impl MutEventSubscriber for MmioTransport {
+    /// Event data below the queue count is a queue's notification; from there on, the
+    /// device's own event sources in order.
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        self.handle_queue_event(events.data() as usize);
+        let data = events.data() as usize;
+        match data.checked_sub(self.queues.len()) {
+            None => self.handle_queue_event(data),
+            Some(source) => self.handle_device_event(source),
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         for (index, event) in self.queue_notifiers() {
             if let Err(error) = ops.add(Events::with_data(event, index, EventSet::IN)) {
                 tracing::error!(%error, "virtio-mmio: failed to watch queue {index}'s eventfd");
+            }
+        }
+        let first = self.queues.len() as u32;
+        for (index, (fd, set)) in (first..).zip(self.device.event_sources()) {
+            if let Err(error) = ops.add(Events::with_data_raw(fd, index, set)) {
+                tracing::error!(%error, "virtio-mmio: failed to watch a device descriptor");
             }
         }
     }

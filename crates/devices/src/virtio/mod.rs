@@ -9,6 +9,7 @@
 mod block;
 mod chain;
 mod mmio;
+pub mod net;
 mod queue;
 mod rng;
 
@@ -66,6 +67,20 @@ pub trait VirtioDevice: Send {
 
     /// Returns the device to its state before activation.
     fn reset(&mut self);
+
+    /// Descriptors besides the queues' notifications that the device wants watched on the
+    /// event loop (a network backend), with the events; watched from when the transport is
+    /// added to the event loop.
+    fn event_sources(&self) -> Vec<(std::os::fd::RawFd, event_manager::EventSet)> {
+        Vec::new()
+    }
+
+    /// Event source `source` (an index into [`VirtioDevice::event_sources`]) is ready. Called
+    /// only while the device is activated; an error means the device needs a reset.
+    fn process_event(&mut self, source: usize) -> Result<(), DeviceError> {
+        let _ = source;
+        Ok(())
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.

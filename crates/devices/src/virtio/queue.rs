@@ -22,6 +22,9 @@ pub enum QueueError {
     /// The notification suppression fields could not be accessed.
     #[error("Failed to access the queue's notification fields")]
     Notification(#[source] virtio_queue::Error),
+    /// A buffer checked to lie in guest memory could not be written.
+    #[error("Failed to write a buffer in guest memory")]
+    BufferWrite(#[source] vm_memory::GuestMemoryError),
 }
 
 /// Hands every chain the driver made available on `queue` to `handle_chain`, which returns how
