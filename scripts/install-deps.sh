@@ -10,6 +10,8 @@ packages=(
 	debootstrap
 	# User-mode networking for `lodge run --net user`.
 	passt
+	# Host networking of the daemon (nftables rules of lodge networks).
+	nftables
 	# QEMU: the guest image's boot check and the boot benchmark's peer.
 	qemu-system-x86 qemu-utils
 )

@@ -19,16 +19,24 @@ use support::{image_dir, lodge, run_with_timeout};
 /// `lodge run` of the default guest running `command`, with `flags`.
 fn guest_command(kernel_dir: &Path, command: &str, flags: &[&str]) -> Command {
     let mut run = lodge();
-    run.args(["run", "--engine", "emulator", "--memory", "256M", "--console", "stdio"])
-        .arg("--kernel")
-        .arg(kernel_dir.join("vmlinux"))
-        .arg("--initrd")
-        .arg(kernel_dir.join("initramfs.cpio.gz"))
-        .arg("--append")
-        .arg(format!("guest.cmd=\"{command}\""))
-        .args(flags)
-        .env("LODGE_LOG", "info")
-        .stdin(Stdio::null());
+    run.args([
+        "run",
+        "--engine",
+        "emulator",
+        "--memory",
+        "256M",
+        "--console",
+        "stdio",
+    ])
+    .arg("--kernel")
+    .arg(kernel_dir.join("vmlinux"))
+    .arg("--initrd")
+    .arg(kernel_dir.join("initramfs.cpio.gz"))
+    .arg("--append")
+    .arg(format!("guest.cmd=\"{command}\""))
+    .args(flags)
+    .env("LODGE_LOG", "info")
+    .stdin(Stdio::null());
     run
 }
 
@@ -185,7 +193,10 @@ fn user_networking_forwards_a_host_port_to_the_guest() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(answer.contains(&token), "no answer through the forward: {answer:?}");
+    assert!(
+        answer.contains(&token),
+        "no answer through the forward: {answer:?}"
+    );
 }
 
 /// A network namespace with a bridge and taps, deleted when dropped.
@@ -203,7 +214,10 @@ impl Namespace {
         namespace.ip(&["link", "set", "br0", "up"], true);
         namespace.ip(&["link", "set", "lo", "up"], true);
         for tap in taps {
-            namespace.ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"], true);
+            namespace.ip(
+                &["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"],
+                true,
+            );
             namespace.ip(&["link", "set", tap, "master", "br0", "up"], true);
         }
         namespace

@@ -155,6 +155,11 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The tap's descriptor, for handing to another process.
+    pub fn into_fd(self) -> OwnedFd {
+        self.file.into()
+    }
 }
 
 impl NetBackend for Tap {
