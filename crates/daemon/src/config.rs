@@ -34,6 +34,9 @@ pub struct DaemonConfig {
     pub console_log_limit: u64,
     /// Largest request body accepted.
     pub body_limit: usize,
+    /// Manage bridges, taps, DHCP and nftables rules for VM networks. Off: no host network
+    /// changes at all, and VMs with NICs are refused.
+    pub host_network: bool,
 }
 
 /// The API on TCP.
@@ -59,6 +62,7 @@ impl DaemonConfig {
             stop_timeout: Duration::from_secs(30),
             console_log_limit: 1 << 20,
             body_limit: 64 << 10,
+            host_network: true,
         }
     }
 

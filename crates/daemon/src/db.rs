@@ -12,6 +12,9 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 
 use crate::model::{DiskAttachment, DiskState, EngineChoice, EngineKind, VmSettings, VmState};
 
+mod networks;
+pub use networks::NetworkRecord;
+
 /// Schema migrations, applied in order; the schema version is the number applied.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -59,6 +62,30 @@ CREATE TABLE vm_disks (
 "#,
     // 2: VMs created from a distribution image.
     "ALTER TABLE vms ADD COLUMN image TEXT;",
+    // 3: networks, NICs with their reserved addresses, port forwards.
+    r#"
+CREATE TABLE networks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    subnet TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE vm_nics (
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    network_id INTEGER NOT NULL REFERENCES networks(id) ON DELETE RESTRICT,
+    mac TEXT NOT NULL UNIQUE,
+    address TEXT NOT NULL,
+    PRIMARY KEY (vm_id, position),
+    UNIQUE (network_id, address)
+);
+CREATE TABLE port_forwards (
+    host_port INTEGER PRIMARY KEY,
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    guest_port INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Errors from the database.
@@ -78,6 +105,14 @@ pub enum DbError {
     DiskNotFound(String),
     #[error("Disk '{0}' is attached twice")]
     DuplicateDisk(String),
+    #[error("Network '{0}' does not exist")]
+    NetworkNotFound(String),
+    #[error("Network '{0}' has no free address left")]
+    PoolExhausted(String),
+    #[error("MAC address {0} is taken")]
+    MacTaken(String),
+    #[error("Host port {0} is already forwarded")]
+    PortTaken(u16),
     #[error("Database query failed")]
     Sqlite(#[from] rusqlite::Error),
     #[error("Corrupt value in column {0}")]
@@ -195,8 +230,14 @@ impl Db {
         Ok(())
     }
 
-    /// Defines a VM in state `stopped`.
-    pub fn insert_vm(&mut self, name: &str, settings: &VmSettings) -> Result<VmRecord, DbError> {
+    /// Defines a VM in state `stopped`, with NICs on the networks `nics` name (each gets the
+    /// MAC asked for or a random one, and the network's first free address).
+    pub fn insert_vm(
+        &mut self,
+        name: &str,
+        settings: &VmSettings,
+        nics: &[crate::model::NicRequest],
+    ) -> Result<VmRecord, DbError> {
         let now = now_ms();
         let tx = self.conn.transaction()?;
         let inserted = tx.execute(
@@ -215,6 +256,7 @@ impl Db {
         };
         let id = tx.last_insert_rowid();
         attach_disks(&tx, id, &settings.disks)?;
+        networks::attach_nics(&tx, id, nics)?;
         tx.commit()?;
         self.vm_by_id(id)?.ok_or(DbError::Corrupt("id"))
     }
@@ -410,6 +452,8 @@ impl Db {
                 vm.settings.disks.push(attachment);
                 vm.disk_paths.push(path);
             }
+            vm.settings.nics = self.nics_of(vm.id)?;
+            vm.settings.port_forwards = self.port_forwards_of(vm.id)?;
         }
         Ok(vms)
     }
@@ -528,6 +572,8 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<RowResult> {
             engine,
             rng: row.get(9)?,
             image: row.get(22)?,
+            nics: Vec::new(),
+            port_forwards: Vec::new(),
         },
         disk_paths: Vec::new(),
         state,
@@ -604,6 +650,8 @@ mod tests {
             engine: EngineChoice::Emulator,
             rng: true,
             image: Some("debian".into()),
+            nics: Vec::new(),
+            port_forwards: Vec::new(),
         }
     }
 
@@ -619,12 +667,12 @@ mod tests {
             disk: "d1".into(),
             read_only: true,
         });
-        let vm = db.insert_vm("a", &with_disk).unwrap();
+        let vm = db.insert_vm("a", &with_disk, &[]).unwrap();
         assert_eq!(vm.settings, with_disk);
         assert_eq!(vm.disk_paths, vec!["/x/d1.raw".to_owned()]);
         assert_eq!(vm.state, VmState::Stopped);
         assert!(matches!(
-            db.insert_vm("a", &settings()),
+            db.insert_vm("a", &settings(), &[]),
             Err(DbError::NameTaken(_))
         ));
         assert_eq!(
@@ -638,7 +686,7 @@ mod tests {
             read_only: false,
         });
         assert!(matches!(
-            db.insert_vm("b", &missing),
+            db.insert_vm("b", &missing, &[]),
             Err(DbError::DiskNotFound(_))
         ));
         assert!(db.vm("b").unwrap().is_none(), "a failed insert left a row");
@@ -648,7 +696,7 @@ mod tests {
     fn transitions_are_compare_and_set() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = Db::open(&dir.path().join("t.db")).unwrap();
-        let vm = db.insert_vm("a", &settings()).unwrap();
+        let vm = db.insert_vm("a", &settings(), &[]).unwrap();
         assert!(db
             .transition(vm.id, &[VmState::Stopped], VmState::Starting)
             .unwrap());
@@ -684,7 +732,7 @@ mod tests {
         let path = dir.path().join("t.db");
         Db::open(&path)
             .unwrap()
-            .insert_vm("a", &settings())
+            .insert_vm("a", &settings(), &[])
             .unwrap();
         let db = Db::open(&path).unwrap();
         assert_eq!(db.vms().unwrap().len(), 1);

@@ -77,6 +77,7 @@ impl Daemon {
             interrupted_imports = reconciled.interrupted_imports,
             "Inventory loaded"
         );
+        inventory.start_host_network().await?;
         if let Some(parent) = config.socket.parent() {
             std::fs::create_dir_all(parent).map_err(|source| io_error(parent, source))?;
         }

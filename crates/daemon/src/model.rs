@@ -109,7 +109,106 @@ pub struct CreateVm {
     /// root file system, and the guest takes its hostname from the VM's name at first boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Network adapters, `eth0` first. Absent: one NIC on the network `default` when the
+    /// daemon manages host networking; `[]`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nics: Option<Vec<NicRequest>>,
 }
+
+/// A NIC asked for at create: the network, and a MAC if not the daemon's choice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicRequest {
+    pub network: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// A VM's NIC: its network, its MAC and the address reserved for it there (what the
+/// network's DHCP server gives it), both stable for the VM's life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmNic {
+    pub network: String,
+    pub mac: String,
+    pub address: String,
+}
+
+/// A TCP port forward from the host to a VM's first NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    #[schema(minimum = 1, maximum = 65535)]
+    pub host_port: u16,
+    #[schema(minimum = 1, maximum = 65535)]
+    pub guest_port: u16,
+}
+
+/// How a network reaches beyond its bridge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Guests reach outside through the host (masquerade); port forwards reach them.
+    #[default]
+    Nat,
+    /// Guests reach only each other.
+    Isolated,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Nat => "nat",
+            NetworkMode::Isolated => "isolated",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<NetworkMode> {
+        match text {
+            "nat" => Some(NetworkMode::Nat),
+            "isolated" => Some(NetworkMode::Isolated),
+            _ => None,
+        }
+    }
+}
+
+/// Body of `POST /v1/networks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetwork {
+    pub name: String,
+    /// An IPv4 subnet from /16 to /29, e.g. 10.10.0.0/24; the host takes the first address.
+    pub subnet: String,
+    #[serde(default)]
+    pub mode: NetworkMode,
+}
+
+/// A virtual switch: a bridge on the host, its DHCP server and its rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Network {
+    pub name: String,
+    pub subnet: String,
+    pub mode: NetworkMode,
+    /// The host's address on it, the guests' gateway.
+    pub gateway: String,
+    /// The bridge's interface name on the host.
+    pub bridge: String,
+    pub created_at: String,
+    /// Every NIC on it, with its reserved address.
+    pub leases: Vec<Lease>,
+}
+
+/// A NIC's reserved address on a network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    pub vm: String,
+    pub mac: String,
+    pub address: String,
+}
+
+/// The name of the network VMs join when they ask for none.
+pub const DEFAULT_NETWORK: &str = "default";
+/// Its subnet, when the host has no route that clashes with it.
+pub const DEFAULT_SUBNET: &str = "10.44.0.0/24";
 
 /// The distributions `CreateVm.image` accepts.
 pub const IMAGES: &[&str] = &["debian"];
@@ -162,6 +261,9 @@ pub struct VmSettings {
     pub rng: bool,
     /// The distribution the VM was created from; its first disk is then the root file system.
     pub image: Option<String>,
+    /// Network adapters, `eth0` first.
+    pub nics: Vec<VmNic>,
+    pub port_forwards: Vec<PortForward>,
 }
 
 /// A VM as the inventory knows it.

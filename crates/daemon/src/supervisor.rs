@@ -29,9 +29,15 @@ pub enum SupervisorError {
 }
 
 /// Starts `<program> run --config <config>` in its own session, with stdin from /dev/null
-/// and stdout/stderr appended to `log`. The new session keeps it alive when the daemon or
-/// the daemon's terminal goes away; the daemon reaps it while it is the parent.
-pub fn spawn(program: &Path, config: &Path, log: &Path) -> Result<Child, SupervisorError> {
+/// and stdout/stderr appended to `log`, inheriting the descriptors `inherit` (taps) under the
+/// same numbers. The new session keeps it alive when the daemon or the daemon's terminal goes
+/// away; the daemon reaps it while it is the parent.
+pub fn spawn(
+    program: &Path,
+    config: &Path,
+    log: &Path,
+    inherit: &[i32],
+) -> Result<Child, SupervisorError> {
     let log_error = |source| SupervisorError::Log {
         path: log.display().to_string(),
         source,
@@ -50,11 +56,19 @@ pub fn spawn(program: &Path, config: &Path, log: &Path) -> Result<Child, Supervi
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    let inherit = inherit.to_vec();
+    // SAFETY: setsid and fcntl are async-signal-safe; the closure reads only its own copy of
+    // the descriptor numbers.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            for &fd in &inherit {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -179,7 +193,7 @@ mod tests {
             .unwrap();
         let config = dir.path().join("vm.json");
         let log = dir.path().join("vmm.log");
-        let mut child = spawn(&script, &config, &log).unwrap();
+        let mut child = spawn(&script, &config, &log, &[]).unwrap();
         let pid = child.id().unwrap();
         // SAFETY: getsid only reads the session id of a process.
         let session = unsafe { libc::getsid(pid as libc::pid_t) };

@@ -952,9 +952,11 @@ async fn tcp_needs_the_bearer_token() {
 /// lists a status no request produced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_response_is_exercised() {
+    let networked = support::private_network("every_documented_response_is_exercised");
     let host = lodge_daemon::capacity::HostCapacity::detect(1.0, false);
     let ratio = 1000.0 / host.memory_mib as f64;
     let mut daemon = TestDaemon::start_with(|config| {
+        config.host_network = networked;
         config.memory_overcommit = ratio;
         config.tcp = Some(TcpListen {
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -975,6 +977,7 @@ async fn every_documented_response_is_exercised() {
     api.get("/v1/vms").await;
     api.get("/v1/disks").await;
     api.get("/v1/openapi.json").await;
+    api.get("/v1/networks").await;
     // Creates.
     api.create_vm(json!({"name": "a", "memory_mib": 600})).await;
     api.post("/v1/vms", json!({"name": "a"})).await;
@@ -1133,6 +1136,11 @@ async fn every_documented_response_is_exercised() {
         .await;
     api.call(Method::DELETE, "/v1/disks/big", None).await;
 
+    if networked {
+        // After a restart of the daemon: the bridges are adopted.
+        exercise_networks(api).await;
+    }
+
     // Every operation answers 401 on TCP without the token.
     let anonymous = Api::with_endpoint(Endpoint::Tcp {
         address: daemon.tcp.unwrap().to_string(),
@@ -1162,6 +1170,9 @@ async fn every_documented_response_is_exercised() {
         .openapi
         .documented()
         .difference(&daemon.api.openapi.seen())
+        .filter(|(_, path, _)| {
+            networked || !(path.contains("network") || path.contains("port-forward"))
+        })
         .cloned()
         .collect();
     assert!(
@@ -1313,4 +1324,172 @@ async fn vms_from_an_image_get_a_root_disk_built_by_the_vmm_binary() {
         "{config}"
     );
     api.action("/v1/vms/web/kill").await;
+}
+
+/// Every response of the network endpoints, on a daemon with host networking (in the test's
+/// own network namespace).
+async fn exercise_networks(api: &Api) {
+    let (status, network) = api
+        .post(
+            "/v1/networks",
+            json!({"name": "lan", "subnet": "10.77.0.0/24"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{network}");
+    assert_eq!(network["gateway"], "10.77.0.1");
+    assert_eq!(network["mode"], "nat");
+    assert_error(
+        &api.post(
+            "/v1/networks",
+            json!({"name": "lan2", "subnet": "10.77.0.0/16"}),
+        )
+        .await,
+        409,
+        "address_conflict",
+    );
+    assert_error(
+        &api.post(
+            "/v1/networks",
+            json!({"name": "bad", "subnet": "10.77.0.5/24"}),
+        )
+        .await,
+        400,
+        "invalid_request",
+    );
+    assert_error(
+        &api.post(
+            "/v1/networks",
+            json!({"name": "lan", "subnet": "10.78.0.0/24"}),
+        )
+        .await,
+        409,
+        "name_taken",
+    );
+    api.raw(
+        Method::POST,
+        "/v1/networks",
+        Some("application/json"),
+        Some(vec![b' '; 1 << 20]),
+    )
+    .await;
+    api.raw(Method::POST, "/v1/networks", None, Some(b"{}".to_vec()))
+        .await;
+    assert_error(
+        &api.get("/v1/networks/nope").await,
+        404,
+        "network_not_found",
+    );
+    // The default network exists from the start; a VM without `nics` gets a NIC on it.
+    let (status, default) = api.get("/v1/networks/default").await;
+    assert_eq!(status, 200, "{default}");
+    let vm = api.create_vm(json!({"name": "netvm"})).await;
+    assert_eq!(vm["nics"][0]["network"], "default");
+    let vm = api
+        .create_vm(
+            json!({"name": "lanvm", "nics": [{"network": "lan", "mac": "52:54:00:00:00:42"}]}),
+        )
+        .await;
+    assert_eq!(vm["nics"][0]["address"], "10.77.0.2");
+    assert_eq!(vm["nics"][0]["mac"], "52:54:00:00:00:42");
+    let (_, lan) = api.get("/v1/networks/lan").await;
+    assert_eq!(lan["leases"][0]["vm"], "lanvm");
+    // Port forwards.
+    let (status, vm) = api
+        .post(
+            "/v1/vms/lanvm/port-forwards",
+            json!({"host_port": 8080, "guest_port": 80}),
+        )
+        .await;
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["port_forwards"][0]["host_port"], 8080);
+    assert_error(
+        &api.post(
+            "/v1/vms/netvm/port-forwards",
+            json!({"host_port": 8080, "guest_port": 80}),
+        )
+        .await,
+        409,
+        "address_conflict",
+    );
+    assert_error(
+        &api.post(
+            "/v1/vms/nope/port-forwards",
+            json!({"host_port": 1, "guest_port": 1}),
+        )
+        .await,
+        404,
+        "vm_not_found",
+    );
+    api.create_vm(json!({"name": "nonic", "nics": []})).await;
+    assert_error(
+        &api.post(
+            "/v1/vms/nonic/port-forwards",
+            json!({"host_port": 9, "guest_port": 9}),
+        )
+        .await,
+        400,
+        "invalid_request",
+    );
+    assert_error(
+        &api.call(Method::DELETE, "/v1/vms/lanvm/port-forwards/9", None)
+            .await,
+        400,
+        "invalid_request",
+    );
+    assert_error(
+        &api.call(Method::DELETE, "/v1/vms/nope/port-forwards/9", None)
+            .await,
+        404,
+        "vm_not_found",
+    );
+    let (status, vm) = api
+        .call(Method::DELETE, "/v1/vms/lanvm/port-forwards/8080", None)
+        .await;
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["port_forwards"], json!([]));
+    // In use, then free.
+    assert_error(
+        &api.call(Method::DELETE, "/v1/networks/lan", None).await,
+        409,
+        "network_in_use",
+    );
+    assert_error(
+        &api.call(Method::DELETE, "/v1/networks/nope", None).await,
+        404,
+        "network_not_found",
+    );
+    api.call(Method::DELETE, "/v1/vms/lanvm", None).await;
+    assert_eq!(
+        api.call(Method::DELETE, "/v1/networks/lan", None).await.0,
+        204
+    );
+    api.call(Method::DELETE, "/v1/vms/netvm", None).await;
+    api.call(Method::DELETE, "/v1/vms/nonic", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_host_networking_nics_are_refused_clearly() {
+    let daemon = TestDaemon::start();
+    let api = &daemon.api;
+    assert_error(
+        &api.post(
+            "/v1/networks",
+            json!({"name": "lan", "subnet": "10.77.0.0/24"}),
+        )
+        .await,
+        409,
+        "host_networking_off",
+    );
+    assert_error(
+        &api.post(
+            "/v1/vms",
+            json!({"name": "a", "nics": [{"network": "default"}]}),
+        )
+        .await,
+        409,
+        "host_networking_off",
+    );
+    // Without `nics`, no NIC.
+    let vm = api.create_vm(json!({"name": "b"})).await;
+    assert_eq!(vm["nics"], json!([]));
 }

@@ -33,6 +33,8 @@ enum Command {
     Vm(cli::VmArgs),
     /// Manage disk images through the daemon.
     Disk(cli::DiskArgs),
+    /// Manage networks (virtual switches) through the daemon.
+    Network(cli::NetworkArgs),
     /// Show the daemon's host.
     Host(cli::HostArgs),
 }
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => cli::run_daemon(*args),
         Command::Vm(args) => cli::run_vm(args),
         Command::Disk(args) => cli::run_disk(args),
+        Command::Network(args) => cli::run_network(args),
         Command::Host(args) => cli::run_host(args),
     }
 }

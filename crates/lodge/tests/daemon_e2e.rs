@@ -41,7 +41,13 @@ impl Host {
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
         let child = Command::new(LODGE)
-            .args(["daemon", "--stop-timeout", "3", "--state-dir"])
+            .args([
+                "daemon",
+                "--no-host-network",
+                "--stop-timeout",
+                "3",
+                "--state-dir",
+            ])
             .arg(self.dir.path().join("state"))
             .arg("--run-dir")
             .arg(self.dir.path().join("run"))

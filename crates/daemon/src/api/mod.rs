@@ -4,6 +4,7 @@
 mod console;
 mod disks;
 mod host;
+mod networks;
 mod openapi;
 mod vms;
 
@@ -47,6 +48,19 @@ pub fn router(inventory: Arc<Inventory>) -> Router {
         .route("/v1/vms/{name}/console", get(console::attach))
         .route("/v1/disks", get(disks::list).post(disks::create))
         .route("/v1/disks/{name}", get(disks::show).delete(disks::delete))
+        .route("/v1/networks", get(networks::list).post(networks::create))
+        .route(
+            "/v1/networks/{name}",
+            get(networks::show).delete(networks::delete),
+        )
+        .route(
+            "/v1/vms/{name}/port-forwards",
+            post(networks::add_port_forward),
+        )
+        .route(
+            "/v1/vms/{name}/port-forwards/{host_port}",
+            axum::routing::delete(networks::remove_port_forward),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

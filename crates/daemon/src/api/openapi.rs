@@ -9,7 +9,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{console, disks, host, vms};
+use super::{console, disks, host, networks, vms};
 use crate::model;
 
 #[derive(OpenApi)]
@@ -29,13 +29,16 @@ use crate::model;
         vms::start, vms::stop, vms::kill, vms::pause, vms::resume, vms::restart,
         console::logs, console::attach,
         disks::list, disks::create, disks::show, disks::delete,
+        networks::list, networks::create, networks::show, networks::delete,
+        networks::add_port_forward, networks::remove_port_forward,
     ),
     components(schemas(
         model::Vm, model::VmState, model::EngineChoice, model::EngineKind, model::DiskAttachment,
         model::CreateVm,
         model::UpdateVm, model::VmRuntime, model::VmExit, model::Disk, model::DiskState,
         model::ImportProgress, model::CreateDisk, model::HostInfo, model::ErrorBody,
-        model::ErrorDetail,
+        model::ErrorDetail, model::NicRequest, model::VmNic, model::PortForward,
+        model::NetworkMode, model::CreateNetwork, model::Network, model::Lease,
     )),
     modifiers(&BearerToken),
     tags(
@@ -43,6 +46,7 @@ use crate::model;
         (name = "lifecycle", description = "Running VMs"),
         (name = "console", description = "Serial console and its log"),
         (name = "disks", description = "Disk images"),
+        (name = "networks", description = "Virtual switches: bridges, DHCP, NAT or isolation"),
         (name = "host", description = "Host capacity"),
     ),
 )]

@@ -9,9 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use lodge_contract::{
     ByteSize, ConsoleConfig, ConsoleLogConfig, ControlRequest, DiskConfig, ExitRecord as VmmExit,
-    MachineConfig, RunState, Supervision, VmConfig,
+    MachineConfig, NicBackend, NicConfig, RunState, Supervision, VmConfig,
 };
 use tokio::sync::watch;
 
@@ -238,6 +240,9 @@ impl Inventory {
             self.kill_locked(&record).await?;
         }
         self.db().delete_vm(id)?;
+        if !record.settings.nics.is_empty() {
+            self.refresh_host_network();
+        }
         let paths = self.vm_paths(id);
         let _ = std::fs::remove_dir_all(&paths.data);
         let _ = std::fs::remove_dir_all(&paths.run);
@@ -277,6 +282,11 @@ impl Inventory {
         if record.state.is_active() {
             return Err(wrong_state(record, "it is already started"));
         }
+        if !record.settings.nics.is_empty() && !self.config.host_network {
+            return Err(InventoryError::HostNetworkingOff(
+                "VMs with NICs cannot start",
+            ));
+        }
         {
             let _start = self.start_lock.lock().await;
             // Under the start lock, like the capacity check: two VMs starting at once
@@ -311,7 +321,11 @@ impl Inventory {
                 },
             )?;
         }
-        if let Err(error) = self.spawn_vmm(record) {
+        let spawned = match self.open_taps(record).await {
+            Ok(taps) => self.spawn_vmm(record, &taps),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = spawned {
             let exit = ExitRecord {
                 at: now_ms(),
                 status: None,
@@ -324,7 +338,8 @@ impl Inventory {
         Ok(())
     }
 
-    fn spawn_vmm(self: &Arc<Self>, record: &VmRecord) -> Result<()> {
+    /// Spawns the VMM with the VM's tap descriptors (`taps`, in NIC order), which it inherits.
+    fn spawn_vmm(self: &Arc<Self>, record: &VmRecord, taps: &[std::os::fd::OwnedFd]) -> Result<()> {
         let paths = self.vm_paths(record.id);
         create_dir(&paths.data)?;
         create_dir(&paths.run)?;
@@ -335,7 +350,7 @@ impl Inventory {
         ] {
             let _ = std::fs::remove_file(stale);
         }
-        let config = self.vmm_config(record, &paths);
+        let config = self.vmm_config(record, &paths, taps);
         let config_path = paths.vmm_config();
         // Fails only for a path that is not UTF-8 (a state or run directory given so).
         let json = serde_json::to_vec_pretty(&config).map_err(|e| InventoryError::Io {
@@ -343,7 +358,13 @@ impl Inventory {
             source: e.into(),
         })?;
         write_file(&config_path, &json)?;
-        let mut child = supervisor::spawn(&self.config.vmm_binary, &config_path, &paths.vmm_log())?;
+        let inherited: Vec<i32> = taps.iter().map(|tap| tap.as_raw_fd()).collect();
+        let mut child = supervisor::spawn(
+            &self.config.vmm_binary,
+            &config_path,
+            &paths.vmm_log(),
+            &inherited,
+        )?;
         let pid = child.id().unwrap_or(0);
         let start_ticks = supervisor::start_ticks(pid);
         self.db().set_runtime(
@@ -378,8 +399,25 @@ impl Inventory {
         append
     }
 
-    fn vmm_config(&self, record: &VmRecord, paths: &VmPaths) -> VmConfig {
+    fn vmm_config(
+        &self,
+        record: &VmRecord,
+        paths: &VmPaths,
+        taps: &[std::os::fd::OwnedFd],
+    ) -> VmConfig {
         let settings = &record.settings;
+        let nics = settings
+            .nics
+            .iter()
+            .zip(taps)
+            .map(|(nic, tap)| NicConfig {
+                backend: NicBackend::TapFd {
+                    fd: tap.as_raw_fd(),
+                },
+                mac: nic.mac.parse().ok(),
+                mtu: lodge_contract::net::DEFAULT_MTU,
+            })
+            .collect();
         let machine = MachineConfig {
             // Empty: `lodge run` boots the default guest image.
             kernel: settings.kernel.clone().unwrap_or_default().into(),
@@ -400,7 +438,7 @@ impl Inventory {
                 .collect(),
             root_disk: settings.image.is_some(),
             rng: settings.rng,
-            nics: Vec::new(),
+            nics,
             engine: settings.engine,
             console: ConsoleConfig::None,
         };

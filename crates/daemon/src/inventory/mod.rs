@@ -8,6 +8,7 @@
 
 mod disks;
 mod lifecycle;
+pub mod networks;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,6 +71,16 @@ pub enum InventoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Network '{0}' does not exist")]
+    NetworkNotFound(String),
+    #[error("Network '{network}' is used by {vms}; delete or change them first")]
+    NetworkInUse { network: String, vms: String },
+    #[error("Host networking is off (lodge daemon --no-host-network): {0}")]
+    HostNetworkingOff(&'static str),
+    #[error("{0}")]
+    AddressConflict(String),
+    #[error("Setting up the host network failed")]
+    HostNetwork(#[source] crate::inventory::networks::HostNetworkError),
     #[error(transparent)]
     Db(DbError),
 }
@@ -80,6 +91,12 @@ impl From<DbError> for InventoryError {
             DbError::DiskNotFound(name) => InventoryError::AttachedDiskNotFound(name),
             DbError::DuplicateDisk(name) => {
                 InventoryError::Invalid(format!("Disk '{name}' is attached twice"))
+            }
+            DbError::NetworkNotFound(name) => {
+                InventoryError::Invalid(format!("Network '{name}' does not exist"))
+            }
+            error @ (DbError::PoolExhausted(_) | DbError::MacTaken(_) | DbError::PortTaken(_)) => {
+                InventoryError::AddressConflict(error.to_string())
             }
             other => InventoryError::Db(other),
         }
@@ -98,6 +115,11 @@ impl InventoryError {
             InventoryError::WrongState { .. } => (409, "invalid_state"),
             InventoryError::DiskInUse { .. } => (409, "disk_in_use"),
             InventoryError::DiskNotReady { .. } => (409, "disk_not_ready"),
+            InventoryError::NetworkNotFound(_) => (404, "network_not_found"),
+            InventoryError::NetworkInUse { .. } => (409, "network_in_use"),
+            InventoryError::HostNetworkingOff(_) => (409, "host_networking_off"),
+            InventoryError::AddressConflict(_) => (409, "address_conflict"),
+            InventoryError::HostNetwork(_) => (500, "host_network_error"),
             InventoryError::Capacity(_) => (422, "insufficient_capacity"),
             InventoryError::Storage(
                 StorageError::InvalidSize(_)
@@ -132,6 +154,8 @@ pub struct Inventory {
     processes: Mutex<HashMap<i64, Arc<Process>>>,
     /// Bytes copied by running imports, by disk id.
     imports: Mutex<HashMap<i64, Arc<AtomicU64>>>,
+    /// Bridges, DHCP servers and rules, once started (never with host networking off).
+    host_network: std::sync::OnceLock<networks::HostNetwork>,
 }
 
 impl Inventory {
@@ -158,6 +182,7 @@ impl Inventory {
             vm_locks: Mutex::new(HashMap::new()),
             processes: Mutex::new(HashMap::new()),
             imports: Mutex::new(HashMap::new()),
+            host_network: std::sync::OnceLock::new(),
         }))
     }
 
@@ -216,7 +241,10 @@ impl Inventory {
             engine: request.engine,
             rng: request.rng,
             image: request.image,
+            nics: Vec::new(),
+            port_forwards: Vec::new(),
         };
+        let nics = self.nic_requests(request.nics)?;
         let root_disk = match &settings.image {
             Some(image) => {
                 if !crate::model::IMAGES.contains(&image.as_str()) {
@@ -252,11 +280,14 @@ impl Inventory {
         }
         let record = self
             .db()
-            .insert_vm(&request.name, &settings)
+            .insert_vm(&request.name, &settings, &nics)
             .map_err(|e| match e {
                 DbError::NameTaken(name) => InventoryError::NameTaken { kind: "VM", name },
                 other => other.into(),
             })?;
+        if !nics.is_empty() {
+            self.refresh_host_network();
+        }
         Ok(to_vm(&record))
     }
 

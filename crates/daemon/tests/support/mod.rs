@@ -34,6 +34,8 @@ impl TestDaemon {
         let mut config = DaemonConfig::new(dir.path().join("state"), dir.path().join("run"));
         config.vmm_binary = PathBuf::from(env!("CARGO_BIN_EXE_lodge-fake-vmm"));
         config.stop_timeout = Duration::from_secs(10);
+        // These tests run in the host's network namespace: they must not change it.
+        config.host_network = false;
         adjust(&mut config);
         let api = Api::new(Client::unix(&config.socket));
         let mut daemon = Self {
@@ -410,4 +412,29 @@ impl OpenApiCheck {
             "{method} {path}: response does not match {pointer}: {errors:?}\n{body:#}"
         );
     }
+}
+
+/// Moves the calling thread (and the threads it starts later, such as a test daemon's) into a
+/// network namespace of its own, so a daemon with host networking changes nothing of the
+/// host's. False, with the reason printed, when that needs privileges this test lacks.
+pub fn private_network(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP {test} (host networking part): needs root for a network namespace");
+        return false;
+    }
+    // SAFETY: unshare(2) changes only the calling thread's network namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        println!(
+            "SKIP {test} (host networking part): unshare failed: {}",
+            std::io::Error::last_os_error()
+        );
+        return false;
+    }
+    // Children inherit the calling thread's namespace: loopback up for TCP tests.
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+    true
 }

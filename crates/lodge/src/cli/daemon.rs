@@ -33,6 +33,10 @@ pub struct DaemonArgs {
     /// Allow VMs with more vCPUs than the host has CPUs.
     #[arg(long)]
     cpu_overcommit: bool,
+    /// Leave the host's network alone: no bridges, taps, DHCP or nftables rules, and VMs
+    /// with NICs are refused.
+    #[arg(long)]
+    no_host_network: bool,
     /// Seconds a guest gets to shut down on `vm stop` before it is forced.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     stop_timeout: u64,
@@ -79,6 +83,7 @@ fn config(args: DaemonArgs) -> anyhow::Result<DaemonConfig> {
     config.memory_overcommit = args.memory_overcommit;
     config.cpu_overcommit = args.cpu_overcommit;
     config.stop_timeout = Duration::from_secs(args.stop_timeout);
+    config.host_network = !args.no_host_network;
     config.console_log_limit = args.console_log_limit;
     Ok(config)
 }

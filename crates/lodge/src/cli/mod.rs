@@ -7,6 +7,7 @@ mod daemon;
 mod disk;
 mod format;
 mod host;
+mod network;
 mod vm;
 
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use lodge_daemon::config::DEFAULT_SOCKET;
 pub use daemon::{run as run_daemon, DaemonArgs};
 pub use disk::{run as run_disk, DiskArgs};
 pub use host::{run as run_host, HostArgs};
+pub use network::{run as run_network, NetworkArgs};
 pub use vm::{run as run_vm, VmArgs};
 
 /// How to reach the daemon, and how to print.

@@ -72,6 +72,11 @@ enum VmCommand {
     Update(UpdateArgs),
     /// Attach to the serial console (detach with Ctrl-]).
     Console { name: String },
+    /// Forward host TCP ports to the VM's first NIC (NAT networks).
+    PortForward {
+        #[command(subcommand)]
+        command: PortForwardCommand,
+    },
     /// Print the console log.
     Logs {
         name: String,
@@ -82,6 +87,18 @@ enum VmCommand {
         #[arg(long, short = 'n', value_name = "N")]
         lines: Option<usize>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PortForwardCommand {
+    /// Forward HOST_PORT on the host to GUEST_PORT on the VM.
+    Add {
+        name: String,
+        #[arg(value_name = "HOST_PORT:GUEST_PORT")]
+        ports: String,
+    },
+    /// Remove the forward of HOST_PORT.
+    Remove { name: String, host_port: u16 },
 }
 
 #[derive(Args, Debug)]
@@ -96,6 +113,12 @@ struct CreateArgs {
     /// attached first; the command waits until the disk is ready.
     #[arg(long, value_name = "debian")]
     image: Option<String>,
+    /// A NIC on a network (repeatable; the first is eth0). Default: one on `default`.
+    #[arg(long, value_name = "NETWORK[,mac=M]", conflicts_with = "no_nic")]
+    nic: Vec<String>,
+    /// No network adapter.
+    #[arg(long)]
+    no_nic: bool,
     /// Start it right away.
     #[arg(long)]
     start: bool,
@@ -242,6 +265,30 @@ pub fn run(args: VmArgs) -> ExitCode {
             VmCommand::Console { name } => {
                 super::console::attach(&client, &format!("{}/console", vm_path(&name)), &name).await
             }
+            VmCommand::PortForward { command } => {
+                let vm: Vm = match command {
+                    PortForwardCommand::Add { name, ports } => {
+                        let forward = parse_forward(&ports)?;
+                        client
+                            .call(
+                                Method::POST,
+                                &format!("{}/port-forwards", vm_path(&name)),
+                                Some(&forward),
+                            )
+                            .await?
+                    }
+                    PortForwardCommand::Remove { name, host_port } => {
+                        client
+                            .call::<Vm>(
+                                Method::DELETE,
+                                &format!("{}/port-forwards/{host_port}", vm_path(&name)),
+                                None::<&()>,
+                            )
+                            .await?
+                    }
+                };
+                show(&vm, json_output)
+            }
             VmCommand::Logs {
                 name,
                 follow,
@@ -297,6 +344,52 @@ fn create_body(args: CreateArgs) -> anyhow::Result<CreateVm> {
             .unwrap_or_default(),
         rng: args.rng,
         image: args.image,
+        nics: if args.no_nic {
+            Some(Vec::new())
+        } else if args.nic.is_empty() {
+            None
+        } else {
+            Some(
+                args.nic
+                    .iter()
+                    .map(|nic| parse_nic(nic))
+                    .collect::<anyhow::Result<_>>()?,
+            )
+        },
+    })
+}
+
+/// `HOST_PORT:GUEST_PORT`.
+fn parse_forward(text: &str) -> anyhow::Result<model::PortForward> {
+    let parsed = text
+        .split_once(':')
+        .and_then(|(host, guest)| Some((host.parse().ok()?, guest.parse().ok()?)));
+    match parsed {
+        Some((host_port, guest_port)) if host_port > 0 && guest_port > 0 => {
+            Ok(model::PortForward {
+                host_port,
+                guest_port,
+            })
+        }
+        _ => anyhow::bail!("Invalid port forward '{text}' (expected HOST_PORT:GUEST_PORT)"),
+    }
+}
+
+/// `NETWORK[,mac=M]`.
+fn parse_nic(text: &str) -> anyhow::Result<model::NicRequest> {
+    let (network, mac) = match text.split_once(',') {
+        None => (text, None),
+        Some((network, option)) => match option.strip_prefix("mac=") {
+            Some(mac) => (network, Some(mac.to_owned())),
+            None => anyhow::bail!("Invalid NIC '{text}' (expected NETWORK or NETWORK,mac=M)"),
+        },
+    };
+    if network.is_empty() {
+        anyhow::bail!("Invalid NIC '{text}' (expected NETWORK or NETWORK,mac=M)");
+    }
+    Ok(model::NicRequest {
+        network: network.to_owned(),
+        mac,
     })
 }
 
@@ -502,6 +595,18 @@ fn show(vm: &Vm, json_output: bool) -> anyhow::Result<()> {
     }
     if settings.rng {
         lines.push(("RNG", "yes".into()));
+    }
+    for (index, nic) in settings.nics.iter().enumerate() {
+        lines.push((
+            "NIC",
+            format!("eth{index} on {}: {} {}", nic.network, nic.mac, nic.address),
+        ));
+    }
+    for forward in &settings.port_forwards {
+        lines.push((
+            "Forward",
+            format!("host port {} -> {}", forward.host_port, forward.guest_port),
+        ));
     }
     lines.push(("Created", vm.created_at.clone()));
     if let Some(runtime) = &vm.runtime {
