@@ -127,7 +127,11 @@ pub fn ruleset(networks: &[NetworkRules]) -> Value {
                 ));
                 commands.push(rule(
                     "forward",
-                    vec![interface("oifname", "==", bridge), json!({"drop": null})],
+                    vec![
+                        interface("oifname", "==", bridge),
+                        interface("iifname", "!=", bridge),
+                        json!({"drop": null}),
+                    ],
                 ));
                 for (host_port, address, guest_port) in &network.forwards {
                     commands.push(rule("prerouting", vec![
@@ -138,13 +142,23 @@ pub fn ruleset(networks: &[NetworkRules]) -> Value {
                 }
             }
             Reach::Isolated => {
+                // With br_netfilter, traffic between guests on the bridge passes this hook
+                // too (in and out both the bridge): only what crosses its edge is dropped.
                 commands.push(rule(
                     "forward",
-                    vec![interface("iifname", "==", bridge), json!({"drop": null})],
+                    vec![
+                        interface("iifname", "==", bridge),
+                        interface("oifname", "!=", bridge),
+                        json!({"drop": null}),
+                    ],
                 ));
                 commands.push(rule(
                     "forward",
-                    vec![interface("oifname", "==", bridge), json!({"drop": null})],
+                    vec![
+                        interface("oifname", "==", bridge),
+                        interface("iifname", "!=", bridge),
+                        json!({"drop": null}),
+                    ],
                 ));
                 commands.push(rule(
                     "input",

@@ -2,6 +2,8 @@
 //! timeout, the KVM skip check, and a console session on a pseudo-terminal.
 #![allow(dead_code)] // Each test binary uses its own subset.
 
+pub mod daemon;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
