@@ -401,5 +401,14 @@ proptest! {
         prop_assert!(h.net.process_queue(TX).is_ok());
         prop_assert!(h.net.process_event(0).is_ok());
         prop_assert!(h.net.process_queue(RX).is_ok());
+        // Then a well-formed frame from the guest still goes out.
+        h.tx_next = 100;
+        let sent_before = h.wire.lock().unwrap().from_guest.len();
+        let good = frame(60, 9);
+        h.write_guest(BUFFERS + 0x3_0000, &good);
+        h.transmit(&[(BUFFERS + 0x3_0000, good.len() as u32, READ)]);
+        let wire = h.wire.lock().unwrap();
+        prop_assert_eq!(wire.from_guest.len(), sent_before + 1);
+        prop_assert_eq!(wire.from_guest.last().unwrap(), &good);
     }
 }
