@@ -262,7 +262,14 @@ impl Db {
     }
 
     /// Replaces a VM's settings.
-    pub fn update_vm_settings(&mut self, id: i64, settings: &VmSettings) -> Result<(), DbError> {
+    /// Replaces a VM's settings, and its NICs when `nics` is given (see
+    /// [`networks::replace_nics`]).
+    pub fn update_vm_settings(
+        &mut self,
+        id: i64,
+        settings: &VmSettings,
+        nics: Option<&[crate::model::NicRequest]>,
+    ) -> Result<(), DbError> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "UPDATE vms SET cpus = ?2, memory_mib = ?3, kernel = ?4, initrd = ?5, cmdline = ?6, \
@@ -271,6 +278,9 @@ impl Db {
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;
         attach_disks(&tx, id, &settings.disks)?;
+        if let Some(nics) = nics {
+            networks::replace_nics(&tx, id, nics)?;
+        }
         tx.commit()?;
         Ok(())
     }

@@ -244,6 +244,10 @@ pub struct UpdateVm {
     pub engine: Option<EngineChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rng: Option<bool>,
+    /// Replaces the NIC list. A NIC that stays on the same network at the same position (and
+    /// asks for no other MAC) keeps its MAC and address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nics: Option<Vec<NicRequest>>,
 }
 
 /// The settings of a VM that its owner chooses.

@@ -206,6 +206,46 @@ impl Db {
     }
 }
 
+/// Replaces a VM's NICs with `nics`: a NIC on the same network at the same position that asks
+/// for no other MAC keeps its MAC and address; the others get new ones.
+pub(super) fn replace_nics(
+    tx: &Transaction<'_>,
+    vm_id: i64,
+    nics: &[NicRequest],
+) -> Result<(), DbError> {
+    let existing: Vec<(String, String, String)> = {
+        let mut statement = tx.prepare_cached(
+            "SELECT w.name, n.mac, n.address FROM vm_nics n JOIN networks w ON w.id = n.network_id \
+             WHERE n.vm_id = ?1 ORDER BY n.position",
+        )?;
+        let rows =
+            statement.query_map([vm_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    tx.execute("DELETE FROM vm_nics WHERE vm_id = ?1", [vm_id])?;
+    for (position, request) in nics.iter().enumerate() {
+        let kept = existing.get(position).filter(|(network, mac, _)| {
+            *network == request.network && request.mac.as_ref().is_none_or(|asked| asked == mac)
+        });
+        match kept {
+            Some((network, mac, address)) => {
+                let network_id: i64 = tx.query_row(
+                    "SELECT id FROM networks WHERE name = ?1",
+                    [network],
+                    |row| row.get(0),
+                )?;
+                tx.execute(
+                    "INSERT INTO vm_nics (vm_id, position, network_id, mac, address) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![vm_id, position as i64, network_id, mac, address],
+                )?;
+            }
+            None => insert_nic(tx, vm_id, position, request)?,
+        }
+    }
+    Ok(())
+}
+
 /// Inserts the NICs of a new VM, choosing MACs and addresses.
 pub(super) fn attach_nics(
     tx: &Transaction<'_>,
@@ -213,6 +253,20 @@ pub(super) fn attach_nics(
     nics: &[NicRequest],
 ) -> Result<(), DbError> {
     for (position, request) in nics.iter().enumerate() {
+        insert_nic(tx, vm_id, position, request)?;
+    }
+    Ok(())
+}
+
+/// Inserts NIC `position` of a VM on the network `request` names, with the MAC it asks for or
+/// a random one, and the network's first free address.
+fn insert_nic(
+    tx: &Transaction<'_>,
+    vm_id: i64,
+    position: usize,
+    request: &NicRequest,
+) -> Result<(), DbError> {
+    {
         let network: Option<(i64, String)> = tx
             .query_row(
                 "SELECT id, subnet FROM networks WHERE name = ?1",

@@ -336,7 +336,16 @@ impl Inventory {
         validate_settings(&settings)?;
         self.host
             .check_vm(&record.name, settings.cpus, settings.memory_mib)?;
-        self.db().update_vm_settings(id, &settings)?;
+        let nics = match update.nics {
+            Some(nics) => Some(self.nic_requests(Some(nics))?),
+            None => None,
+        };
+        self.db()
+            .update_vm_settings(id, &settings, nics.as_deref())?;
+        if nics.is_some() {
+            // Forwards follow the first NIC; one that moved networks keeps them only if valid.
+            self.refresh_host_network();
+        }
         self.vm(name)
     }
 

@@ -113,12 +113,6 @@ struct CreateArgs {
     /// attached first; the command waits until the disk is ready.
     #[arg(long, value_name = "debian")]
     image: Option<String>,
-    /// A NIC on a network (repeatable; the first is eth0). Default: one on `default`.
-    #[arg(long, value_name = "NETWORK[,mac=M]", conflicts_with = "no_nic")]
-    nic: Vec<String>,
-    /// No network adapter.
-    #[arg(long)]
-    no_nic: bool,
     /// Start it right away.
     #[arg(long)]
     start: bool,
@@ -166,6 +160,14 @@ struct SettingsArgs {
     /// kvm, emulator or auto (default auto).
     #[arg(long)]
     engine: Option<String>,
+    /// A NIC on a network (repeatable; the first is eth0). At create, default: one on
+    /// `default`; at update, the list replaces the VM's (a NIC that stays on its network keeps
+    /// its MAC and address).
+    #[arg(long, value_name = "NETWORK[,mac=M]", conflicts_with = "no_nic")]
+    nic: Vec<String>,
+    /// No network adapter (at update: remove them all).
+    #[arg(long)]
+    no_nic: bool,
 }
 
 pub fn run(args: VmArgs) -> ExitCode {
@@ -344,19 +346,22 @@ fn create_body(args: CreateArgs) -> anyhow::Result<CreateVm> {
             .unwrap_or_default(),
         rng: args.rng,
         image: args.image,
-        nics: if args.no_nic {
-            Some(Vec::new())
-        } else if args.nic.is_empty() {
-            None
-        } else {
-            Some(
-                args.nic
-                    .iter()
-                    .map(|nic| parse_nic(nic))
-                    .collect::<anyhow::Result<_>>()?,
-            )
-        },
+        nics: nic_list(&settings.nic, settings.no_nic)?,
     })
+}
+
+/// `--nic`s and `--no-nic` as the API's NIC list (None: not given).
+fn nic_list(nics: &[String], none: bool) -> anyhow::Result<Option<Vec<model::NicRequest>>> {
+    if none {
+        return Ok(Some(Vec::new()));
+    }
+    if nics.is_empty() {
+        return Ok(None);
+    }
+    nics.iter()
+        .map(|nic| parse_nic(nic))
+        .collect::<anyhow::Result<_>>()
+        .map(Some)
 }
 
 /// `HOST_PORT:GUEST_PORT`.
@@ -439,6 +444,7 @@ fn update_body(args: UpdateArgs) -> anyhow::Result<UpdateVm> {
         append: (!settings.append.is_empty()).then_some(settings.append),
         engine: settings.engine.as_deref().map(str::parse).transpose()?,
         rng: args.rng,
+        nics: nic_list(&settings.nic, settings.no_nic)?,
     };
     if update == UpdateVm::default() {
         anyhow::bail!("Nothing to change: give at least one setting");
