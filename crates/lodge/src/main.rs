@@ -30,7 +30,7 @@ enum Command {
     /// Run the host daemon: VM inventory, supervisor and REST API.
     Daemon(Box<cli::DaemonArgs>),
     /// Manage VMs through the daemon.
-    Vm(cli::VmArgs),
+    Vm(Box<cli::VmArgs>),
     /// Manage disk images through the daemon.
     Disk(cli::DiskArgs),
     /// Manage networks (virtual switches) through the daemon.
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Daemon(args) => cli::run_daemon(*args),
-        Command::Vm(args) => cli::run_vm(args),
+        Command::Vm(args) => cli::run_vm(*args),
         Command::Disk(args) => cli::run_disk(args),
         Command::Network(args) => cli::run_network(args),
         Command::Host(args) => cli::run_host(args),
