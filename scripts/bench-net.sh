@@ -7,7 +7,10 @@
 # Everything happens in a network namespace the script creates and deletes: a bridge with
 # 10.99.0.1/24 (the "host" side) and two taps. Per run and per VMM:
 #  - guest -> host: the guest sends 64 MiB to a receiver on the bridge address; throughput is
-#    measured by the receiver, from the first byte to the end;
+#    measured by the receiver, from the first byte to the end (the guest's busybox `nc` writes
+#    small chunks, so this is mostly the guest's CPU);
+#  - host -> guest: the host sends 64 MiB to the guest's `nc -l` (large GSO frames through the
+#    tap and mergeable receive buffers: the device's receive path);
 #  - guest -> guest: guest A receives 32 MiB from guest B; B measures the time (/proc/uptime);
 #  - latency: 20 pings from the guest to the bridge address, average round trip.
 set -euo pipefail
@@ -77,7 +80,29 @@ def receiver(port, result):
     connection.close()
     server.close()
 
-results = {(v, m): [] for v in ("lodge", "qemu") for m in ("host", "guest", "ping")}
+def send_to_guest(address, port, size):
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            connection = socket.create_connection((address, port), timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    chunk = b"\0" * (1 << 20)
+    start, sent = time.monotonic(), 0
+    while sent < size:
+        connection.sendall(chunk)
+        sent += len(chunk)
+    connection.shutdown(socket.SHUT_WR)
+    connection.settimeout(60)
+    connection.recv(1)
+    connection.close()
+    return size * 8 / (time.monotonic() - start) / 1e6
+
+metrics = ("host", "in", "guest", "ping")
+results = {(v, m): [] for v in ("lodge", "qemu") for m in metrics}
 for run_index in range(runs):
     for name in ("lodge", "qemu"):
         got = []
@@ -93,6 +118,12 @@ for run_index in range(runs):
             sys.exit(f"{name}: guest->host run failed:\n{console[-3000:]}")
         results[(name, "host")].append(got[0])
         results[(name, "ping")].append(float(ping.group(1)))
+        # Host to guest.
+        guest = subprocess.Popen(vmm(name, "tapa", "52:54:00:99:00:02",
+                                     SETUP.format(ip="10.99.0.2") + "nc -l -p 5000 >/dev/null"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        results[(name, "in")].append(send_to_guest("10.99.0.2", 5000, 64 << 20))
+        guest.wait(timeout=60)
         # Guest to guest: A listens, B sends and times.
         a = subprocess.Popen(vmm(name, "tapa", "52:54:00:99:00:02",
                                  SETUP.format(ip="10.99.0.2") + "nc -l -p 5000 >/dev/null"),
@@ -110,11 +141,12 @@ for run_index in range(runs):
         seconds = float(elapsed.group(2)) - float(elapsed.group(1))
         results[(name, "guest")].append(32 * 1048576 * 8 / seconds / 1e6)
     print(f"run {run_index + 1}/{runs}: " + ", ".join(
-        f"{v} {m} {results[(v, m)][-1]:.1f}" for v in ("lodge", "qemu") for m in ("host", "guest", "ping")))
+        f"{v} {m} {results[(v, m)][-1]:.1f}" for v in ("lodge", "qemu") for m in metrics))
 
 print()
 print(f"{'median of ' + str(runs):30}{'lodge emulator':>16}{'QEMU TCG':>12}{'ratio':>9}")
 for metric, label, unit in (("host", "guest -> host TCP", "Mbit/s"),
+                            ("in", "host -> guest TCP", "Mbit/s"),
                             ("guest", "guest -> guest TCP", "Mbit/s"),
                             ("ping", "ping guest -> host (avg)", "ms")):
     l, q = statistics.median(results[("lodge", metric)]), statistics.median(results[("qemu", metric)])

@@ -323,6 +323,12 @@ impl VirtioDevice for VirtioNet {
         .fold(0, |flags, (_, flag)| flags | flag);
         // Segmentation offloads need checksum offload (the kernel refuses them alone).
         let flags = if flags & offload::CSUM == 0 { 0 } else { flags };
+        tracing::debug!(
+            features = format_args!("{acked:#x}"),
+            offloads = format_args!("{flags:#x}"),
+            mergeable = self.mergeable,
+            "virtio-net: driver ready"
+        );
         if let Err(error) = self.backend.set_offloads(flags) {
             tracing::warn!("virtio-net: cannot set the backend's offloads: {error}");
         }
