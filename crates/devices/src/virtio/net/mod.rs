@@ -17,12 +17,15 @@ use std::io::ErrorKind;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::os::fd::AsRawFd;
+
 use event_manager::EventSet;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::{buffer_address, collect_chain, CheckedChain};
 use super::{
@@ -38,8 +41,9 @@ const QUEUE_MAX_SIZES: &[u16] = &[256, 256];
 const MAX_DESCRIPTORS: usize = 64;
 /// The smallest frame worth sending: a header and an Ethernet header.
 const MIN_FRAME: usize = VNET_HEADER_SIZE + 14;
-/// Frames received in one go before the event loop gets a turn for other devices.
-const RX_BUDGET: usize = 256;
+/// Frames received in one go before the event loop gets a turn for other devices (as NAPI's
+/// default weight).
+const RX_BUDGET: usize = 64;
 /// Bytes of the configuration space: mac, status, max_virtqueue_pairs, mtu.
 const CONFIG_SIZE: usize = 12;
 
@@ -87,6 +91,9 @@ pub struct VirtioNet {
     rx_frame: Vec<u8>,
     rx_pending: usize,
     tx_frame: Vec<u8>,
+    /// Signalled when a receive pass stops at its budget with frames possibly left: the
+    /// backend's descriptor is edge-triggered, so no new event would come for them.
+    rx_resume: EventFd,
     stats: Arc<NetStats>,
     log: LogLimiter,
 }
@@ -103,6 +110,7 @@ impl VirtioNet {
             rx_frame: vec![0; VNET_HEADER_SIZE + MAX_FRAME_SIZE],
             rx_pending: 0,
             tx_frame: Vec::with_capacity(VNET_HEADER_SIZE + MAX_FRAME_SIZE),
+            rx_resume: EventFd::new(EFD_NONBLOCK).expect("an eventfd"),
             stats: Arc::new(NetStats::default()),
             log: LogLimiter::new(),
         }
@@ -161,7 +169,14 @@ impl VirtioNet {
         let queue_error = |source| DeviceError::Queue { index: RX, source };
         let mut delivered_any = false;
         let mut failure = None;
-        for _ in 0..RX_BUDGET {
+        let mut rounds = 0;
+        loop {
+            if rounds == RX_BUDGET {
+                // More may be waiting: come back once the other devices had their turn.
+                let _ = self.rx_resume.write(1);
+                break;
+            }
+            rounds += 1;
             if self.link_down {
                 break;
             }
@@ -346,13 +361,19 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn event_sources(&self) -> Vec<(std::os::fd::RawFd, EventSet)> {
-        vec![(
-            self.backend.as_raw_fd(),
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-        )]
+        vec![
+            (
+                self.backend.as_raw_fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ),
+            (self.rx_resume.as_raw_fd(), EventSet::IN),
+        ]
     }
 
-    fn process_event(&mut self, _source: usize) -> Result<(), DeviceError> {
+    fn process_event(&mut self, source: usize) -> Result<(), DeviceError> {
+        if source == 1 {
+            let _ = self.rx_resume.read();
+        }
         self.receive()
     }
 
