@@ -394,8 +394,9 @@ sse_two!(haddpd, "haddpd");
 sse_two!(hsubps, "hsubps");
 sse_two!(hsubpd, "hsubpd");
 
-/// Runs `$insn x, y, $imm` (ROUNDPS and friends) under the guest MXCSR.
-macro_rules! sse_round_with {
+/// Runs `$insn x, y, $imm` under the guest MXCSR: the instructions whose immediate selects
+/// the operation (CMPPS predicates, ROUNDPS rounding control) need one instance per value.
+macro_rules! sse_imm_with {
     ($insn:literal, $imm:literal, $mxcsr:ident, $x:ident, $y:ident) => {
         sse_asm!(
             $mxcsr,
@@ -414,22 +415,22 @@ macro_rules! sse_round {
             let mut x = to_m128(a);
             let y = to_m128(b);
             let after = match control & 15 {
-                0 => sse_round_with!($insn, "0", mxcsr, x, y),
-                1 => sse_round_with!($insn, "1", mxcsr, x, y),
-                2 => sse_round_with!($insn, "2", mxcsr, x, y),
-                3 => sse_round_with!($insn, "3", mxcsr, x, y),
-                4 => sse_round_with!($insn, "4", mxcsr, x, y),
-                5 => sse_round_with!($insn, "5", mxcsr, x, y),
-                6 => sse_round_with!($insn, "6", mxcsr, x, y),
-                7 => sse_round_with!($insn, "7", mxcsr, x, y),
-                8 => sse_round_with!($insn, "8", mxcsr, x, y),
-                9 => sse_round_with!($insn, "9", mxcsr, x, y),
-                10 => sse_round_with!($insn, "10", mxcsr, x, y),
-                11 => sse_round_with!($insn, "11", mxcsr, x, y),
-                12 => sse_round_with!($insn, "12", mxcsr, x, y),
-                13 => sse_round_with!($insn, "13", mxcsr, x, y),
-                14 => sse_round_with!($insn, "14", mxcsr, x, y),
-                _ => sse_round_with!($insn, "15", mxcsr, x, y),
+                0 => sse_imm_with!($insn, "0", mxcsr, x, y),
+                1 => sse_imm_with!($insn, "1", mxcsr, x, y),
+                2 => sse_imm_with!($insn, "2", mxcsr, x, y),
+                3 => sse_imm_with!($insn, "3", mxcsr, x, y),
+                4 => sse_imm_with!($insn, "4", mxcsr, x, y),
+                5 => sse_imm_with!($insn, "5", mxcsr, x, y),
+                6 => sse_imm_with!($insn, "6", mxcsr, x, y),
+                7 => sse_imm_with!($insn, "7", mxcsr, x, y),
+                8 => sse_imm_with!($insn, "8", mxcsr, x, y),
+                9 => sse_imm_with!($insn, "9", mxcsr, x, y),
+                10 => sse_imm_with!($insn, "10", mxcsr, x, y),
+                11 => sse_imm_with!($insn, "11", mxcsr, x, y),
+                12 => sse_imm_with!($insn, "12", mxcsr, x, y),
+                13 => sse_imm_with!($insn, "13", mxcsr, x, y),
+                14 => sse_imm_with!($insn, "14", mxcsr, x, y),
+                _ => sse_imm_with!($insn, "15", mxcsr, x, y),
             };
             (from_m128(x), after)
         }
@@ -441,18 +442,6 @@ sse_round!(roundpd, "roundpd");
 sse_round!(roundss, "roundss");
 sse_round!(roundsd, "roundsd");
 
-/// Runs `$insn x, y, $imm` under the guest MXCSR (used by `sse_compare`).
-macro_rules! sse_compare_with {
-    ($insn:literal, $imm:literal, $mxcsr:ident, $x:ident, $y:ident) => {
-        sse_asm!(
-            $mxcsr,
-            [concat!($insn, " {x}, {y}, ", $imm),],
-            x = inout(xmm_reg) $x,
-            y = in(xmm_reg) $y,
-        )
-    };
-}
-
 /// Defines the eight predicates of a CMPPS/CMPPD/CMPSS/CMPSD family (the predicate is an
 /// immediate of the instruction, so each gets its own instance).
 macro_rules! sse_compare {
@@ -461,14 +450,14 @@ macro_rules! sse_compare {
             let mut x = to_m128(a);
             let y = to_m128(b);
             let after = match predicate & 7 {
-                0 => sse_compare_with!($insn, "0", mxcsr, x, y),
-                1 => sse_compare_with!($insn, "1", mxcsr, x, y),
-                2 => sse_compare_with!($insn, "2", mxcsr, x, y),
-                3 => sse_compare_with!($insn, "3", mxcsr, x, y),
-                4 => sse_compare_with!($insn, "4", mxcsr, x, y),
-                5 => sse_compare_with!($insn, "5", mxcsr, x, y),
-                6 => sse_compare_with!($insn, "6", mxcsr, x, y),
-                _ => sse_compare_with!($insn, "7", mxcsr, x, y),
+                0 => sse_imm_with!($insn, "0", mxcsr, x, y),
+                1 => sse_imm_with!($insn, "1", mxcsr, x, y),
+                2 => sse_imm_with!($insn, "2", mxcsr, x, y),
+                3 => sse_imm_with!($insn, "3", mxcsr, x, y),
+                4 => sse_imm_with!($insn, "4", mxcsr, x, y),
+                5 => sse_imm_with!($insn, "5", mxcsr, x, y),
+                6 => sse_imm_with!($insn, "6", mxcsr, x, y),
+                _ => sse_imm_with!($insn, "7", mxcsr, x, y),
             };
             (from_m128(x), after)
         }
