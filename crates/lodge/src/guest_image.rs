@@ -27,30 +27,43 @@ pub struct GuestImage {
 /// Builds the default guest image, or finds it in the cache (the recipe answers a cache hit
 /// in well under a second). The recipe's progress goes to stderr.
 pub fn default_image() -> anyhow::Result<GuestImage> {
+    let dir = run_recipe(RECIPE, "build.sh", &[], "The default guest image")?;
+    image_in(&dir)
+}
+
+/// Writes the embedded recipe `files` to a temporary directory, runs `bash SCRIPT ARGS...`
+/// there with its progress on stderr, and returns the path its last stdout line names
+/// (the contract every recipe in `guest/` follows). `what` names the result in errors.
+pub fn run_recipe(
+    files: &[(&str, &str)],
+    script: &str,
+    args: &[std::ffi::OsString],
+    what: &str,
+) -> anyhow::Result<PathBuf> {
     let recipe = tempfile::Builder::new()
-        .prefix("lodge-guest-recipe")
+        .prefix("lodge-recipe")
         .tempdir()
-        .context("Cannot create a directory for the guest image recipe")?;
-    for (name, text) in RECIPE {
+        .context("Cannot create a directory for the recipe")?;
+    for (name, text) in files {
         std::fs::write(recipe.path().join(name), text)
-            .with_context(|| format!("Cannot write the guest recipe file {name}"))?;
+            .with_context(|| format!("Cannot write the recipe file {name}"))?;
     }
     let output = Command::new("bash")
-        .arg(recipe.path().join("build.sh"))
+        .arg(recipe.path().join(script))
+        .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
-        .context("Cannot run the guest image recipe (bash)")?;
+        .context("Cannot run the recipe (bash)")?;
     if !output.status.success() {
-        bail!("The default guest image could not be built (see the recipe's messages above)");
+        bail!("{what} could not be built (see the recipe's messages above)");
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let dir = stdout
+    stdout
         .lines()
         .last()
         .map(PathBuf::from)
-        .context("The guest image recipe printed no output directory")?;
-    image_in(&dir)
+        .with_context(|| format!("The recipe for {what} printed no path"))
 }
 
 /// The image in a recipe output directory.

@@ -5,10 +5,12 @@
 //! it caches finished images by their inputs and prints the image's path.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+
+use crate::guest_image::run_recipe;
 
 /// The Debian image recipe.
 const DEBIAN_RECIPE: &str = include_str!("../../../guest/debian.sh");
@@ -65,39 +67,25 @@ pub fn create_image(args: &CreateArgs) -> anyhow::Result<PathBuf> {
             args.distribution
         );
     }
-    let recipe = tempfile::Builder::new()
-        .prefix("lodge-image-recipe")
-        .tempdir()
-        .context("Cannot create a directory for the image recipe")?;
-    let script = recipe.path().join("debian.sh");
-    std::fs::write(&script, DEBIAN_RECIPE).context("Cannot write the image recipe")?;
-    let mut command = Command::new("bash");
-    command
-        .arg(&script)
-        .args(["--suite", &args.suite, "--size", &args.size]);
+    let mut recipe_args: Vec<std::ffi::OsString> = vec![
+        "--suite".into(),
+        args.suite.clone().into(),
+        "--size".into(),
+        args.size.clone().into(),
+    ];
     if let Some(packages) = &args.packages {
-        command.args(["--packages", packages]);
+        recipe_args.extend(["--packages".into(), packages.clone().into()]);
     }
     if let Some(output) = &args.output {
-        command.arg("--output").arg(output);
+        recipe_args.extend(["--output".into(), output.clone().into()]);
     }
-    let output = command
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("Cannot run the image recipe (bash)")?;
-    if !output.status.success() {
-        bail!(
-            "The {} image could not be built (see the recipe's messages above)",
-            args.distribution
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let path = stdout
-        .lines()
-        .last()
-        .map(PathBuf::from)
-        .context("The image recipe printed no path")?;
+    let what = format!("The {} image", args.distribution);
+    let path = run_recipe(
+        &[("debian.sh", DEBIAN_RECIPE)],
+        "debian.sh",
+        &recipe_args,
+        &what,
+    )?;
     if !path.is_file() {
         bail!("The image recipe did not produce {}", path.display());
     }
