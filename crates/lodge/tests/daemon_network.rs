@@ -7,48 +7,13 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::daemon::Host;
-use support::image_dir;
-
-/// A network namespace, deleted with everything in it when dropped.
-struct Namespace(String);
-
-impl Namespace {
-    fn new(name: String) -> Namespace {
-        run("ip", &["netns", "add", &name]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        Namespace(name)
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        run("ip", &all);
-    }
-
-    fn exec(&self, program: &str, args: &[&str]) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.0, program]).args(args);
-        command
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
-fn run(program: &str, args: &[&str]) {
-    let status = Command::new(program).args(args).status().unwrap();
-    assert!(status.success(), "{program} {args:?}");
-}
+use support::netns::{run, Namespace};
+use support::{image_dir, is_root};
 
 /// Waits until `vm`'s console shows `text` (the VM may have ended by then).
 fn wait_for(host: &Host, vm: &str, text: &str, timeout: Duration) -> String {
@@ -105,8 +70,7 @@ fn ping(address: &str) -> String {
 #[test]
 fn vms_on_lodge_networks_get_addresses_and_reach_what_their_network_allows() {
     let test = "vms_on_lodge_networks_get_addresses_and_reach_what_their_network_allows";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         println!("SKIP {test}: needs root for network namespaces, bridges and taps");
         return;
     }
@@ -124,8 +88,8 @@ fn vms_on_lodge_networks_get_addresses_and_reach_what_their_network_allows() {
             "link", "add", &veth_in, "type", "veth", "peer", "name", &veth_out,
         ],
     );
-    run("ip", &["link", "set", &veth_in, "netns", &inside.0]);
-    run("ip", &["link", "set", &veth_out, "netns", &outside.0]);
+    run("ip", &["link", "set", &veth_in, "netns", &inside.name]);
+    run("ip", &["link", "set", &veth_out, "netns", &outside.name]);
     inside.ip(&["addr", "add", "172.31.0.1/24", "dev", &veth_in]);
     inside.ip(&["link", "set", &veth_in, "up"]);
     inside.ip(&["route", "add", "default", "via", "172.31.0.2"]);
@@ -154,7 +118,7 @@ fn vms_on_lodge_networks_get_addresses_and_reach_what_their_network_allows() {
             .unwrap(),
     );
 
-    let mut host = Host::in_namespace(Some(&inside.0));
+    let mut host = Host::in_namespace(Some(&inside.name));
     host.start_daemon();
     let networks: Value = serde_json::from_str(&host.ok(&["network", "list", "--json"])).unwrap();
     assert_eq!(networks[0]["name"], "default", "{networks}");

@@ -16,8 +16,7 @@ use support::{image_dir, lodge, run_with_timeout, ConsoleSession};
 
 /// The cached Debian image (built on first use), or None without root.
 fn cached_debian_image(test: &str) -> Option<&'static Path> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !support::is_root() {
         println!("SKIP {test}: building a Debian image needs root (debootstrap)");
         return None;
     }

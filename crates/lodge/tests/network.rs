@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{image_dir, lodge, run_with_timeout};
+use support::netns::Namespace;
+use support::{image_dir, is_root, lodge, prefixed, run_with_timeout};
 
 /// `lodge run` of the default guest running `command`, with `flags`.
 fn guest_command(kernel_dir: &Path, command: &str, flags: &[&str]) -> Command {
@@ -57,11 +58,6 @@ fn passt_installed(test: &str) -> bool {
     found
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// The default guest's kernel and initramfs where an unprivileged user can read them.
 fn readable_image(dir: &Path) -> PathBuf {
     let copy = dir.join("image");
@@ -81,17 +77,17 @@ fn unprivileged(command: Command) -> Command {
     if !is_root() {
         return command;
     }
-    let mut wrapped = Command::new("setpriv");
-    wrapped
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(command.get_program())
-        .args(command.get_args());
-    for (key, value) in command.get_envs() {
-        if let Some(value) = value {
-            wrapped.env(key, value);
-        }
-    }
-    wrapped.env("HOME", "/tmp").stdin(Stdio::null());
+    let mut wrapped = prefixed(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ],
+        command,
+    );
+    wrapped.env("HOME", "/tmp");
     wrapped
 }
 
@@ -199,61 +195,17 @@ fn user_networking_forwards_a_host_port_to_the_guest() {
     );
 }
 
-/// A network namespace with a bridge and taps, deleted when dropped.
-struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    fn create(taps: &[&str]) -> Namespace {
-        let name = format!("lodge-net-{}", std::process::id());
-        let namespace = Namespace { name };
-        namespace.ip(&["netns", "add", &namespace.name], false);
-        namespace.ip(&["link", "add", "br0", "type", "bridge"], true);
-        namespace.ip(&["addr", "add", "10.77.0.1/24", "dev", "br0"], true);
-        namespace.ip(&["link", "set", "br0", "up"], true);
-        namespace.ip(&["link", "set", "lo", "up"], true);
-        for tap in taps {
-            namespace.ip(
-                &["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"],
-                true,
-            );
-            namespace.ip(&["link", "set", tap, "master", "br0", "up"], true);
-        }
-        namespace
+/// A network namespace holding a bridge br0 (10.77.0.1/24) with `taps` on it.
+fn bridge_with_taps(taps: &[&str]) -> Namespace {
+    let namespace = Namespace::new(format!("lodge-net-{}", std::process::id()));
+    namespace.ip(&["link", "add", "br0", "type", "bridge"]);
+    namespace.ip(&["addr", "add", "10.77.0.1/24", "dev", "br0"]);
+    namespace.ip(&["link", "set", "br0", "up"]);
+    for tap in taps {
+        namespace.ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+        namespace.ip(&["link", "set", tap, "master", "br0", "up"]);
     }
-
-    fn ip(&self, args: &[&str], inside: bool) {
-        let mut command = Command::new("ip");
-        if inside {
-            command.args(["-n", &self.name]);
-        }
-        let status = command.args(args).status().unwrap();
-        assert!(status.success(), "ip {args:?}");
-    }
-
-    fn run(&self, command: Command) -> Command {
-        let mut wrapped = Command::new("ip");
-        wrapped
-            .args(["netns", "exec", &self.name])
-            .arg(command.get_program())
-            .args(command.get_args());
-        for (key, value) in command.get_envs() {
-            if let Some(value) = value {
-                wrapped.env(key, value);
-            }
-        }
-        wrapped.stdin(Stdio::null());
-        wrapped
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
-    }
+    namespace
 }
 
 #[test]
@@ -263,7 +215,7 @@ fn guests_on_a_bridge_reach_each_other_and_move_10_mb_intact() {
         println!("SKIP {test}: needs root for a network namespace, a bridge and taps");
         return;
     }
-    let namespace = Namespace::create(&["tapa", "tapb"]);
+    let namespace = bridge_with_taps(&["tapa", "tapb"]);
     let image = image_dir();
     // udhcpc finds no server on this bridge: the addresses are set by hand once its first
     // attempt has passed.
@@ -277,7 +229,7 @@ fn guests_on_a_bridge_reach_each_other_and_move_10_mb_intact() {
         sleep 1; nc 10.77.0.2 5000 </tmp/data; echo sender-done";
     let spawn = |command: &str, nic: &str| {
         namespace
-            .run(guest_command(image, command, &["--net", nic]))
+            .wrap(guest_command(image, command, &["--net", nic]))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses its own subset.
 
 pub mod daemon;
+pub mod netns;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -29,6 +30,29 @@ pub fn image_dir() -> &'static Path {
         assert!(output.status.success(), "the default guest image builds");
         PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
     })
+}
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `prefix` followed by `command`'s program and arguments, with `command`'s environment and
+/// stdin from /dev/null: `command` run through a wrapper such as `ip netns exec` or `setpriv`.
+pub fn prefixed(prefix: &[&str], command: Command) -> Command {
+    let mut wrapped = Command::new(prefix[0]);
+    wrapped
+        .args(&prefix[1..])
+        .arg(command.get_program())
+        .args(command.get_args())
+        .stdin(Stdio::null());
+    for (key, value) in command.get_envs() {
+        if let Some(value) = value {
+            wrapped.env(key, value);
+        }
+    }
+    wrapped
 }
 
 /// Runs `command` with stdout and stderr captured, killing it after `timeout`.
