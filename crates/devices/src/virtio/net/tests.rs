@@ -148,6 +148,23 @@ fn chain(first: u16, buffers: &[(u64, u32, u16)]) -> Vec<RawDescriptor> {
 }
 
 impl Harness<'_> {
+    /// Puts the same arbitrary descriptor table (address, length, flags, next) on both queues
+    /// and queues frames of the given lengths at the backend.
+    fn offer_garbage(&mut self, table: &[(u64, u32, u16, u16)], frames: &[usize]) {
+        let raw: Vec<RawDescriptor> = table
+            .iter()
+            .map(|&(addr, len, flags, next)| {
+                RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.rx.add_desc_chains(&raw, 0).unwrap();
+        self.tx.add_desc_chains(&raw, 0).unwrap();
+        let mut wire = self.wire.lock().unwrap();
+        for &len in frames {
+            wire.to_guest.push_back(frame(len.max(14), len as u8));
+        }
+    }
+
     fn transmit(&mut self, buffers: &[(u64, u32, u16)]) {
         let descriptors = chain(self.tx_next, buffers);
         self.tx.add_desc_chains(&descriptors, self.tx_next).unwrap();
@@ -411,15 +428,7 @@ proptest! {
     ) {
         let memory = memory();
         let mut h = harness(&memory, ALL);
-        let raw: Vec<RawDescriptor> = table
-            .iter()
-            .map(|&(addr, len, flags, next)| RawDescriptor::from(Descriptor::new(addr, len, flags, next)))
-            .collect();
-        h.rx.add_desc_chains(&raw, 0).unwrap();
-        h.tx.add_desc_chains(&raw, 0).unwrap();
-        for len in frames {
-            h.wire.lock().unwrap().to_guest.push_back(frame(len.max(14), len as u8));
-        }
+        h.offer_garbage(&table, &frames);
         prop_assert!(h.net.process_queue(TX).is_ok());
         prop_assert!(h.net.process_event(0).is_ok());
         prop_assert!(h.net.process_queue(RX).is_ok());
@@ -444,15 +453,7 @@ proptest! {
     ) {
         let memory = memory();
         let mut h = harness(&memory, ALL);
-        let raw: Vec<RawDescriptor> = table
-            .iter()
-            .map(|&(addr, len, flags, next)| RawDescriptor::from(Descriptor::new(addr, len, flags, next)))
-            .collect();
-        h.rx.add_desc_chains(&raw, 0).unwrap();
-        h.tx.add_desc_chains(&raw, 0).unwrap();
-        for len in frames {
-            h.wire.lock().unwrap().to_guest.push_back(frame(len.max(14), len as u8));
-        }
+        h.offer_garbage(&table, &frames);
         for result in [h.net.process_queue(TX), h.net.process_event(0), h.net.process_queue(RX)] {
             prop_assert!(matches!(result, Ok(()) | Err(DeviceError::Queue { .. })), "{result:?}");
         }
