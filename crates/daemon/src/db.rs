@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 use crate::model::{DiskAttachment, DiskState, EngineChoice, EngineKind, VmSettings, VmState};
 
 mod networks;
-pub use networks::NetworkRecord;
+pub use networks::{NetworkRecord, NicRecord};
 
 /// Schema migrations, applied in order; the schema version is the number applied.
 const MIGRATIONS: &[&str] = &[

@@ -125,14 +125,7 @@ pub fn ruleset(networks: &[NetworkRules]) -> Value {
                         json!({"accept": null}),
                     ],
                 ));
-                commands.push(rule(
-                    "forward",
-                    vec![
-                        interface("oifname", "==", bridge),
-                        interface("iifname", "!=", bridge),
-                        json!({"drop": null}),
-                    ],
-                ));
+                commands.push(rule("forward", drop_crossing(bridge, "oifname", "iifname")));
                 for (host_port, address, guest_port) in &network.forwards {
                     commands.push(rule("prerouting", vec![
                         matches("==", json!({"fib": {"result": "type", "flags": ["daddr"]}}), json!("local")),
@@ -142,24 +135,8 @@ pub fn ruleset(networks: &[NetworkRules]) -> Value {
                 }
             }
             Reach::Isolated => {
-                // With br_netfilter, traffic between guests on the bridge passes this hook
-                // too (in and out both the bridge): only what crosses its edge is dropped.
-                commands.push(rule(
-                    "forward",
-                    vec![
-                        interface("iifname", "==", bridge),
-                        interface("oifname", "!=", bridge),
-                        json!({"drop": null}),
-                    ],
-                ));
-                commands.push(rule(
-                    "forward",
-                    vec![
-                        interface("oifname", "==", bridge),
-                        interface("iifname", "!=", bridge),
-                        json!({"drop": null}),
-                    ],
-                ));
+                commands.push(rule("forward", drop_crossing(bridge, "iifname", "oifname")));
+                commands.push(rule("forward", drop_crossing(bridge, "oifname", "iifname")));
                 commands.push(rule(
                     "input",
                     vec![
@@ -180,6 +157,17 @@ pub fn ruleset(networks: &[NetworkRules]) -> Value {
         }
     }
     json!({ "nftables": commands })
+}
+
+/// Drops traffic whose `side` interface is the bridge and whose `other` is not: what crosses
+/// the bridge's edge. (With br_netfilter, traffic between guests on the bridge passes the
+/// forward hook too, with both sides the bridge.)
+fn drop_crossing(bridge: &str, side: &str, other: &str) -> Vec<Value> {
+    vec![
+        interface(side, "==", bridge),
+        interface(other, "!=", bridge),
+        json!({"drop": null}),
+    ]
 }
 
 fn matches(op: &str, left: Value, right: Value) -> Value {

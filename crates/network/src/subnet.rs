@@ -58,9 +58,15 @@ impl Ipv4Subnet {
 
     /// Whether the two share any address.
     pub fn overlaps(&self, other: &Ipv4Subnet) -> bool {
-        let shorter = self.prefix.min(other.prefix);
-        let mask = u32::MAX << (32 - u32::from(shorter));
-        u32::from(self.network) & mask == u32::from(other.network) & mask
+        self.overlaps_network(other.network, other.prefix)
+    }
+
+    /// Whether the network `address/prefix` (any prefix, such as a host route's) shares an
+    /// address with this one.
+    pub fn overlaps_network(&self, address: Ipv4Addr, prefix: u8) -> bool {
+        let shorter = u32::from(self.prefix.min(prefix));
+        let mask = u32::MAX.checked_shl(32 - shorter).unwrap_or(0);
+        u32::from(self.network) & mask == u32::from(address) & mask
     }
 }
 
@@ -121,6 +127,11 @@ mod tests {
         let c: Ipv4Subnet = "10.11.0.0/24".parse().unwrap();
         assert!(a.overlaps(&b) && b.overlaps(&a));
         assert!(!a.overlaps(&c) && !c.overlaps(&b));
+        // Routes of any length: a default route, a /8, a host route inside or outside.
+        assert!(b.overlaps_network(Ipv4Addr::UNSPECIFIED, 0));
+        assert!(b.overlaps_network(Ipv4Addr::new(10, 0, 0, 0), 8));
+        assert!(b.overlaps_network(Ipv4Addr::new(10, 10, 5, 9), 32));
+        assert!(!b.overlaps_network(Ipv4Addr::new(10, 10, 6, 9), 32));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use lodge_network::links::{self, Links};
 use lodge_network::Ipv4Subnet;
 
 use super::{lock, Inventory, InventoryError, Result};
-use crate::db::{rfc3339, DbError, NetworkRecord, VmRecord};
+use crate::db::{rfc3339, DbError, NetworkRecord, NicRecord, VmRecord};
 use crate::model::{
     CreateNetwork, Lease, Network, NetworkMode, NicRequest, PortForward, DEFAULT_NETWORK,
     DEFAULT_SUBNET,
@@ -51,12 +51,16 @@ pub fn tap_name(vm_id: i64, position: usize) -> String {
 
 impl Inventory {
     pub fn list_networks(&self) -> Result<Vec<Network>> {
-        let networks = self.db().networks()?;
-        networks.iter().map(|n| self.to_network(n)).collect()
+        let (networks, nics) = {
+            let db = self.db();
+            (db.networks()?, db.nics()?)
+        };
+        Ok(networks.iter().map(|n| to_network(n, &nics)).collect())
     }
 
     pub fn network(&self, name: &str) -> Result<Network> {
-        self.to_network(&self.network_record(name)?)
+        let record = self.network_record(name)?;
+        Ok(to_network(&record, &self.db().nics()?))
     }
 
     /// Creates a network and its bridge, DHCP server and rules.
@@ -318,17 +322,7 @@ impl Inventory {
         }
         let ours: Vec<String> = networks.iter().map(|n| bridge_name(n.id)).collect();
         for (interface, destination, prefix) in links::host_routes(&ours) {
-            let route = format!("{destination}/{prefix}")
-                .parse::<Ipv4Subnet>()
-                .ok()
-                .map(|route| route.overlaps(subnet))
-                .unwrap_or_else(|| {
-                    // Routes shorter than /16 or longer than /29 do not parse as subnets.
-                    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                    u32::from(subnet.network()) & mask == u32::from(destination) & mask
-                        || subnet.contains(destination)
-                });
-            if route {
+            if subnet.overlaps_network(destination, prefix) {
                 return Err(InventoryError::AddressConflict(format!(
                     "Subnet {subnet} clashes with the host route {destination}/{prefix} on {interface}"
                 )));
@@ -348,27 +342,26 @@ impl Inventory {
             .network(name)?
             .ok_or_else(|| InventoryError::NetworkNotFound(name.to_owned()))
     }
+}
 
-    fn to_network(&self, record: &NetworkRecord) -> Result<Network> {
-        let leases = self
-            .db()
-            .nics()?
-            .into_iter()
-            .filter(|nic| nic.network_id == record.id)
-            .map(|nic| Lease {
-                vm: nic.vm_name,
-                mac: nic.mac,
-                address: nic.address.to_string(),
-            })
-            .collect();
-        Ok(Network {
-            name: record.name.clone(),
-            subnet: record.subnet.to_string(),
-            mode: record.mode,
-            gateway: record.subnet.gateway().to_string(),
-            bridge: bridge_name(record.id),
-            created_at: rfc3339(record.created_at),
-            leases,
+/// A network as the API shows it, with the leases among `nics` that are on it.
+fn to_network(record: &NetworkRecord, nics: &[NicRecord]) -> Network {
+    let leases = nics
+        .iter()
+        .filter(|nic| nic.network_id == record.id)
+        .map(|nic| Lease {
+            vm: nic.vm_name.clone(),
+            mac: nic.mac.clone(),
+            address: nic.address.to_string(),
         })
+        .collect();
+    Network {
+        name: record.name.clone(),
+        subnet: record.subnet.to_string(),
+        mode: record.mode,
+        gateway: record.subnet.gateway().to_string(),
+        bridge: bridge_name(record.id),
+        created_at: rfc3339(record.created_at),
+        leases,
     }
 }
